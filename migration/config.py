@@ -1,0 +1,150 @@
+"""Process configuration from ``MIGRATOR_*`` environment variables.
+
+These are the settings a process needs to reach its servers; they are read once at
+start. Settings that tune the migration itself live in PostgreSQL (``migration.settings``)
+and change without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+PREFIX = "MIGRATOR_"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or malformed.
+
+    ``str(error)`` is one line that names the variable, fit to print before exiting with
+    status 2.
+    """
+
+    def __init__(self, variable: str, problem: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        super().__init__(f"{variable}: {problem}")
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = env.get(name, default).strip()
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.netloc:
+        raise ConfigError(name, f"expected a {'/'.join(schemes)} URL, got {value!r}")
+    return value
+
+
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {raw!r}") from None
+    if value != value or value < minimum:  # NaN compares unequal to itself
+        raise ConfigError(name, f"must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _endpoints(env: Mapping[str, str], name: str, default: str) -> tuple[tuple[str, int], ...]:
+    raw = env.get(name, default)
+    endpoints = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        parts = urlsplit(item if "://" in item else f"http://{item}")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise ConfigError(name, f"expected host:port[,host:port...], got {item!r}")
+        endpoints.append((parts.hostname, port))
+    if not endpoints:
+        raise ConfigError(name, "needs at least one host:port")
+    return tuple(endpoints)
+
+
+def _optional_file(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not os.path.isfile(value):
+        raise ConfigError(name, f"no such file: {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Where the servers are and how to reach them.
+
+    :param database_url: PostgreSQL connection URL (``MIGRATOR_DATABASE_URL``).
+    :param etcd_endpoints: etcd client endpoints (``MIGRATOR_ETCD_ENDPOINTS``, comma-separated).
+    :param etcd_prefix: the key prefix every lease key lives under (``MIGRATOR_ETCD_PREFIX``).
+    :param broker_url: RabbitMQ AMQP URL (``MIGRATOR_BROKER_URL``).
+    :param registry_url: the registry import API base URL (``MIGRATOR_REGISTRY_URL``).
+    :param registry_token: bearer token for the registry (``MIGRATOR_REGISTRY_TOKEN``).
+    :param notification_secret: the shared secret the registry sends (``MIGRATOR_NOTIFICATION_SECRET``).
+    :param lease_ttl: seconds an etcd lease lives without keep-alive (``MIGRATOR_LEASE_TTL``).
+    """
+
+    database_url: str = "postgresql://postgres@127.0.0.1:55432/migrator"
+    etcd_endpoints: tuple[tuple[str, int], ...] = (("127.0.0.1", 23790),)
+    etcd_prefix: str = "/registry-migrator"
+    etcd_ca_cert: str | None = None
+    etcd_cert_cert: str | None = None
+    etcd_cert_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    broker_url: str = "amqp://guest:guest@127.0.0.1:56720/%2F?heartbeat=30"
+    registry_url: str = "http://127.0.0.1:5005"
+    registry_token: str | None = field(default=None, repr=False)
+    notification_secret: str | None = field(default=None, repr=False)
+    lease_ttl: float = 10.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Read the configuration; raise :class:`ConfigError` naming the first bad variable."""
+        env = os.environ if env is None else env
+        d = cls()
+        prefix = env.get(f"{PREFIX}ETCD_PREFIX", d.etcd_prefix).rstrip("/")
+        if not prefix.startswith("/"):
+            raise ConfigError(f"{PREFIX}ETCD_PREFIX", f"must start with '/', got {prefix!r}")
+        level = env.get(f"{PREFIX}LOG_LEVEL", d.log_level).strip().lower()
+        if level not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"{PREFIX}LOG_LEVEL", f"expected debug|info|warning|error, got {level!r}")
+        cert = _optional_file(env, f"{PREFIX}ETCD_CERT")
+        key = _optional_file(env, f"{PREFIX}ETCD_KEY")
+        if (cert is None) != (key is None):
+            raise ConfigError(f"{PREFIX}ETCD_CERT", "MIGRATOR_ETCD_CERT and MIGRATOR_ETCD_KEY go together")
+        user = env.get(f"{PREFIX}ETCD_USER") or None
+        password = env.get(f"{PREFIX}ETCD_PASSWORD") or None
+        if (user is None) != (password is None):
+            raise ConfigError(f"{PREFIX}ETCD_USER", "MIGRATOR_ETCD_USER and MIGRATOR_ETCD_PASSWORD go together")
+        secret = env.get(f"{PREFIX}NOTIFICATION_SECRET") or None
+        return cls(
+            database_url=_url(env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")),
+            etcd_endpoints=_endpoints(env, f"{PREFIX}ETCD_ENDPOINTS", "127.0.0.1:23790"),
+            etcd_prefix=prefix or "/",
+            etcd_ca_cert=_optional_file(env, f"{PREFIX}ETCD_CA_CERT"),
+            etcd_cert_cert=cert,
+            etcd_cert_key=key,
+            etcd_user=user,
+            etcd_password=password,
+            broker_url=_url(env, f"{PREFIX}BROKER_URL", d.broker_url, ("amqp", "amqps")),
+            registry_url=_url(env, f"{PREFIX}REGISTRY_URL", d.registry_url, ("http", "https")),
+            registry_token=env.get(f"{PREFIX}REGISTRY_TOKEN") or None,
+            notification_secret=secret,
+            lease_ttl=_number(env, f"{PREFIX}LEASE_TTL", d.lease_ttl, minimum=2),
+            log_level=level,
+        )
+
+    def require_notification_secret(self) -> str:
+        """The notification secret, or :class:`ConfigError` when it is not set."""
+        if not self.notification_secret:
+            raise ConfigError(f"{PREFIX}NOTIFICATION_SECRET", "is required (the registry sends it)")
+        return self.notification_secret
