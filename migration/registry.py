@@ -181,8 +181,8 @@ class InvalidRepositoryPath(ValueError):
     """A repository path is empty or has empty, ``.`` or ``..`` segments."""
 
 
-def import_url_path(path: str) -> str:
-    """The URL path of a repository's import resource, each segment quoted, slashes kept.
+def quote_repository_path(path: str) -> str:
+    """A repository path fit for a URL: each segment quoted, the slashes between them kept.
 
     :param path: the repository path, ``root/group/.../name`` (surrounding slashes ignored).
     :raises InvalidRepositoryPath: when a segment is empty, ``.`` or ``..``.
@@ -190,7 +190,16 @@ def import_url_path(path: str) -> str:
     segments = path.strip("/").split("/")
     if any(segment in ("", ".", "..") for segment in segments):
         raise InvalidRepositoryPath(f"invalid repository path {path!r}")
-    return IMPORT_PATH + "/".join(quote(segment, safe="") for segment in segments) + "/"
+    return "/".join(quote(segment, safe="") for segment in segments)
+
+
+def import_url_path(path: str) -> str:
+    """The URL path of a repository's import resource, ``/gitlab/v1/import/<path>/``.
+
+    :param path: the repository path, ``root/group/.../name``.
+    :raises InvalidRepositoryPath: see :func:`quote_repository_path`.
+    """
+    return f"{IMPORT_PATH}{quote_repository_path(path)}/"
 
 
 def _detail(response: httpx.Response) -> str:

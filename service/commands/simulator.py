@@ -1,0 +1,191 @@
+"""``registry-migrator simulator``: serve a simulated registry import API."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from migration.logging import configure as configure_logging
+from service.cli import main
+from service.simulator import SimulatorConfig, serve
+
+_DEFAULTS = SimulatorConfig()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=5005,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on.",
+)
+@click.option(
+    "--notify-url",
+    default=None,
+    metavar="URL",
+    help="Base URL of the notification API; notifications go to "
+    "URL/notifications/registry/repositories/<path>/status. None: no notifications.",
+)
+@click.option(
+    "--secret",
+    envvar="MIGRATOR_NOTIFICATION_SECRET",
+    default=None,
+    show_envvar=True,
+    help="Authorization header value of notifications.",
+)
+@click.option(
+    "--token",
+    envvar="MIGRATOR_REGISTRY_TOKEN",
+    default=None,
+    show_envvar=True,
+    help="Bearer token required on import calls (none: no authentication).",
+)
+@click.option(
+    "--pre-import-seconds",
+    nargs=2,
+    type=float,
+    default=_DEFAULTS.pre_import_seconds,
+    show_default=True,
+    metavar="MIN MAX",
+    help="A pre-import lasts uniform(MIN, MAX) seconds, times tags/default-tags.",
+)
+@click.option(
+    "--import-seconds",
+    nargs=2,
+    type=float,
+    default=_DEFAULTS.import_seconds,
+    show_default=True,
+    metavar="MIN MAX",
+    help="A final import lasts uniform(MIN, MAX) seconds, times tags/default-tags.",
+)
+@click.option(
+    "--default-tags",
+    type=int,
+    default=_DEFAULTS.default_tags,
+    show_default=True,
+    help="Tags assumed when a start call passes no 'tags' query parameter.",
+)
+@click.option(
+    "--pre-import-failure-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a pre-import fails.",
+)
+@click.option(
+    "--import-failure-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a final import fails.",
+)
+@click.option(
+    "--start-error-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Probability that a start call is answered 503.",
+)
+@click.option(
+    "--max-concurrent",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Imports (pre + final) running at once before 429; 0 = no limit.",
+)
+@click.option(
+    "--start-latency",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Seconds a start call waits before it is answered.",
+)
+@click.option(
+    "--no-double-start-guard",
+    is_flag=True,
+    help="Accept a start while a phase runs (flagged as an overlap in the report).",
+)
+@click.option(
+    "--notify-max-attempts",
+    type=int,
+    default=_DEFAULTS.notify_max_attempts,
+    show_default=True,
+    help="Attempts per notification answered 5xx/429 or unreachable.",
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed of the random source, for repeatable runs."
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def simulator(
+    *,
+    host: str,
+    port: int,
+    notify_url: str | None,
+    secret: str | None,
+    token: str | None,
+    pre_import_seconds: tuple[float, float],
+    import_seconds: tuple[float, float],
+    default_tags: int,
+    pre_import_failure_rate: float,
+    import_failure_rate: float,
+    start_error_rate: float,
+    max_concurrent: int,
+    start_latency: float,
+    no_double_start_guard: bool,
+    notify_max_attempts: int,
+    seed: int | None,
+    log_level: str,
+) -> None:
+    """Serve a simulated registry import API until SIGTERM/SIGINT.
+
+    Imports take random time, fail at the configured rates, and end with a notification to
+    --notify-url. Paths decide some answers by substring: native (200), missing (404),
+    fail-once / fail-always (pre-import fails), fail-import-once / fail-import-always
+    (final import fails), server-error (500), garbage (not the API's answers).
+    GET /simulator/report shows what happened; POST /simulator/config changes knobs
+    (JSON object of SimulatorConfig fields); POST /simulator/reset clears the state.
+
+    \b
+    Example:
+      registry-migrator simulator --port 5005 \\
+          --notify-url http://127.0.0.1:8080 --secret s3cret \\
+          --pre-import-seconds 1 3 --import-seconds 2 5 --max-concurrent 20
+      curl -s http://127.0.0.1:5005/simulator/report?events=false
+    """
+    try:
+        config = SimulatorConfig(
+            pre_import_seconds=pre_import_seconds,
+            import_seconds=import_seconds,
+            default_tags=default_tags,
+            pre_import_failure_rate=pre_import_failure_rate,
+            import_failure_rate=import_failure_rate,
+            start_error_rate=start_error_rate,
+            max_concurrent_imports=max_concurrent,
+            start_latency_seconds=start_latency,
+            guard_double_start=not no_double_start_guard,
+            token=token or None,
+            notify_url=notify_url or None,
+            secret=secret or None,
+            notify_max_attempts=notify_max_attempts,
+            seed=seed,
+        )
+    except ValueError as error:
+        click.echo(f"registry-migrator simulator: {error}", err=True)
+        sys.exit(2)
+    configure_logging(log_level)
+    try:
+        serve(config, host=host, port=port, log_level=log_level)
+    except OSError as error:
+        reason = error.strerror or error
+        click.echo(
+            f"registry-migrator simulator: cannot listen on {host}:{port}: {reason}", err=True
+        )
+        sys.exit(1)

@@ -1,0 +1,823 @@
+"""A registry simulator: serves the registry import API over real HTTP.
+
+Demo, tests and benchmarks need a registry that imports repositories, takes time, fails,
+refuses when busy and notifies when an import ends. This module is that registry, in one
+asyncio event loop (Starlette on uvicorn):
+
+- ``PUT /gitlab/v1/import/<path>/?import_type=pre|final[&tags=N]`` starts a phase; it runs
+  for a random time (uniform between the configured bounds, scaled by ``tags`` over
+  ``default_tags``) and ends complete or failed; then a notification is sent.
+- ``GET /gitlab/v1/import/<path>/`` answers ``{name, path, status, detail}``.
+- ``DELETE /gitlab/v1/import/<path>/`` cancels a running phase (a ``*_canceled``
+  notification follows).
+
+Paths decide some answers, by substring: ``native`` → 200 (already imported), ``missing`` →
+404, ``fail-once`` / ``fail-always`` → the first / every pre-import fails,
+``fail-import-once`` / ``fail-import-always`` → the same for the final import,
+``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's.
+
+Test hooks (no token needed): ``GET /simulator/report``, ``GET|POST /simulator/config``
+(change knobs at runtime), ``POST /simulator/reset``.
+
+The report is what benchmarks check: the most imports ever running at once, the starts that
+came while the repository already had a running phase (refused with 409/425 — "double start
+attempted"; or, with the guard switched off, accepted — an "overlap", which a correct
+migrator never causes), starts per repository, notifications sent/refused/failed/pending and
+the counts of each outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import httpx
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from migration.registry import (
+    ImportType,
+    InvalidRepositoryPath,
+    RegistryImportStatus,
+    quote_repository_path,
+)
+
+log = structlog.get_logger(__name__)
+
+NATIVE_MARKER = "native"
+MISSING_MARKER = "missing"
+FAIL_ONCE_MARKER = "fail-once"
+FAIL_ALWAYS_MARKER = "fail-always"
+FAIL_IMPORT_ONCE_MARKER = "fail-import-once"
+FAIL_IMPORT_ALWAYS_MARKER = "fail-import-always"
+SERVER_ERROR_MARKER = "server-error"
+GARBAGE_MARKER = "garbage"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimulatorConfig:
+    """The knobs of the simulator.
+
+    :param pre_import_seconds: (min, max) seconds a pre-import takes for ``default_tags`` tags.
+    :param import_seconds: (min, max) seconds a final import takes for ``default_tags`` tags.
+    :param default_tags: tags assumed when a start call passes no ``tags`` query parameter;
+        durations scale by ``tags / default_tags``.
+    :param pre_import_failure_rate: probability (0..1) that a pre-import ends failed.
+    :param import_failure_rate: probability (0..1) that a final import ends failed.
+    :param start_error_rate: probability (0..1) that a start call is answered 503.
+    :param max_concurrent_imports: phases (pre + final) running at once before 429; 0 = no limit.
+    :param start_latency_seconds: how long a start call waits before it is answered (the
+        decision is taken after the wait; a client that timed out may still have started it).
+    :param guard_double_start: answer 425/409 to a start while a phase runs for the path;
+        False accepts it (an overlap, flagged in the report) — for testing the report.
+    :param token: the bearer token required on import calls; None = no authentication.
+    :param notify_url: base URL of the notification API; None = send no notifications.
+    :param secret: the ``Authorization`` header value of notifications.
+    :param notify_timeout: seconds per notification request.
+    :param notify_backoff: first wait between notification attempts; doubles, with jitter.
+    :param notify_backoff_max: the longest wait between notification attempts.
+    :param notify_max_attempts: attempts for a notification answered 5xx/429 or unreachable.
+    :param notify_refused_attempts: attempts for a notification answered another 4xx.
+    :param seed: seed of the random source (durations, failures), for repeatable runs.
+    """
+
+    pre_import_seconds: tuple[float, float] = (0.05, 0.2)
+    import_seconds: tuple[float, float] = (0.05, 0.2)
+    default_tags: int = 10
+    pre_import_failure_rate: float = 0.0
+    import_failure_rate: float = 0.0
+    start_error_rate: float = 0.0
+    max_concurrent_imports: int = 0
+    start_latency_seconds: float = 0.0
+    guard_double_start: bool = True
+    token: str | None = None
+    notify_url: str | None = None
+    secret: str | None = None
+    notify_timeout: float = 5.0
+    notify_backoff: float = 0.1
+    notify_backoff_max: float = 5.0
+    notify_max_attempts: int = 50
+    notify_refused_attempts: int = 3
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("pre_import_seconds", "import_seconds"):
+            low, high = getattr(self, name)
+            if not (0 <= low <= high) or not math.isfinite(high):
+                problems.append(
+                    f"{name} must be [min, max] with 0 <= min <= max, got {[low, high]}"
+                )
+        for name in ("pre_import_failure_rate", "import_failure_rate", "start_error_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must be between 0 and 1")
+        for name in ("start_latency_seconds", "notify_backoff", "notify_backoff_max"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.notify_timeout <= 0:
+            problems.append("notify_timeout must be positive")
+        if self.default_tags < 1:
+            problems.append("default_tags must be at least 1")
+        if self.max_concurrent_imports < 0:
+            problems.append("max_concurrent_imports must not be negative (0 = no limit)")
+        if self.notify_max_attempts < 1 or self.notify_refused_attempts < 1:
+            problems.append("notify_max_attempts and notify_refused_attempts must be at least 1")
+        if self.notify_url is not None and not self.notify_url.startswith(("http://", "https://")):
+            problems.append(f"notify_url must be an http(s) URL, got {self.notify_url!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def with_changes(self, changes: Mapping[str, Any]) -> SimulatorConfig:
+        """A copy with ``changes`` applied (JSON values: lists for the (min, max) pairs).
+
+        :raises ValueError: for an unknown knob or a bad value, naming it.
+        """
+        known = {f.name: f for f in dataclasses.fields(self)}
+        values: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in known:
+                raise ValueError(f"unknown simulator setting {name!r}")
+            values[name] = _coerce(name, value, getattr(self, name), known[name].default)
+        return dataclasses.replace(self, **values)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The knobs as JSON-able values."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def _coerce(name: str, value: Any, current: Any, default: Any) -> Any:
+    """Check one JSON value against the type of the knob it sets."""
+    if isinstance(current, tuple):
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 2
+            or not all(_is_number(v) for v in value)
+        ):
+            raise ValueError(f"{name} must be [min, max] seconds, got {value!r}")
+        return (float(value[0]), float(value[1]))
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(current, int) and name != "seed":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if not _is_number(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    # str | None and int | None knobs
+    if value is None or (name == "seed" and isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if name != "seed" and isinstance(value, str):
+        return value or None
+    raise ValueError(f"{name} has a bad value {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- the simulated registry -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Run:
+    """One running phase (a pre-import or a final import) of one repository."""
+
+    run_id: int
+    path: str
+    phase: ImportType
+    started_at: float
+    duration: float
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Repository:
+    path: str
+    status: RegistryImportStatus | None = None
+    detail: str = ""
+    runs: list[_Run] = field(default_factory=list)
+    pre_import_starts: int = 0
+    import_starts: int = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the registry answers: an HTTP status and a JSON body."""
+
+    status_code: int
+    body: dict[str, Any]
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def _in_progress(phase: ImportType) -> RegistryImportStatus:
+    if phase is ImportType.PRE:
+        return RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
+    return RegistryImportStatus.IMPORT_IN_PROGRESS
+
+
+def _ended(phase: ImportType, how: str) -> RegistryImportStatus:
+    prefix = "pre_import" if phase is ImportType.PRE else "import"
+    return RegistryImportStatus(f"{prefix}_{how}")
+
+
+class Notifier:
+    """Delivers end-of-import notifications to the notification API, with retries.
+
+    Each notification is its own task: 2xx counts as sent; 5xx, 429 and network errors are
+    retried with backoff up to ``notify_max_attempts``, other 4xx up to
+    ``notify_refused_attempts`` (then counted refused).
+    """
+
+    def __init__(self, config_of: Callable[[], SimulatorConfig]) -> None:
+        self._config_of = config_of
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.counts: Counter[str] = Counter()
+        self.deliveries: list[dict[str, Any]] = []
+
+    def send(self, *, path: str, status: RegistryImportStatus, detail: str) -> None:
+        """Schedule a notification that ``path`` reached ``status`` (no-op without a URL)."""
+        config = self._config_of()
+        if not config.notify_url:
+            self.counts["skipped_no_url"] += 1
+            return
+        task = asyncio.create_task(self._deliver(config, path, status, detail))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def pending(self) -> int:
+        """Notifications not yet delivered nor given up."""
+        return len(self._tasks)
+
+    async def _deliver(
+        self, config: SimulatorConfig, path: str, status: RegistryImportStatus, detail: str
+    ) -> None:
+        assert config.notify_url is not None
+        url = (
+            f"{config.notify_url.rstrip('/')}/notifications/registry/repositories/"
+            f"{quote_repository_path(path)}/status"
+        )
+        body = {"name": _name(path), "path": path, "status": str(status), "detail": detail}
+        headers = {"Authorization": config.secret} if config.secret else {}
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=config.notify_timeout)
+        attempts = refusals = 0
+        outcome = "failed"
+        last = ""
+        while True:
+            attempts += 1
+            self.counts["attempts"] += 1
+            try:
+                response = await self._client.put(
+                    url, json=body, headers=headers, timeout=config.notify_timeout
+                )
+                code: int | None = response.status_code
+                last = str(code)
+            except httpx.HTTPError as error:
+                code = None
+                last = f"{type(error).__name__}: {error}"
+            if code is not None and 200 <= code < 300:
+                outcome = "sent"
+                break
+            if code is not None and 400 <= code < 500 and code != 429:
+                refusals += 1
+                if refusals >= config.notify_refused_attempts:
+                    outcome = "refused"
+                    break
+            elif attempts >= config.notify_max_attempts:
+                break
+            ceiling = min(config.notify_backoff * 2 ** (attempts - 1), config.notify_backoff_max)
+            await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
+        self.counts[outcome] += 1
+        self.deliveries.append(
+            {"path": path, "status": str(status), "outcome": outcome, "attempts": attempts,
+             "last_answer": last, "at": time.time()}
+        )  # fmt: skip
+        logger = log.info if outcome == "sent" else log.warning
+        logger("simulator.notification", path=path, status=str(status), outcome=outcome,
+               attempts=attempts, last_answer=last)  # fmt: skip
+
+    async def reset(self) -> None:
+        """Drop pending deliveries, forget counts and deliveries."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.counts.clear()
+        self.deliveries.clear()
+
+    async def close(self, *, grace: float) -> None:
+        """Wait up to ``grace`` seconds for pending deliveries, cancel the rest, close."""
+        if self._tasks:
+            _done, still = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.gather(*still, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class SimulatedRegistry:
+    """The registry's import behaviour and the record of everything asked of it.
+
+    All methods run on one event loop; nothing here is thread-safe, nor needs to be.
+
+    :param config: the initial knobs; :meth:`configure` changes them at runtime.
+    """
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self._random = random.Random(self.config.seed)
+        self.notifier = Notifier(lambda: self.config)
+        self._clear()
+
+    def _clear(self) -> None:
+        self._repositories: dict[str, _Repository] = {}
+        self._running = 0
+        self._max_running = 0
+        self._next_run_id = 1
+        self._events: list[dict[str, Any]] = []
+        self._double_start_attempts: list[dict[str, Any]] = []
+        self._overlaps: list[dict[str, Any]] = []
+        self._outcomes: Counter[str] = Counter()
+        self._answers: Counter[str] = Counter()
+
+    def configure(self, changes: Mapping[str, Any]) -> SimulatorConfig:
+        """Apply knob changes; raise ValueError (naming the knob) when one is bad."""
+        self.config = self.config.with_changes(changes)
+        if "seed" in changes:
+            self._random.seed(self.config.seed)
+        log.info("simulator.configured", changes=sorted(changes))
+        return self.config
+
+    async def reset(self) -> None:
+        """Stop every running phase without notifying, forget all state and the report."""
+        await self._stop_runs()
+        self._clear()
+        await self.notifier.reset()
+
+    async def close(self, *, grace: float = 1.0) -> None:
+        """Stop running phases; give pending notifications ``grace`` seconds."""
+        await self._stop_runs()
+        await self.notifier.close(grace=grace)
+
+    async def _stop_runs(self) -> None:
+        tasks = [r.task for repo in self._repositories.values() for r in repo.runs if r.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _repository(self, path: str) -> _Repository:
+        repository = self._repositories.get(path)
+        if repository is None:
+            repository = self._repositories[path] = _Repository(path)
+        return repository
+
+    def _record(self, action: str, path: str, phase: str | None, code: int, **extra: Any) -> None:
+        self._answers[f"{action}_{code}"] += 1
+        self._events.append(
+            {"at": time.time(), "action": action, "path": path, "phase": phase, "answer": code,
+             **extra}
+        )  # fmt: skip
+
+    # -- the import API ----------------------------------------------------------------------
+
+    async def start(self, path: str, phase: ImportType, *, tags: int | None = None) -> Answer:
+        """A start call: begin a pre-import or final import of ``path``, or say why not."""
+        if self.config.start_latency_seconds:
+            await asyncio.sleep(self.config.start_latency_seconds)
+        answer, overlap = self._decide_start(path, phase)
+        if answer.status_code == 202:
+            self._begin(path, phase, tags=tags, overlap=overlap)
+        self._record("start", path, str(phase), answer.status_code, overlap=overlap)
+        return answer
+
+    def _decide_start(self, path: str, phase: ImportType) -> tuple[Answer, bool]:
+        config = self.config
+        if MISSING_MARKER in path:
+            return Answer(404, {"detail": "repository not found"}), False
+        if NATIVE_MARKER in path:
+            return Answer(200, {"detail": "repository already imported (native)"}), False
+        if config.start_error_rate and self._random.random() < config.start_error_rate:
+            return Answer(503, {"detail": "simulated registry error"}), False
+        repository = self._repository(path)
+        overlap = False
+        if repository.runs:
+            running = repository.runs[-1].phase
+            attempt = {"at": time.time(), "path": path, "phase": str(phase),
+                       "running_phase": str(running)}  # fmt: skip
+            if config.guard_double_start:
+                self._double_start_attempts.append(attempt)
+                if running is ImportType.PRE:
+                    return Answer(425, {"detail": "pre-import in progress"}), False
+                return Answer(409, {"detail": "import in progress"}), False
+            # The guard is off: accept, and flag what a real registry would have refused.
+            self._overlaps.append(attempt)
+            overlap = True
+        if repository.status is RegistryImportStatus.IMPORT_COMPLETE and not overlap:
+            return Answer(200, {"detail": "repository already imported"}), False
+        if (
+            phase is ImportType.FINAL
+            and repository.status is RegistryImportStatus.PRE_IMPORT_FAILED
+            and not overlap
+        ):
+            return Answer(424, {"detail": "pre-import failed"}), False
+        if 0 < config.max_concurrent_imports <= self._running:
+            return Answer(429, {"detail": "too many imports"}), False
+        return Answer(202, {"detail": f"{phase} import started"}), overlap
+
+    def _begin(self, path: str, phase: ImportType, *, tags: int | None, overlap: bool) -> None:
+        config = self.config
+        repository = self._repository(path)
+        low, high = config.pre_import_seconds if phase is ImportType.PRE else config.import_seconds
+        scale = (tags if tags is not None else config.default_tags) / config.default_tags
+        run = _Run(
+            run_id=self._next_run_id,
+            path=path,
+            phase=phase,
+            started_at=time.time(),
+            duration=self._random.uniform(low, high) * scale,
+        )
+        self._next_run_id += 1
+        if phase is ImportType.PRE:
+            repository.pre_import_starts += 1
+        else:
+            repository.import_starts += 1
+        repository.runs.append(run)
+        repository.status = _in_progress(phase)
+        repository.detail = ""
+        self._running += 1
+        self._max_running = max(self._max_running, self._running)
+        run.task = asyncio.create_task(self._run(repository, run))
+        log.debug("simulator.started", path=path, phase=str(phase), overlap=overlap,
+                  duration=round(run.duration, 3), running=self._running)  # fmt: skip
+
+    def _fails(self, repository: _Repository, phase: ImportType) -> bool:
+        path = repository.path
+        if phase is ImportType.PRE:
+            once, always, rate = (
+                FAIL_ONCE_MARKER,
+                FAIL_ALWAYS_MARKER,
+                self.config.pre_import_failure_rate,
+            )
+            first = repository.pre_import_starts == 1
+        else:
+            once, always, rate = (
+                FAIL_IMPORT_ONCE_MARKER,
+                FAIL_IMPORT_ALWAYS_MARKER,
+                self.config.import_failure_rate,
+            )
+            first = repository.import_starts == 1
+        if always in path or (once in path and first):
+            return True
+        return self._random.random() < rate
+
+    async def _run(self, repository: _Repository, run: _Run) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.cancel_requested.wait(), timeout=run.duration)
+        finally:
+            # Also on reset/shutdown (task cancelled): the run no longer counts as running.
+            repository.runs.remove(run)
+            self._running -= 1
+        if run.cancel_requested.is_set():
+            status, detail = _ended(run.phase, "canceled"), "canceled on request"
+        elif self._fails(repository, run.phase):
+            status, detail = _ended(run.phase, "failed"), f"simulated {run.phase} import failure"
+        else:
+            status, detail = _ended(run.phase, "complete"), ""
+        if not repository.runs:  # with overlaps, the last run to end sets the status
+            repository.status, repository.detail = status, detail
+        self._outcomes[str(status)] += 1
+        log.debug("simulator.ended", path=repository.path, status=str(status))
+        self.notifier.send(path=repository.path, status=status, detail=detail)
+
+    def status(self, path: str) -> Answer:
+        """A status call."""
+        if MISSING_MARKER in path:
+            return Answer(404, {"detail": "repository not found"})
+        body = {"name": _name(path), "path": path, "detail": ""}
+        if NATIVE_MARKER in path:
+            return Answer(200, {**body, "status": str(RegistryImportStatus.NATIVE)})
+        repository = self._repositories.get(path)
+        if repository is None or repository.status is None:
+            # A repository never imported has no row in the registry's database.
+            return Answer(404, {"detail": "repository not imported"})
+        return Answer(200, {**body, "status": str(repository.status), "detail": repository.detail})
+
+    def cancel(self, path: str) -> Answer:
+        """A cancel call: 202 and a ``*_canceled`` notification when a phase runs, else 400."""
+        if MISSING_MARKER in path:
+            answer = Answer(404, {"detail": "repository not found"})
+        else:
+            repository = self._repositories.get(path)
+            runs = (
+                [r for r in repository.runs if not r.cancel_requested.is_set()]
+                if repository
+                else []
+            )
+            if not runs:
+                status = repository.status if repository else None
+                answer = Answer(400, {"detail": "no import running",
+                                      "status": str(status) if status else None})  # fmt: skip
+            else:
+                for run in runs:
+                    run.cancel_requested.set()
+                answer = Answer(
+                    202, {"detail": "cancel accepted", "status": str(_in_progress(runs[-1].phase))}
+                )
+        self._record("cancel", path, None, answer.status_code)
+        return answer
+
+    # -- the report --------------------------------------------------------------------------
+
+    def report(self, *, events: bool = True) -> dict[str, Any]:
+        """Everything a test or benchmark checks; ``events`` adds the timestamped log."""
+        starts = {
+            path: {"pre": repo.pre_import_starts, "final": repo.import_starts}
+            for path, repo in self._repositories.items()
+            if repo.pre_import_starts or repo.import_starts
+        }
+        notifications = {
+            key: self.notifier.counts.get(key, 0)
+            for key in ("sent", "refused", "failed", "attempts", "skipped_no_url")
+        }
+        notifications["pending"] = self.notifier.pending
+        report: dict[str, Any] = {
+            "running_imports": self._running,
+            "max_concurrent_imports": self._max_running,
+            "starts_accepted": sum(s["pre"] + s["final"] for s in starts.values()),
+            "starts": starts,
+            "double_start_attempts": list(self._double_start_attempts),
+            "double_started_repositories": sorted({a["path"] for a in self._double_start_attempts}),
+            "overlapping_starts": list(self._overlaps),
+            "overlapping_repositories": sorted({a["path"] for a in self._overlaps}),
+            "outcomes": dict(self._outcomes),
+            "answers": dict(self._answers),
+            "notifications": notifications,
+        }
+        if events:
+            report["events"] = list(self._events)
+            report["deliveries"] = list(self.notifier.deliveries)
+        return report
+
+
+# -- HTTP --------------------------------------------------------------------------------------
+
+
+def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> Starlette:
+    """The Starlette application serving ``registry`` (import API and ``/simulator/*``).
+
+    :param registry: the simulated registry the routes act on.
+    :param shutdown_grace: seconds pending notifications get when the server stops.
+    """
+
+    def authorized(request: Request) -> bool:
+        token = registry.config.token
+        return not token or request.headers.get("authorization") == f"Bearer {token}"
+
+    async def import_endpoint(request: Request) -> Response:
+        raw = request.path_params["path"]
+        path = raw.strip("/")
+        try:
+            quote_repository_path(path)
+        except InvalidRepositoryPath as error:
+            return JSONResponse({"detail": str(error)}, status_code=400)
+        if not authorized(request):
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        if SERVER_ERROR_MARKER in path:
+            return JSONResponse({"detail": "simulated internal error"}, status_code=500)
+        if GARBAGE_MARKER in path:
+            code = 502 if request.method == "PUT" else 200
+            return PlainTextResponse("<html><body>oops</body></html>", status_code=code,
+                                     media_type="text/html")  # fmt: skip
+        if request.method == "GET":
+            answer = registry.status(path)
+        elif request.method == "DELETE":
+            answer = registry.cancel(path)
+        else:
+            try:
+                phase = ImportType(request.query_params.get("import_type", ""))
+            except ValueError:
+                return JSONResponse({"detail": "import_type must be pre or final"}, status_code=400)
+            tags_raw = request.query_params.get("tags")
+            tags = None
+            if tags_raw is not None:
+                if not tags_raw.isdigit():
+                    return JSONResponse({"detail": "tags must be a whole number"}, status_code=400)
+                tags = int(tags_raw)
+            answer = await registry.start(path, phase, tags=tags)
+        return JSONResponse(answer.body, status_code=answer.status_code)
+
+    async def api_root(_request: Request) -> Response:
+        return JSONResponse({})
+
+    async def report_endpoint(request: Request) -> Response:
+        events = request.query_params.get("events", "true").lower() not in ("0", "false", "no")
+        return JSONResponse(registry.report(events=events))
+
+    async def config_endpoint(request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                changes = await request.json()
+            except ValueError:
+                return JSONResponse({"detail": "body must be a JSON object"}, status_code=400)
+            if not isinstance(changes, dict):
+                return JSONResponse({"detail": "body must be a JSON object"}, status_code=400)
+            try:
+                registry.configure(changes)
+            except ValueError as error:
+                return JSONResponse({"detail": str(error)}, status_code=400)
+        return JSONResponse(registry.config.as_dict())
+
+    async def reset_endpoint(_request: Request) -> Response:
+        await registry.reset()
+        return JSONResponse({"detail": "reset"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        await registry.close(grace=shutdown_grace)
+
+    return Starlette(
+        routes=[
+            Route("/gitlab/v1/", api_root, methods=["GET"]),
+            Route(
+                "/gitlab/v1/import/{path:path}", import_endpoint, methods=["PUT", "GET", "DELETE"]
+            ),
+            Route("/simulator/report", report_endpoint, methods=["GET"]),
+            Route("/simulator/config", config_endpoint, methods=["GET", "POST"]),
+            Route("/simulator/reset", reset_endpoint, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+
+
+def _uvicorn_config(app: Starlette, *, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,  # keep the process's own (structlog) logging
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one).
+
+    :raises OSError: when the address cannot be bound (in use, not local...).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    config: SimulatorConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 5005,
+    log_level: str = "info",
+) -> None:
+    """Run the simulator in the foreground until SIGINT/SIGTERM (the CLI's entry).
+
+    :param config: the knobs.
+    :param host: the address to listen on.
+    :param port: the port to listen on.
+    :param log_level: uvicorn's log level.
+    :raises OSError: when ``host:port`` cannot be bound.
+    """
+    sock = listen(host, port)
+    app = create_app(SimulatedRegistry(config))
+    server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level=log_level))
+    log.info("simulator.listening", url=f"http://{host}:{port}", notify_url=config.notify_url)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown; the lifespan then stops the
+    # running imports and gives pending notifications a second.
+    server.run(sockets=[sock])
+
+
+class SimulatorServer:
+    """A simulator on a loopback port, served from a background thread (tests, demos).
+
+    :param config: the knobs; None for the defaults.
+    :param host: the address to listen on.
+    :param port: the port; 0 picks a free one (read :attr:`url` after :meth:`start`).
+    :param start_timeout: seconds to wait for the server to listen.
+
+    Use as a context manager; :meth:`report`, :meth:`configure` and :meth:`reset` go through
+    the simulator's own HTTP endpoints.
+    """
+
+    def __init__(
+        self,
+        config: SimulatorConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.registry = SimulatedRegistry(config)
+        self._host = host
+        self._port = port
+        self._start_timeout = start_timeout
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    def start(self) -> SimulatorServer:
+        """Listen and serve; return once the server accepts connections."""
+        sock = listen(self._host, self._port)
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        app = create_app(self.registry, shutdown_grace=0.2)
+        server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level="warning"))
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name=f"simulator-{port}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the simulator did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (running imports are dropped, pending notifications get 0.2 s)."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> SimulatorServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def report(self, *, events: bool = True) -> dict[str, Any]:
+        """``GET /simulator/report``."""
+        response = httpx.get(f"{self.url}/simulator/report", params={"events": str(events)})
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        """``POST /simulator/config`` with ``changes``; ValueError when the simulator refuses."""
+        response = httpx.post(f"{self.url}/simulator/config", json=changes)
+        if response.status_code == 400:
+            raise ValueError(response.json()["detail"])
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def reset(self) -> None:
+        """``POST /simulator/reset``."""
+        httpx.post(f"{self.url}/simulator/reset").raise_for_status()
