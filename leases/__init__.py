@@ -1,1 +1,39 @@
-"""leases."""
+"""Per-key etcd leases with fencing tokens: a small library usable on its own.
+
+- :class:`Session`: one TTL lease per process, kept alive on one stream in the background.
+- :func:`try_acquire` / :func:`acquired`: hold a key on the session; the key's
+  create_revision is the fencing token.
+- :class:`Election`: one leader among replicas.
+- :class:`DedupGate`: at most P pending markers per name, each on a TTL lease.
+- :mod:`leases.admin`: list, take for a while, release.
+
+Only :mod:`leases.etcd` talks to the etcd client library.
+"""
+
+from leases.admin import HeldKey, list_held, release, take
+from leases.election import Election
+from leases.errors import EtcdUnavailable, LeaseError, SessionLost
+from leases.etcd import EtcdClient
+from leases.gate import DedupGate, Ticket
+from leases.hold import Acquisition, Hold, HolderInfo, acquired, try_acquire
+from leases.session import Session
+
+__all__ = [
+    "Acquisition",
+    "DedupGate",
+    "Election",
+    "EtcdClient",
+    "EtcdUnavailable",
+    "HeldKey",
+    "Hold",
+    "HolderInfo",
+    "LeaseError",
+    "Session",
+    "SessionLost",
+    "Ticket",
+    "acquired",
+    "list_held",
+    "release",
+    "take",
+    "try_acquire",
+]

@@ -7,10 +7,13 @@ and change without a restart.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from leases import EtcdClient
 
 PREFIX = "MIGRATOR_"
 
@@ -44,7 +47,7 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"expected a number, got {raw!r}") from None
-    if value != value or value < minimum:  # NaN compares unequal to itself
+    if math.isnan(value) or value < minimum:
         raise ConfigError(name, f"must be at least {minimum:g}, got {raw!r}")
     return value
 
@@ -87,7 +90,8 @@ class Config:
     :param broker_url: RabbitMQ AMQP URL (``MIGRATOR_BROKER_URL``).
     :param registry_url: the registry import API base URL (``MIGRATOR_REGISTRY_URL``).
     :param registry_token: bearer token for the registry (``MIGRATOR_REGISTRY_TOKEN``).
-    :param notification_secret: the shared secret the registry sends (``MIGRATOR_NOTIFICATION_SECRET``).
+    :param notification_secret: the shared secret the registry sends
+        (``MIGRATOR_NOTIFICATION_SECRET``).
     :param lease_ttl: seconds an etcd lease lives without keep-alive (``MIGRATOR_LEASE_TTL``).
     """
 
@@ -116,18 +120,26 @@ class Config:
             raise ConfigError(f"{PREFIX}ETCD_PREFIX", f"must start with '/', got {prefix!r}")
         level = env.get(f"{PREFIX}LOG_LEVEL", d.log_level).strip().lower()
         if level not in {"debug", "info", "warning", "error"}:
-            raise ConfigError(f"{PREFIX}LOG_LEVEL", f"expected debug|info|warning|error, got {level!r}")
+            raise ConfigError(
+                f"{PREFIX}LOG_LEVEL", f"expected debug|info|warning|error, got {level!r}"
+            )
         cert = _optional_file(env, f"{PREFIX}ETCD_CERT")
         key = _optional_file(env, f"{PREFIX}ETCD_KEY")
         if (cert is None) != (key is None):
-            raise ConfigError(f"{PREFIX}ETCD_CERT", "MIGRATOR_ETCD_CERT and MIGRATOR_ETCD_KEY go together")
+            raise ConfigError(
+                f"{PREFIX}ETCD_CERT", "MIGRATOR_ETCD_CERT and MIGRATOR_ETCD_KEY go together"
+            )
         user = env.get(f"{PREFIX}ETCD_USER") or None
         password = env.get(f"{PREFIX}ETCD_PASSWORD") or None
         if (user is None) != (password is None):
-            raise ConfigError(f"{PREFIX}ETCD_USER", "MIGRATOR_ETCD_USER and MIGRATOR_ETCD_PASSWORD go together")
+            raise ConfigError(
+                f"{PREFIX}ETCD_USER", "MIGRATOR_ETCD_USER and MIGRATOR_ETCD_PASSWORD go together"
+            )
         secret = env.get(f"{PREFIX}NOTIFICATION_SECRET") or None
         return cls(
-            database_url=_url(env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")),
+            database_url=_url(
+                env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")
+            ),
             etcd_endpoints=_endpoints(env, f"{PREFIX}ETCD_ENDPOINTS", "127.0.0.1:23790"),
             etcd_prefix=prefix or "/",
             etcd_ca_cert=_optional_file(env, f"{PREFIX}ETCD_CA_CERT"),
@@ -148,3 +160,19 @@ class Config:
         if not self.notification_secret:
             raise ConfigError(f"{PREFIX}NOTIFICATION_SECRET", "is required (the registry sends it)")
         return self.notification_secret
+
+    @property
+    def etcd_endpoints_text(self) -> str:
+        return ",".join(f"{host}:{port}" for host, port in self.etcd_endpoints)
+
+    def etcd_client(self, *, timeout: float = 5.0) -> EtcdClient:
+        """An etcd client for the configured endpoints, TLS and credentials."""
+        return EtcdClient(
+            self.etcd_endpoints,
+            timeout=timeout,
+            ca_cert=self.etcd_ca_cert,
+            cert_cert=self.etcd_cert_cert,
+            cert_key=self.etcd_cert_key,
+            user=self.etcd_user,
+            password=self.etcd_password,
+        )

@@ -38,7 +38,7 @@ def main() -> None:
 
 def _register() -> None:
     # One import per command module; each adds its group or command to ``main``.
-    from service.commands import leases as _leases  # noqa: F401
+    from service.commands import leases as _leases  # noqa: F401, PLC0415
     from service.commands import simulator as _simulator  # noqa: F401, PLC0415
 
 

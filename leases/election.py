@@ -1,0 +1,93 @@
+"""Leader election on a session, after etcd's Go ``concurrency.Election``.
+
+Each candidate puts ``<name>/<lease id>`` on its session's lease; the leader is the
+candidate whose key has the lowest create revision. When the leader dies its key expires
+with its lease (TTL) and the next candidate in line leads.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import structlog
+
+from leases.errors import LeaseError
+from leases.hold import Hold, HolderInfo, try_acquire
+from leases.session import Session
+
+log = structlog.get_logger(__name__)
+
+
+class Election:
+    """One candidacy in the election ``name``.
+
+    :param session: the session that carries the candidacy; leadership ends with it.
+    :param name: the election's key prefix, e.g. ``/registry-migrator/elections/scheduler``.
+    :param holder: shown to operators as the candidate's value.
+    :param poll_interval: how often a follower looks whether it leads now. Polling (one
+        small range read) keeps failover simple and bounded: a follower leads within
+        ``TTL + poll_interval`` of the leader's death.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        name: str,
+        *,
+        holder: HolderInfo | None = None,
+        poll_interval: float = 0.25,
+    ) -> None:
+        self.session = session
+        self.prefix = name.rstrip("/") + "/"
+        self.key = f"{self.prefix}{session.lease_id:x}"
+        self.holder = holder or HolderInfo(actor="election")
+        self.poll_interval = poll_interval
+        self._hold: Hold | None = None
+
+    def _candidacy(self) -> Hold | None:
+        if self._hold is None or self._hold.released:
+            acquisition = try_acquire(self.session, self.key, holder=self.holder)
+            self._hold = acquisition.hold
+        return self._hold
+
+    def is_leader(self) -> bool:
+        """Enter the election if not yet in it; True when this candidate leads now.
+
+        False (never an exception) when the session is lost or etcd is unreachable: a
+        candidate that cannot tell must not act as leader.
+        """
+        if self.session.lost:
+            return False
+        try:
+            hold = self._candidacy()
+            if hold is None:
+                return False
+            first = self.session.client.get_prefix(self.prefix, limit=1)
+        except LeaseError as error:
+            log.warning("election_check_failed", election=self.prefix, error=str(error))
+            return False
+        return bool(first) and first[0].create_revision == hold.token and not self.session.lost
+
+    def campaign(self, stop: threading.Event | None = None) -> bool:
+        """Block until this candidate leads (True) or ``stop`` is set / the session lost (False)."""
+        stop = stop or threading.Event()
+        while not stop.is_set() and not self.session.lost:
+            if self.is_leader():
+                log.info("election_won", election=self.prefix, key=self.key)
+                return True
+            stop.wait(self.poll_interval)
+        return False
+
+    def leader(self) -> HolderInfo | None:
+        """Who leads now, or None when nobody does."""
+        first = self.session.client.get_prefix(self.prefix, limit=1)
+        return HolderInfo.from_json(first[0].value) if first else None
+
+    def resign(self) -> None:
+        """Leave the election; the next candidate leads at once."""
+        if self._hold is not None:
+            try:
+                self._hold.release()
+            except LeaseError as error:
+                log.warning("election_resign_failed", election=self.prefix, error=str(error))
+            self._hold = None

@@ -1,0 +1,329 @@
+"""The etcd client, behind one module.
+
+Everything else in :mod:`leases` speaks to etcd through :class:`EtcdClient` and its
+plain data types, so the client library (python-etcd3 0.12 on gRPC today) can be swapped
+without touching the lease logic. Every call has a deadline and every failure surfaces as
+:class:`~leases.errors.EtcdUnavailable`; there is no per-node lockout after an error, so a
+restarted etcd is used again as soon as it answers.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import etcd3
+import etcd3.etcdrpc as rpc
+import grpc
+
+from leases.errors import EtcdUnavailable
+
+T = TypeVar("T")
+
+# gRPC backs off reconnecting up to 120 s by default; a restarted etcd must be seen in
+# about a second, and a dead member of a cluster left for the next one quickly.
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One etcd key as read: value and the revisions that identify its incarnation."""
+
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    """Outcome of :meth:`EtcdClient.create`: ``created`` and the key as it now stands."""
+
+    created: bool
+    current: KeyValue | None
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key starting with ``prefix`` (etcd's range end)."""
+    end = bytearray(prefix)
+    for i in reversed(range(len(end))):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(
+        key=kv.key.decode(),
+        value=bytes(kv.value),
+        create_revision=kv.create_revision,
+        mod_revision=kv.mod_revision,
+        lease_id=kv.lease,
+    )
+
+
+class EtcdClient:
+    """A thin, typed etcd v3 client with deadlines on every call.
+
+    :param endpoints: ``(host, port)`` pairs; with several, gRPC picks a live one and moves
+        to another when it fails.
+    :param timeout: seconds allowed for every unary call.
+    :param ca_cert: PEM file of the CA that signed etcd's certificate (enables TLS).
+    :param cert_cert: client certificate (PEM) for client-certificate auth.
+    :param cert_key: client key (PEM).
+    :param user: etcd user name (with ``password``).
+    :param password: etcd user password.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        *,
+        timeout: float = 5.0,
+        ca_cert: str | None = None,
+        cert_cert: str | None = None,
+        cert_key: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = tuple(endpoints)
+        self.timeout = timeout
+        # python-etcd3 formats its target as "host:port"; a gRPC "ipv4:"/"dns:" target with
+        # every endpoint gives it the whole cluster in one channel.
+        if len(self.endpoints) == 1:
+            host, port = self.endpoints[0]
+        else:
+            *head, (last_host, port) = self.endpoints
+            scheme = "ipv4:" if all(h.replace(".", "").isdigit() for h, _ in self.endpoints) else ""
+            if not scheme:
+                raise ValueError("several etcd endpoints must be IPv4 addresses")
+            host = scheme + ",".join(f"{h}:{p}" for h, p in head) + f",{last_host}"
+        try:
+            self._client = etcd3.client(
+                host=host,
+                port=port,
+                ca_cert=ca_cert,
+                cert_cert=cert_cert,
+                cert_key=cert_key,
+                timeout=timeout,
+                user=user,
+                password=password,
+                grpc_options=_GRPC_OPTIONS,
+            )
+        except grpc.RpcError as error:
+            raise EtcdUnavailable(f"etcd authentication failed: {_describe(error)}") from error
+        self._kv = self._client.kvstub
+        self._lease = self._client.leasestub
+        self._auth = {
+            "credentials": self._client.call_credentials,
+            "metadata": self._client.metadata,
+        }
+
+    def __repr__(self) -> str:
+        return f"EtcdClient({','.join(f'{h}:{p}' for h, p in self.endpoints)})"
+
+    def close(self) -> None:
+        """Close the channel; calls in flight fail."""
+        self._client.close()
+
+    def __enter__(self) -> EtcdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except grpc.RpcError as error:
+            raise EtcdUnavailable(f"etcd {what} failed: {_describe(error)}") from error
+
+    # -- leases -------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """Grant a lease; returns ``(lease_id, granted_ttl)``."""
+        response = self._call(
+            "lease grant",
+            lambda: self._lease.LeaseGrant(
+                rpc.LeaseGrantRequest(TTL=ttl), self.timeout, **self._auth
+            ),
+        )
+        return response.ID, response.TTL
+
+    def revoke(self, lease_id: int) -> None:
+        """Revoke a lease: every key attached to it is deleted at once."""
+        request = rpc.LeaseRevokeRequest(ID=lease_id)
+        try:
+            self._lease.LeaseRevoke(request, self.timeout, **self._auth)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return  # already expired: the keys are gone, which is what revoke wants
+            raise EtcdUnavailable(f"etcd lease revoke failed: {_describe(error)}") from error
+
+    def time_to_live(self, lease_id: int) -> int:
+        """Seconds the lease has left; -1 when it does not exist (expired or revoked)."""
+        response = self._call(
+            "lease time-to-live",
+            lambda: self._lease.LeaseTimeToLive(
+                rpc.LeaseTimeToLiveRequest(ID=lease_id), self.timeout, **self._auth
+            ),
+        )
+        return int(response.TTL)
+
+    def keepalive_stream(self, lease_id: int) -> KeepAliveStream:
+        """Open one long-lived keep-alive stream for ``lease_id``."""
+        return KeepAliveStream(self._lease, lease_id, self._auth)
+
+    # -- keys ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> KeyValue | None:
+        """The key, or None when it does not exist."""
+        request = rpc.RangeRequest(key=key.encode())
+        response = self._call("get", lambda: self._kv.Range(request, self.timeout, **self._auth))
+        return _kv(response.kvs[0]) if response.kvs else None
+
+    def get_prefix(self, prefix: str, *, limit: int = 0) -> list[KeyValue]:
+        """Every key under ``prefix``, oldest incarnation (create revision) first."""
+        raw = prefix.encode()
+        request = rpc.RangeRequest(
+            key=raw,
+            range_end=_prefix_end(raw),
+            limit=limit,
+            sort_order=rpc.RangeRequest.ASCEND,
+            sort_target=rpc.RangeRequest.CREATE,
+        )
+        response = self._call("range", lambda: self._kv.Range(request, self.timeout, **self._auth))
+        return [_kv(kv) for kv in response.kvs]
+
+    def count_prefix(self, prefix: str) -> int:
+        """How many keys are under ``prefix`` (no values are sent)."""
+        raw = prefix.encode()
+        request = rpc.RangeRequest(key=raw, range_end=_prefix_end(raw), count_only=True)
+        response = self._call("count", lambda: self._kv.Range(request, self.timeout, **self._auth))
+        return int(response.count)
+
+    def create(self, key: str, value: bytes, *, lease_id: int = 0) -> CreateResult:
+        """Create ``key`` only if it does not exist, in one transaction, and read it back.
+
+        Either way the answer carries the key as it stands after the transaction: ours with
+        its fresh create revision, or the current holder's.
+        """
+        raw = key.encode()
+        compare = rpc.Compare(
+            key=raw, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0
+        )
+        read = rpc.RequestOp(request_range=rpc.RangeRequest(key=raw))
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value, lease=lease_id))
+        request = rpc.TxnRequest(compare=[compare], success=[put, read], failure=[read])
+        response = self._call("create", lambda: self._kv.Txn(request, self.timeout, **self._auth))
+        kvs = response.responses[-1].response_range.kvs
+        return CreateResult(created=response.succeeded, current=_kv(kvs[0]) if kvs else None)
+
+    def delete_if_created_at(self, key: str, create_revision: int) -> bool:
+        """Delete ``key`` only while it is still the incarnation created at ``create_revision``."""
+        raw = key.encode()
+        compare = rpc.Compare(
+            key=raw,
+            target=rpc.Compare.CREATE,
+            result=rpc.Compare.EQUAL,
+            create_revision=create_revision,
+        )
+        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=raw))
+        request = rpc.TxnRequest(compare=[compare], success=[delete])
+        response = self._call("delete", lambda: self._kv.Txn(request, self.timeout, **self._auth))
+        return bool(response.succeeded)
+
+    def put_if_created_at(
+        self, guard_key: str, create_revision: int, key: str, value: bytes
+    ) -> bool:
+        """Put ``key`` only while ``guard_key`` is still the incarnation ``create_revision``."""
+        compare = rpc.Compare(
+            key=guard_key.encode(),
+            target=rpc.Compare.CREATE,
+            result=rpc.Compare.EQUAL,
+            create_revision=create_revision,
+        )
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value))
+        request = rpc.TxnRequest(compare=[compare], success=[put])
+        response = self._call(
+            "fenced put", lambda: self._kv.Txn(request, self.timeout, **self._auth)
+        )
+        return bool(response.succeeded)
+
+    def delete(self, key: str) -> bool:
+        """Delete ``key`` whoever holds it; True when it existed."""
+        request = rpc.DeleteRangeRequest(key=key.encode())
+        response = self._call(
+            "delete", lambda: self._kv.DeleteRange(request, self.timeout, **self._auth)
+        )
+        return bool(response.deleted)
+
+
+class KeepAliveStream:
+    """One bidirectional LeaseKeepAlive stream, kept open for the life of a session.
+
+    python-etcd3's ``Lease.refresh`` opens a new stream for every refresh; etcd's own
+    clients keep one stream per lease open and send a request on it every TTL/3. Requests
+    go in through :meth:`send`, answers (the new TTL, 0 when the lease is gone) come out of
+    :meth:`responses`.
+    """
+
+    _CLOSE = object()
+
+    def __init__(self, lease_stub: Any, lease_id: int, auth: dict[str, Any]) -> None:
+        self.lease_id = lease_id
+        self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._call = lease_stub.LeaseKeepAlive(self._request_iterator(), **auth)
+        self._closed = threading.Event()
+
+    def _request_iterator(self) -> Iterator[Any]:
+        while True:
+            item = self._requests.get()
+            if item is self._CLOSE:
+                return
+            yield rpc.LeaseKeepAliveRequest(ID=self.lease_id)
+
+    def send(self) -> None:
+        """Ask etcd to refresh the lease; the answer arrives on :meth:`responses`."""
+        if not self._closed.is_set():
+            self._requests.put(None)
+
+    def responses(self) -> Iterator[int]:
+        """The TTL of each answer, in order; ends (or raises EtcdUnavailable) with the stream."""
+        try:
+            for response in self._call:
+                yield int(response.TTL)
+        except grpc.RpcError as error:
+            if self._closed.is_set():
+                return
+            raise EtcdUnavailable(f"etcd keep-alive stream failed: {_describe(error)}") from error
+
+    def close(self) -> None:
+        """End the stream (idempotent)."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._requests.put(self._CLOSE)
+            self._call.cancel()
+
+
+def _describe(error: grpc.RpcError) -> str:
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    name = code().name if callable(code) else "UNKNOWN"
+    text = details() if callable(details) else str(error)
+    return f"{name}: {text}"

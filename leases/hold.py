@@ -1,0 +1,220 @@
+"""Holding one key on a session, with a fencing token.
+
+Like etcd's Go ``concurrency.Mutex``, the identity of a hold is the key's
+``create_revision``: etcd's revisions only grow, so a later holder of the same key always
+has a larger token than any earlier one. Whoever guards a resource with the key (a
+PostgreSQL row, another etcd key) names the token in every write and refuses a token
+older than the newest it has seen — a paused holder whose lease expired can then never
+overwrite the work of the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from leases.errors import LeaseError
+from leases.etcd import EtcdClient, KeyValue
+from leases.session import Session
+
+log = structlog.get_logger(__name__)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HolderInfo:
+    """Who holds a key: stored as the key's JSON value, shown to operators.
+
+    :param host: host name of the holding process.
+    :param pid: its process id.
+    :param actor: the actor (or command) that took the key.
+    :param message_id: the message being processed, when there is one.
+    :param acquired_at: ISO 8601 time the key was taken.
+    """
+
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    actor: str | None = None
+    message_id: str | None = None
+    acquired_at: str = field(default_factory=_now)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> HolderInfo:
+        """Parse a key's value; a value written by something else is shown, not rejected."""
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, Mapping):
+                raise TypeError
+            known = {
+                k: data[k]
+                for k in ("host", "pid", "actor", "message_id", "acquired_at")
+                if k in data
+            }
+            return cls(**known)
+        except (ValueError, TypeError):
+            return cls(host="?", pid=0, actor=raw[:200].decode(errors="replace"), acquired_at="?")
+
+    def describe(self) -> str:
+        who = f"{self.host}:{self.pid}"
+        what = " ".join(p for p in (self.actor, self.message_id) if p)
+        return f"{who} {what} since {self.acquired_at}".replace("  ", " ")
+
+
+class Hold:
+    """A key this process holds, created at revision :attr:`token`.
+
+    :param session: the session whose lease the key is attached to (None for a
+        standalone lease taken by an operator, see :func:`leases.admin.take`).
+    :param key: the etcd key.
+    :param token: the key's create_revision: the fencing token.
+    :param holder: what was written as the key's value.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: EtcdClient,
+        session: Session | None,
+        key: str,
+        token: int,
+        holder: HolderInfo,
+        lease_id: int,
+    ) -> None:
+        self.client = client
+        self.session = session
+        self.key = key
+        self.token = token
+        self.holder = holder
+        self.lease_id = lease_id
+        self.released = False
+
+    def __repr__(self) -> str:
+        return f"Hold({self.key!r}, token={self.token})"
+
+    @property
+    def lost(self) -> bool:
+        """True when the session behind the hold is lost (the key is gone or about to be)."""
+        return self.session is not None and self.session.lost
+
+    def is_current(self) -> bool:
+        """Ask etcd whether the key is still this incarnation (raises EtcdUnavailable)."""
+        current = self.client.get(self.key)
+        return current is not None and current.create_revision == self.token
+
+    def fenced_put(self, key: str, value: bytes) -> bool:
+        """Write ``key`` only while this hold's token is current; False when it is not."""
+        if self.lost:
+            return False
+        return self.client.put_if_created_at(self.key, self.token, key, value)
+
+    def release(self) -> bool:
+        """Delete the key if it is still ours; True when it was. Idempotent.
+
+        A key that has since expired and been taken by someone else is left alone.
+        """
+        if self.released:
+            return False
+        self.released = True
+        return self.client.delete_if_created_at(self.key, self.token)
+
+    def __enter__(self) -> Hold:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.release()
+        except LeaseError as error:
+            # The key lives on the session's lease: it goes with the lease at the latest.
+            log.warning("lease_release_failed", key=self.key, token=self.token, error=str(error))
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """The answer of :func:`try_acquire`: a hold, or who holds the key instead.
+
+    Truthy when acquired.
+    """
+
+    hold: Hold | None
+    holder: HolderInfo | None = None
+    holder_token: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.hold is not None
+
+
+def try_acquire(
+    session: Session,
+    key: str,
+    *,
+    holder: HolderInfo | None = None,
+) -> Acquisition:
+    """Take ``key`` on the session's lease if nobody holds it: one etcd transaction.
+
+    :param session: a live session; its lease carries the key.
+    :param key: the etcd key to hold.
+    :param holder: what to store as the value (defaults to this host and pid).
+    :returns: an :class:`Acquisition` with the hold, or the current holder when busy.
+    :raises SessionLost: the session is lost or closed.
+    :raises EtcdUnavailable: etcd could not be reached within the client's timeout.
+    """
+    session.check()
+    return _create(session.client, session, session.lease_id, key, holder or HolderInfo())
+
+
+def _create(
+    client: EtcdClient, session: Session | None, lease_id: int, key: str, holder: HolderInfo
+) -> Acquisition:
+    result = client.create(key, holder.to_json(), lease_id=lease_id)
+    current = result.current
+    if result.created and current is not None:
+        return Acquisition(
+            Hold(
+                client=client,
+                session=session,
+                key=key,
+                token=current.create_revision,
+                holder=holder,
+                lease_id=lease_id,
+            )
+        )
+    if current is None:  # held a moment ago, gone before the read: report busy, caller retries
+        return Acquisition(None, None, None)
+    return Acquisition(None, HolderInfo.from_json(current.value), current.create_revision)
+
+
+@contextmanager
+def acquired(
+    session: Session, key: str, *, holder: HolderInfo | None = None
+) -> Iterator[Acquisition]:
+    """Context-manager form of :func:`try_acquire`: releases the key on exit if taken."""
+    acquisition = try_acquire(session, key, holder=holder)
+    if acquisition.hold is None:
+        yield acquisition
+        return
+    with acquisition.hold:
+        yield acquisition
+
+
+def describe_key(kv: KeyValue) -> dict[str, Any]:
+    """A key as operators see it: key, token, lease and the holder's fields."""
+    return {
+        "key": kv.key,
+        "token": kv.create_revision,
+        "lease_id": f"{kv.lease_id:x}",
+        **asdict(HolderInfo.from_json(kv.value)),
+    }

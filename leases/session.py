@@ -1,0 +1,200 @@
+"""A session: one etcd lease per process, kept alive in the background.
+
+Modelled on etcd's Go ``concurrency.Session``: every key the process holds is attached to
+the session's lease, so a crashed process loses all of them after the TTL, and a graceful
+close revokes the lease so they vanish at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from leases.errors import EtcdUnavailable, LeaseError, SessionLost
+from leases.etcd import EtcdClient, KeepAliveStream
+
+log = structlog.get_logger(__name__)
+
+MIN_TTL = 2  # etcd rounds a TTL of 1 up to 2 anyway; below that keep-alive can't keep up
+
+
+class Session:
+    """One TTL lease kept alive on a single long-lived stream by a daemon thread.
+
+    The session watches itself: when etcd answers a keep-alive with TTL <= 0 (the lease is
+    gone), or no refresh has succeeded for longer than ``ttl - margin`` seconds, it marks
+    itself lost. Lost is final: every hold on it reports lost and a new session is needed.
+
+    :param client: the etcd client.
+    :param ttl: seconds the lease lives without keep-alive (at least 2).
+    :param margin: how long before the TTL runs out, without a successful refresh, the
+        session gives up and reports lost (default: a fifth of the TTL, at least 0.5 s).
+        Declaring loss before etcd expires the lease keeps the holder from believing in a
+        key someone else may already have.
+    :param on_lost: called once, from the keep-alive thread, when the session is lost.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        *,
+        ttl: float = 10,
+        margin: float | None = None,
+        on_lost: Callable[[Session], None] | None = None,
+    ) -> None:
+        if ttl < MIN_TTL:
+            raise ValueError(f"session TTL must be at least {MIN_TTL} s, got {ttl}")
+        self.client = client
+        self.ttl = math.ceil(ttl)
+        self.margin = max(0.5, self.ttl / 5) if margin is None else margin
+        self._on_lost = on_lost
+        self._lost = threading.Event()
+        self._closed = threading.Event()
+        self._lost_reason = ""
+        self.lease_id, granted = client.grant(self.ttl)
+        self.granted_ttl = granted
+        self._last_refresh = time.monotonic()
+        self._stream: KeepAliveStream | None = None
+        # Send times of requests not yet answered: an answer proves the lease was alive
+        # when its request was sent, not when the answer came back.
+        self._sent: collections.deque[float] = collections.deque()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self._keep_alive, name=f"lease-keepalive-{self.lease_id:x}", daemon=True
+        )
+        self._thread.start()
+        log.debug("lease_session_opened", lease_id=f"{self.lease_id:x}", ttl=self.ttl)
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost else "closed" if self._closed.is_set() else "live"
+        return f"Session(lease={self.lease_id:x}, ttl={self.ttl}, {state})"
+
+    @property
+    def lost(self) -> bool:
+        """True once the lease is gone or could not be refreshed in time (final)."""
+        return self._lost.is_set()
+
+    @property
+    def lost_reason(self) -> str:
+        return self._lost_reason
+
+    @property
+    def seconds_since_refresh(self) -> float:
+        return time.monotonic() - self._last_refresh
+
+    def check(self) -> None:
+        """Raise :class:`SessionLost` when the session is lost or closed."""
+        if self._lost.is_set():
+            raise SessionLost(f"lease {self.lease_id:x} lost: {self._lost_reason}")
+        if self._closed.is_set():
+            raise SessionLost(f"lease {self.lease_id:x} closed")
+
+    def wait_lost(self, timeout: float | None = None) -> bool:
+        """Block until the session is lost; True if it was within ``timeout``."""
+        return self._lost.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the keep-alive and revoke the lease, so every key on it vanishes at once.
+
+        If etcd cannot be reached the keys expire after the TTL instead; close never raises.
+        """
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._lock:
+            if self._stream is not None:
+                self._stream.close()
+        self._thread.join(timeout=2)
+        if not self._lost.is_set():
+            try:
+                self.client.revoke(self.lease_id)
+            except LeaseError as error:
+                log.warning(
+                    "lease_revoke_failed",
+                    lease_id=f"{self.lease_id:x}",
+                    error=str(error),
+                    consequence=f"keys expire within {self.ttl} s",
+                )
+        self._mark_lost("closed", notify=False)
+        log.debug("lease_session_closed", lease_id=f"{self.lease_id:x}")
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- keep-alive ---------------------------------------------------------------------
+
+    def _mark_lost(self, reason: str, *, notify: bool = True) -> None:
+        if self._lost.is_set():
+            return
+        self._lost_reason = reason
+        self._lost.set()
+        if notify:
+            log.warning("lease_session_lost", lease_id=f"{self.lease_id:x}", reason=reason)
+            if self._on_lost is not None:
+                try:
+                    self._on_lost(self)
+                except Exception:  # a callback's bug must not kill the keep-alive thread
+                    log.exception("lease_session_on_lost_failed")
+
+    def _keep_alive(self) -> None:
+        interval = self.ttl / 3
+        deadline = self.ttl - self.margin
+        while not self._closed.is_set() and not self._lost.is_set():
+            try:
+                stream = self.client.keepalive_stream(self.lease_id)
+            except LeaseError as error:
+                stream = None
+                log.debug("lease_keepalive_stream_failed", error=str(error))
+            if stream is not None:
+                with self._lock:
+                    if self._closed.is_set():
+                        stream.close()
+                        return
+                    self._stream = stream
+                reader = threading.Thread(
+                    target=self._read,
+                    args=(stream,),
+                    name=f"{self._thread.name}-reader",
+                    daemon=True,
+                )
+                reader.start()
+                # Send every TTL/3 while the reader sees answers; a broken stream ends the
+                # reader, and we open a new one.
+                while reader.is_alive() and not self._closed.is_set():
+                    self._sent.append(time.monotonic())
+                    stream.send()
+                    self._closed.wait(
+                        min(interval, max(0.05, deadline - self.seconds_since_refresh))
+                    )
+                    if self.seconds_since_refresh > deadline:
+                        self._mark_lost(
+                            f"no keep-alive answer for {self.seconds_since_refresh:.1f} s"
+                        )
+                        break
+                stream.close()
+                reader.join(timeout=1)
+                self._sent.clear()
+            if self._closed.is_set() or self._lost.is_set():
+                return
+            if self.seconds_since_refresh > deadline:
+                self._mark_lost(f"no keep-alive answer for {self.seconds_since_refresh:.1f} s")
+                return
+            self._closed.wait(min(0.2, interval))  # brief pause before reconnecting
+
+    def _read(self, stream: KeepAliveStream) -> None:
+        try:
+            for ttl in stream.responses():
+                if ttl <= 0:
+                    self._mark_lost("etcd says the lease no longer exists")
+                    return
+                self._last_refresh = self._sent.popleft() if self._sent else time.monotonic()
+        except EtcdUnavailable as error:
+            log.debug("lease_keepalive_stream_broken", error=str(error))
