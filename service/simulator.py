@@ -33,13 +33,14 @@ import contextlib
 import dataclasses
 import math
 import random
+import signal
 import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 import httpx
@@ -730,9 +731,22 @@ def serve(
     app = create_app(SimulatedRegistry(config))
     server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level=log_level))
     log.info("simulator.listening", url=f"http://{host}:{port}", notify_url=config.notify_url)
-    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown; the lifespan then stops the
-    # running imports and gives pending notifications a second.
-    server.run(sockets=[sock])
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (the lifespan then stops the
+    # running imports and gives pending notifications a second), and afterwards re-raises
+    # the signal to the handler that was in place: make that one a no-op, so that a
+    # requested stop ends the process with status 0.
+    previous = {sig: signal.signal(sig, _ignore_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run(sockets=[sock])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sock.close()
+    log.info("simulator.stopped")
+
+
+def _ignore_signal(_signal: int, _frame: FrameType | None) -> None:
+    """A handler that does nothing (the stop it asks for is already done)."""
 
 
 class SimulatorServer:
