@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -244,3 +246,18 @@ def test_results_are_frozen(simulator: SimulatorServer) -> None:
         result = client.start_pre_import("g/app")
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.outcome = ImportOutcome.ERROR  # type: ignore[misc]
+
+
+def test_one_client_shared_by_threads_and_the_capacity_bound(make_simulator: MakeSimulator) -> None:
+    simulator = make_simulator(max_concurrent_imports=3, pre_import_seconds=(2, 2))
+    paths = [f"g/app-{n}" for n in range(10)]
+    with (
+        RegistryClient(simulator.url, too_many_retries=0) as client,
+        ThreadPoolExecutor(max_workers=10) as pool,
+    ):
+        results = list(pool.map(client.start_pre_import, paths))
+    outcomes = Counter(r.outcome for r in results)
+    assert outcomes == {ImportOutcome.STARTED: 3, ImportOutcome.TOO_MANY_IMPORTS: 7}
+    report = simulator.report()
+    assert report["max_concurrent_imports"] == 3
+    assert report["answers"] == {"start_202": 3, "start_429": 7}
