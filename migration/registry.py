@@ -77,8 +77,8 @@ class RegistryImportStatus(StrEnum):
         return self in (self.PRE_IMPORT_IN_PROGRESS, self.IMPORT_IN_PROGRESS)
 
     @property
-    def final(self) -> bool:
-        """True for the statuses a notification reports (a phase has ended)."""
+    def ended(self) -> bool:
+        """True for the statuses a notification reports: a phase has ended."""
         return not self.in_progress and self is not self.NATIVE
 
 

@@ -32,14 +32,19 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+import os
 import random
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -720,19 +725,28 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 5005,
     log_level: str = "info",
+    ready_file: str | None = None,
 ) -> None:
     """Run the simulator in the foreground until SIGINT/SIGTERM (the CLI's entry).
 
     :param config: the knobs.
     :param host: the address to listen on.
-    :param port: the port to listen on.
+    :param port: the port to listen on (0: a free one).
     :param log_level: uvicorn's log level.
+    :param ready_file: a file to write the base URL into once listening (for port 0).
     :raises OSError: when ``host:port`` cannot be bound.
     """
     sock = listen(host, port)
+    port = sock.getsockname()[1]
+    url = f"http://{host}:{port}"
     app = create_app(SimulatedRegistry(config))
     server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level=log_level))
-    log.info("simulator.listening", url=f"http://{host}:{port}", notify_url=config.notify_url)
+    log.info("simulator.listening", url=url, notify_url=config.notify_url)
+    if ready_file:
+        # Written before serving: the socket already listens, connections queue up.
+        with open(ready_file + ".tmp", "w") as out:
+            out.write(url + "\n")
+        os.replace(ready_file + ".tmp", ready_file)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (the lifespan then stops the
     # running imports and gives pending notifications a second), and afterwards re-raises
     # the signal to the handler that was in place: make that one a no-op, so that a
@@ -751,7 +765,33 @@ def _ignore_signal(_signal: int, _frame: FrameType | None) -> None:
     """A handler that does nothing (the stop it asks for is already done)."""
 
 
-class SimulatorServer:
+class _SimulatorEndpoints:
+    """The ``/simulator/*`` test hooks of a running simulator at :attr:`url`."""
+
+    url: str
+
+    def report(self, *, events: bool = True) -> dict[str, Any]:
+        """``GET /simulator/report``."""
+        response = httpx.get(f"{self.url}/simulator/report", params={"events": str(events)})
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        """``POST /simulator/config`` with ``changes``; ValueError when the simulator refuses."""
+        response = httpx.post(f"{self.url}/simulator/config", json=changes)
+        if response.status_code == 400:
+            raise ValueError(response.json()["detail"])
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def reset(self) -> None:
+        """``POST /simulator/reset``."""
+        httpx.post(f"{self.url}/simulator/reset").raise_for_status()
+
+
+class SimulatorServer(_SimulatorEndpoints):
     """A simulator on a loopback port, served from a background thread (tests, demos).
 
     :param config: the knobs; None for the defaults.
@@ -818,22 +858,96 @@ class SimulatorServer:
     ) -> None:
         self.stop()
 
-    def report(self, *, events: bool = True) -> dict[str, Any]:
-        """``GET /simulator/report``."""
-        response = httpx.get(f"{self.url}/simulator/report", params={"events": str(events)})
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
 
-    def configure(self, **changes: Any) -> dict[str, Any]:
-        """``POST /simulator/config`` with ``changes``; ValueError when the simulator refuses."""
-        response = httpx.post(f"{self.url}/simulator/config", json=changes)
-        if response.status_code == 400:
-            raise ValueError(response.json()["detail"])
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
+class SimulatorProcess(_SimulatorEndpoints):
+    """A simulator in its own process (``registry-migrator simulator``), e.g. for benchmarks
+    whose load must not share the interpreter lock with the registry.
 
-    def reset(self) -> None:
-        """``POST /simulator/reset``."""
-        httpx.post(f"{self.url}/simulator/reset").raise_for_status()
+    :param config: the knobs, applied through ``POST /simulator/config`` once it listens.
+    :param host: the address to listen on.
+    :param port: the port; 0 picks a free one (read :attr:`url` after :meth:`start`).
+    :param log_level: the process's log level.
+    :param log_path: where the process's output goes; None discards it.
+    :param start_timeout: seconds to wait for the process to listen.
+
+    :meth:`stop` sends SIGTERM and waits; the process is killed if it does not end in time.
+    """
+
+    def __init__(
+        self,
+        config: SimulatorConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        log_path: str | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self._config = config or SimulatorConfig()
+        self._host = host
+        self._port = port
+        self._log_level = log_level
+        self._log_path = log_path
+        self._start_timeout = start_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while it runs."""
+        return self._process.pid if self._process else None
+
+    def start(self) -> SimulatorProcess:
+        """Start the process; return once it listens and has the configured knobs."""
+        command = str(Path(sys.executable).with_name("registry-migrator"))
+        with tempfile.TemporaryDirectory(prefix="simulator-") as scratch:
+            ready = os.path.join(scratch, "url")
+            output = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
+            try:
+                self._process = subprocess.Popen(
+                    [command, "simulator", "--host", self._host, "--port", str(self._port),
+                     "--log-level", self._log_level, "--ready-file", ready],
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "MIGRATOR_REGISTRY_TOKEN": "",
+                         "MIGRATOR_NOTIFICATION_SECRET": ""},
+                )  # fmt: skip
+            finally:
+                if not isinstance(output, int):
+                    output.close()
+            deadline = time.monotonic() + self._start_timeout
+            while not os.path.exists(ready):
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    code = self._process.poll()
+                    self.stop()
+                    raise RuntimeError(f"the simulator process did not start (exit status {code})")
+                time.sleep(0.05)
+            with open(ready) as url_file:
+                self.url = url_file.read().strip()
+        self.configure(**self._config.as_dict())
+        return self
+
+    def stop(self, *, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` seconds (then kill); return the exit status."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def __enter__(self) -> SimulatorProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -119,6 +119,12 @@ _DEFAULTS = SimulatorConfig()
     "--seed", type=int, default=None, help="Seed of the random source, for repeatable runs."
 )
 @click.option(
+    "--ready-file",
+    default=None,
+    metavar="PATH",
+    help="Write the base URL into PATH once listening (useful with --port 0).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -142,6 +148,7 @@ def simulator(
     no_double_start_guard: bool,
     notify_max_attempts: int,
     seed: int | None,
+    ready_file: str | None,
     log_level: str,
 ) -> None:
     """Serve a simulated registry import API until SIGTERM/SIGINT.
@@ -182,7 +189,7 @@ def simulator(
         sys.exit(2)
     configure_logging(log_level)
     try:
-        serve(config, host=host, port=port, log_level=log_level)
+        serve(config, host=host, port=port, log_level=log_level, ready_file=ready_file)
     except OSError as error:
         reason = error.strerror or error
         click.echo(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import httpx
 import pytest
 
 from migration.registry import ImportOutcome, RegistryClient, RegistryImportStatus
-from service.simulator import SimulatorConfig, SimulatorServer
+from service.simulator import SimulatorConfig, SimulatorProcess, SimulatorServer
 from tests.registry.conftest import NotificationReceiver
 from tests.registry.test_client import wait_for_status
 
@@ -211,38 +209,20 @@ def test_config_validation() -> None:
         SimulatorConfig(pre_import_seconds=(2, 1))
 
 
-def test_command_serves_and_stops_on_sigterm(closed_port_url: str) -> None:
-    port = closed_port_url.rsplit(":", 1)[1]
-    process = subprocess.Popen(
-        [
-            COMMAND,
-            "simulator",
-            "--port",
-            port,
-            "--log-level",
-            "warning",
-            "--pre-import-seconds",
-            "0.01",
-            "0.01",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "MIGRATOR_REGISTRY_TOKEN": ""},
-    )
-    try:
-        deadline = time.monotonic() + 20
-        with RegistryClient(closed_port_url, timeout=1) as client:
-            while (result := client.start_pre_import("g/app")).outcome == "error":
-                assert process.poll() is None, process.stderr.read() if process.stderr else ""
-                assert time.monotonic() < deadline, result
-                time.sleep(0.1)
-            assert result.started
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+def test_process_serves_with_its_config_and_stops_on_sigterm(tmp_path: Path) -> None:
+    config = SimulatorConfig(pre_import_seconds=(0.01, 0.01), max_concurrent_imports=7)
+    simulator = SimulatorProcess(config, log_path=str(tmp_path / "simulator.log"))
+    with simulator:
+        assert simulator.pid is not None
+        assert httpx.get(f"{simulator.url}/simulator/config").json()["max_concurrent_imports"] == 7
+        with RegistryClient(simulator.url) as client:
+            assert client.start_pre_import("g/app").started
+            wait_for_status(client, "g/app", RegistryImportStatus.PRE_IMPORT_COMPLETE)
+        assert simulator.report()["starts"] == {"g/app": {"pre": 1, "final": 0}}
+        # SIGTERM ends it gracefully, with status 0.
+        assert simulator.stop() == 0
+    with RegistryClient(simulator.url, timeout=1) as client:
+        assert client.status("g/app").outcome == "error"
 
 
 def test_command_rejects_bad_options() -> None:
