@@ -1,0 +1,848 @@
+"""The PostgreSQL store: repositories, their migration state, the live settings, the events.
+
+Thread-safe: one :class:`Store` per process, shared by every worker thread; each call takes
+a connection from a ``psycopg_pool.ConnectionPool`` for one short transaction.
+
+Two kinds of writes move a repository:
+
+- :meth:`Store.claim` for the events that move it *into* an active state from outside
+  (``start_pre_import``, ``retry_pre_import``, ``retry_import``). It locks the settings row
+  (``SELECT ... FOR UPDATE``), so claims, and only claims, are serialized; under that lock
+  it counts the active repositories and refuses past the capacity. Every other write can
+  only keep or lower that count, so the capacity is a hard bound however many run at once.
+- :meth:`Store.step` for every later event, and :meth:`Store.undo_claim`. Both are fenced
+  like a claim: the write names the state it expects and the caller's fencing token, and is
+  refused when the state differs or a newer token has written the row. A refusal changes
+  nothing but is recorded in ``migration_events`` with ``accepted = false``.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from importlib import resources
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import kwargs_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from migration import settings as settings_module
+from migration.settings import Settings
+from migration.states import (
+    ACTIVE_STATES,
+    CLAIM_EVENTS,
+    Event,
+    SkipReason,
+    State,
+    Transition,
+    apply,
+    undo_claim,
+)
+
+log = structlog.get_logger(__name__)
+
+# A registry repository path: lower-case components joined by '/', at least two of them
+# (root namespace and name), as the distribution spec names repositories.
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_PATH = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})+$")
+_MAX_PATH = 255
+# Key of the advisory lock that serializes schema upgrades (any fixed bigint will do).
+_UPGRADE_LOCK = 0x5245_4D49_4752_0001
+# The timestamp column each state's arrival sets.
+_ARRIVAL_COLUMN: dict[State, str] = {
+    State.PRE_IMPORTING: "migration_pre_import_started_at",
+    State.PRE_IMPORT_DONE: "migration_pre_import_done_at",
+    State.IMPORTING: "migration_import_started_at",
+    State.IMPORT_DONE: "migration_import_done_at",
+    State.IMPORT_ABORTED: "migration_aborted_at",
+    State.IMPORT_SKIPPED: "migration_skipped_at",
+}
+_ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
+# Counting these reads the partial index container_repositories_active.
+_COUNT_ACTIVE = (
+    f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
+)
+_SELECT_STALE = (
+    f"SELECT * FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608
+    " AND last_step_at < now() - make_interval(secs => %(age)s)"
+    " ORDER BY last_step_at LIMIT %(limit)s"
+)
+assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class StoreUnavailable(StoreError):
+    """PostgreSQL cannot be reached. ``str(error)`` is one line naming where."""
+
+
+class InvalidRepository(StoreError, ValueError):
+    """A repository to add is malformed or exists already. One line."""
+
+
+class RepositoryNotFound(StoreError, KeyError):
+    """No repository has that id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "repository not found"
+
+
+class Outcome(StrEnum):
+    """What became of a claim or a step."""
+
+    CLAIMED = "claimed"  # claim written
+    STEPPED = "stepped"  # step or undo written
+    DISABLED = "disabled"  # claim refused: the migration is paused
+    AT_CAPACITY = "at_capacity"  # claim refused: capacity repositories are in flight
+    STATE_CHANGED = "state_changed"  # refused (recorded): the state is not the expected one
+    STALE_TOKEN = "stale_token"  # noqa: S105 - refused (recorded): a newer token wrote the row
+
+
+@dataclass(frozen=True, kw_only=True)
+class Repository:
+    """A ``container_repositories`` row."""
+
+    id: int
+    path: str
+    root_namespace: str
+    created_at: datetime
+    tags_count: int
+    migration_state: State
+    migration_pre_import_started_at: datetime | None
+    migration_pre_import_done_at: datetime | None
+    migration_import_started_at: datetime | None
+    migration_import_done_at: datetime | None
+    migration_aborted_at: datetime | None
+    migration_skipped_at: datetime | None
+    migration_aborted_in_state: State | None
+    migration_retries_count: int
+    migration_skipped_reason: SkipReason | None
+    fencing_token: int
+    last_step_at: datetime | None
+
+    @classmethod
+    def from_row(cls, **row: Any) -> Repository:
+        """Build from a row, turning the text columns into their enums."""
+        row["migration_state"] = State(row["migration_state"])
+        if row["migration_aborted_in_state"] is not None:
+            row["migration_aborted_in_state"] = State(row["migration_aborted_in_state"])
+        if row["migration_skipped_reason"] is not None:
+            row["migration_skipped_reason"] = SkipReason(row["migration_skipped_reason"])
+        return cls(**row)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly values keyed by column."""
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationEvent:
+    """A ``migration_events`` row: one accepted or refused write."""
+
+    id: int
+    repository_id: int
+    from_state: str | None
+    to_state: str | None
+    event: str
+    token: int
+    actor: str
+    message_id: str | None
+    at: datetime
+    detail: dict[str, Any]
+    accepted: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly values keyed by column."""
+        return {
+            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    """The outcome of :meth:`Store.claim`, :meth:`Store.step` or :meth:`Store.undo_claim`.
+
+    :param outcome: what happened.
+    :param repository: the row after the write, or as it is when the write was refused.
+    :param transition: the transition written, or None when refused.
+    """
+
+    outcome: Outcome
+    repository: Repository
+    transition: Transition | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the write was made."""
+        return self.outcome in (Outcome.CLAIMED, Outcome.STEPPED)
+
+
+def validate_path(path: str) -> str:
+    """Return ``path`` when it is a valid repository path, else raise :class:`InvalidRepository`."""
+    if not isinstance(path, str) or len(path) > _MAX_PATH or not _PATH.match(path):
+        raise InvalidRepository(
+            f"invalid repository path {path!r}: expected root-namespace/.../name, lower-case "
+            f"letters and digits separated by . _ __ or -, at most {_MAX_PATH} characters"
+        )
+    return path
+
+
+def _where(database_url: str) -> str:
+    try:
+        params = conninfo_to_dict(database_url)
+    except psycopg.ProgrammingError:
+        return "the configured database"
+    return (
+        f"{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params.get('dbname', '')}"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def schema_files() -> list[tuple[str, str]]:
+    """The schema files as (version, SQL), in the order they apply."""
+    folder = resources.files("migration.schema")
+    files = sorted(
+        (item.name, item.read_text(encoding="utf-8"))
+        for item in folder.iterdir()
+        if item.name.endswith(".sql")
+    )
+    return [(name.removesuffix(".sql"), text) for name, text in files]
+
+
+class Store:
+    """The migration's PostgreSQL state. Thread-safe; one per process.
+
+    :param database_url: PostgreSQL URL (``Config.database_url``).
+    :param min_size: connections the pool keeps open.
+    :param max_size: most connections the pool opens (size it to the worker threads).
+    :param timeout: seconds a call waits for a free connection before
+        :class:`StoreUnavailable`.
+    :raises StoreUnavailable: PostgreSQL cannot be reached now.
+    """
+
+    def __init__(
+        self, database_url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
+    ) -> None:
+        self._where = _where(database_url)
+        try:
+            # Fail now, with one clear line, rather than after the pool's timeout.
+            psycopg.connect(database_url, connect_timeout=5).close()
+        except psycopg.Error as error:
+            raise StoreUnavailable(
+                f"cannot reach PostgreSQL at {self._where}: {_first_line(error)}"
+            ) from None
+        self._pool = ConnectionPool(
+            database_url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            kwargs={"autocommit": True, "connect_timeout": 5},
+            check=ConnectionPool.check_connection,
+            name="migration-store",
+            open=True,
+        )
+        self._refused = 0
+        self._refused_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close every connection."""
+        self._pool.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except PoolTimeout as error:
+            raise StoreUnavailable(
+                f"no PostgreSQL connection to {self._where}: {_first_line(error)}"
+            ) from None
+
+    # -- schema -----------------------------------------------------------------------------
+
+    def upgrade(self) -> list[str]:
+        """Apply the schema files not applied yet, in order; return the versions applied.
+
+        Idempotent. One transaction under an advisory lock, so concurrent upgraders wait
+        for each other and the second finds nothing to do.
+        """
+        applied_now: list[str] = []
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_UPGRADE_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for version, text in schema_files():
+                if version in applied:
+                    continue
+                conn.execute(text.encode())  # several statements: simple query protocol
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                applied_now.append(version)
+        if applied_now:
+            log.info("schema upgraded", versions=applied_now)
+        return applied_now
+
+    def schema_versions(self) -> list[str]:
+        """The versions applied so far (empty before the first upgrade)."""
+        with self._connection() as conn:
+            exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            if not exists or not exists[0]:
+                return []
+            return [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
+
+    # -- settings ---------------------------------------------------------------------------
+
+    def settings(self) -> Settings:
+        """The live settings (read from the database on every call)."""
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(Settings.from_row))
+            row = cur.execute("SELECT * FROM migration_settings WHERE id = 1").fetchone()
+        if row is None:
+            raise StoreError(
+                "the migration_settings row is missing; run `registry-migrator db upgrade`"
+            )
+        return row
+
+    def update_settings(self, **changes: object) -> Settings:
+        """Validate and write settings; return the settings after.
+
+        :param changes: setting name -> value (typed, or strings as a command line gives).
+        :raises SettingsError: an unknown key or a bad value; nothing is changed.
+        """
+        values = settings_module.validate(changes)
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(key), sql.Placeholder(key)) for key in values
+        )
+        query = sql.SQL(
+            "UPDATE migration_settings SET {}, updated_at = now() WHERE id = 1 RETURNING *"
+        ).format(assignments)
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(Settings.from_row))
+            row = cur.execute(query, values).fetchone()
+        assert row is not None
+        log.info("settings changed", changes={k: str(v) for k, v in values.items()})
+        return row
+
+    # -- repositories -----------------------------------------------------------------------
+
+    def add_repository(
+        self, path: str, *, created_at: datetime | None = None, tags_count: int = 0
+    ) -> int:
+        """Add a repository in state ``default``; return its id.
+
+        :param path: ``root-namespace/.../name``.
+        :param created_at: when the repository was created (default now); needs a UTC offset.
+        :param tags_count: how many tags it has.
+        :raises InvalidRepository: bad path, tags count or timestamp, or the path exists.
+        """
+        validate_path(path)
+        if (
+            isinstance(tags_count, bool)
+            or not isinstance(tags_count, int)
+            or not 0 <= tags_count < 2**31
+        ):
+            raise InvalidRepository(f"invalid tags count {tags_count!r}: expected an integer >= 0")
+        if created_at is not None and created_at.tzinfo is None:
+            raise InvalidRepository(f"created_at {created_at.isoformat()} has no UTC offset")
+        with self._connection() as conn:
+            try:
+                row = conn.execute(
+                    "INSERT INTO container_repositories (path, created_at, tags_count)"
+                    " VALUES (%s, coalesce(%s, now()), %s) RETURNING id",
+                    (path, created_at, tags_count),
+                ).fetchone()
+            except psycopg.errors.UniqueViolation:
+                raise InvalidRepository(f"repository {path!r} exists already") from None
+        assert row is not None
+        return int(row[0])
+
+    def seed(
+        self,
+        count: int,
+        *,
+        rng_seed: int = 0,
+        batch_size: int = 50_000,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Add ``count`` generated repositories with COPY; return how many were added.
+
+        A realistic spread: a few hundred root namespaces of Zipf-like sizes, nested groups,
+        ages over eight years (more recent ones more numerous), tags counts mostly small
+        with a long tail and a few very large. Paths are unique (a counter continues after
+        the table's highest id), so seeding twice adds more.
+
+        :param count: how many repositories.
+        :param rng_seed: seed of the generator (same seed, same empty table: same rows).
+        :param batch_size: rows per COPY (one transaction each).
+        :param progress: called with (rows done, count) after each batch.
+        """
+        if count < 0:
+            raise ValueError("count must be >= 0")
+        rng = random.Random(rng_seed)
+        now = datetime.now(UTC)
+        roots = max(1, min(5_000, count // 200 + 1))
+        with self._connection() as conn:
+            start = conn.execute(
+                "SELECT coalesce(max(id), 0) FROM container_repositories"
+            ).fetchone()[0]  # type: ignore[index]
+        done = 0
+        while done < count:
+            size = min(batch_size, count - done)
+            lines = [
+                _seed_line(rng, serial=start + done + i, roots=roots, now=now) for i in range(size)
+            ]
+            with (
+                self._connection() as conn,
+                conn.transaction(),
+                conn.cursor() as cur,
+                cur.copy(
+                    "COPY container_repositories (path, created_at, tags_count) FROM STDIN"
+                ) as copy,
+            ):
+                copy.write("".join(lines))
+            done += size
+            if progress is not None:
+                progress(done, count)
+        with self._connection() as conn:
+            conn.execute("VACUUM (ANALYZE) container_repositories")
+        return done
+
+    def get(self, repository_id: int) -> Repository | None:
+        """The repository with that id, or None."""
+        return self._one("SELECT * FROM container_repositories WHERE id = %s", (repository_id,))
+
+    def get_by_path(self, path: str) -> Repository | None:
+        """The repository with that path, or None."""
+        return self._one("SELECT * FROM container_repositories WHERE path = %s", (path,))
+
+    def _one(self, query: str, params: tuple[object, ...]) -> Repository | None:
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            return cur.execute(query.encode(), params).fetchone()
+
+    def _many(self, query: str | sql.Composed, params: dict[str, object]) -> list[Repository]:
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            text = query.encode() if isinstance(query, str) else query
+            return cur.execute(text, params).fetchall()
+
+    def events(self, repository_id: int, *, limit: int | None = None) -> list[MigrationEvent]:
+        """The repository's events, oldest first (the last ``limit`` when given)."""
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(MigrationEvent))
+            rows = cur.execute(
+                "SELECT * FROM (SELECT * FROM migration_events WHERE repository_id = %s"
+                " ORDER BY id DESC LIMIT %s) e ORDER BY id",
+                (repository_id, limit),
+            ).fetchall()
+        return rows
+
+    def counts_by_state(self) -> dict[State, int]:
+        """How many repositories are in each state (every state present). Scans the table."""
+        counts = dict.fromkeys(State, 0)
+        with self._connection() as conn:
+            for state, n in conn.execute(
+                "SELECT migration_state, count(*) FROM container_repositories GROUP BY 1"
+            ):
+                counts[State(state)] = int(n)
+        return counts
+
+    def in_flight(self) -> int:
+        """How many repositories are active (count against the capacity)."""
+        with self._connection() as conn:
+            row = conn.execute(_COUNT_ACTIVE).fetchone()
+        return int(row[0]) if row else 0
+
+    def candidates(self, settings: Settings, *, limit: int = 5) -> list[Repository]:
+        """The next repositories to work on: aborted ones first (oldest abort), then ready ones.
+
+        Ready = state ``default``, created before the cut-off (when set), by created_at, id.
+        Both kinds skip root namespaces in the deny list. Each part reads a partial index;
+        the id-only inner select lets the deny-list filter run on index entries.
+        """
+        found = self._many(
+            _select_ordered(
+                state="import_aborted",
+                order=("migration_aborted_at", "id"),
+                deny=bool(settings.root_namespace_deny_list),
+                cutoff=False,
+            ),
+            {"deny": list(settings.root_namespace_deny_list), "limit": limit},
+        )
+        if len(found) < limit:
+            found += self._many(
+                _select_ordered(
+                    state="default",
+                    order=("created_at", "id"),
+                    deny=bool(settings.root_namespace_deny_list),
+                    cutoff=settings.created_before is not None,
+                ),
+                {
+                    "deny": list(settings.root_namespace_deny_list),
+                    "cutoff": settings.created_before,
+                    "limit": limit - len(found),
+                },
+            )
+        return found
+
+    def waiting_time_passed(self, settings: Settings) -> bool:
+        """True when ``enqueue_waiting_time`` has passed since the last finished step.
+
+        A finished step is a pre-import done, an import done, an abort or a skip (the
+        reference's "last import step done at").
+        """
+        if settings.enqueue_waiting_time <= 0:
+            return True
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT NOT EXISTS (SELECT 1 FROM container_repositories WHERE"
+                " GREATEST(migration_pre_import_done_at, migration_import_done_at,"
+                " migration_aborted_at, migration_skipped_at)"
+                " > now() - make_interval(secs => %s))",
+                (settings.enqueue_waiting_time,),
+            ).fetchone()
+        return bool(row and row[0])
+
+    def stale(self, settings: Settings, *, limit: int = 100) -> list[Repository]:
+        """Active repositories whose last step is older than ``max_step_duration``, oldest first."""
+        return self._many(
+            _SELECT_STALE,
+            {"age": settings.max_step_duration, "limit": limit},
+        )
+
+    # -- fenced writes ----------------------------------------------------------------------
+
+    def refused_writes(self) -> int:
+        """How many fenced writes this Store refused (stale token or state changed)."""
+        with self._refused_lock:
+            return self._refused
+
+    def claim(
+        self,
+        repository_id: int,
+        *,
+        expected_state: State,
+        event: Event,
+        token: int,
+        actor: str,
+        message_id: str | None,
+        detail: dict[str, Any] | None = None,
+    ) -> StepResult:
+        """Move a repository into an active state, within the capacity.
+
+        One short transaction: lock the settings row (serializes claims), lock the
+        repository row, check the token and the expected state (a refusal is recorded),
+        then enabled and capacity, then write the transition and an event.
+
+        :param repository_id: the repository.
+        :param expected_state: the state the caller saw (``default`` or ``import_aborted``).
+        :param event: ``start_pre_import``, ``retry_pre_import`` or ``retry_import``.
+        :param token: the caller's fencing token (its lease key's create_revision).
+        :param actor: who writes (actor name), for the events log.
+        :param message_id: the message being processed, for the events log.
+        :param detail: extra JSON for the events log.
+        :raises RepositoryNotFound: no such repository.
+        :raises InvalidTransition: the event is not allowed from ``expected_state``.
+        """
+        event = Event(event)
+        if event not in CLAIM_EVENTS:
+            raise ValueError(f"{event} does not enter an active state; use step()")
+        with self._connection() as conn, conn.transaction():
+            settings_row = conn.execute(
+                "SELECT enabled, capacity, max_retries FROM migration_settings"
+                " WHERE id = 1 FOR UPDATE"
+            ).fetchone()
+            assert settings_row is not None, "migration_settings row missing"
+            enabled, capacity, max_retries = settings_row
+            repo = self._lock_row(conn, repository_id)
+            refused = self._refuse_if_fenced_out(
+                conn, repo, expected_state=State(expected_state), event=event, token=token,
+                actor=actor, message_id=message_id, detail=detail,
+            )  # fmt: skip
+            if refused is not None:
+                return refused
+            transition = apply(
+                repo.migration_state,
+                event,
+                retries_count=repo.migration_retries_count,
+                max_retries=max_retries,
+                aborted_in_state=repo.migration_aborted_in_state,
+            )
+            if not enabled:
+                return StepResult(outcome=Outcome.DISABLED, repository=repo)
+            active = conn.execute(_COUNT_ACTIVE).fetchone()
+            if active is None or active[0] >= capacity:
+                return StepResult(outcome=Outcome.AT_CAPACITY, repository=repo)
+            written = self._write(
+                conn, repo, transition, token=token, actor=actor, message_id=message_id,
+                detail=detail,
+            )  # fmt: skip
+        return StepResult(outcome=Outcome.CLAIMED, repository=written, transition=transition)
+
+    def step(
+        self,
+        repository_id: int,
+        *,
+        expected_state: State,
+        event: Event,
+        token: int,
+        actor: str,
+        message_id: str | None,
+        detail: dict[str, Any] | None = None,
+        skip_reason: SkipReason | None = None,
+    ) -> StepResult:
+        """Write one fenced transition that does not enter an active state from outside.
+
+        :param repository_id: the repository.
+        :param expected_state: the state the caller saw; the write is refused otherwise.
+        :param event: any event but the claim events (see :meth:`claim`).
+        :param token: the caller's fencing token; refused when a newer one wrote the row.
+        :param actor: who writes, for the events log.
+        :param message_id: the message being processed, for the events log.
+        :param detail: extra JSON for the events log.
+        :param skip_reason: required with ``skip_import``.
+        :raises RepositoryNotFound: no such repository.
+        :raises InvalidTransition: the event is not allowed from ``expected_state``.
+        """
+        event = Event(event)
+        if event in CLAIM_EVENTS:
+            raise ValueError(f"{event} enters an active state; use claim() (capacity check)")
+        with self._connection() as conn, conn.transaction():
+            repo = self._lock_row(conn, repository_id)
+            refused = self._refuse_if_fenced_out(
+                conn, repo, expected_state=State(expected_state), event=event, token=token,
+                actor=actor, message_id=message_id, detail=detail,
+            )  # fmt: skip
+            if refused is not None:
+                return refused
+            max_retries = 1
+            if event is Event.ABORT_IMPORT:
+                row = conn.execute(
+                    "SELECT max_retries FROM migration_settings WHERE id = 1"
+                ).fetchone()
+                max_retries = int(row[0]) if row else 1
+            transition = apply(
+                repo.migration_state,
+                event,
+                retries_count=repo.migration_retries_count,
+                max_retries=max_retries,
+                aborted_in_state=repo.migration_aborted_in_state,
+                skip_reason=SkipReason(skip_reason) if skip_reason is not None else None,
+            )
+            written = self._write(
+                conn, repo, transition, token=token, actor=actor, message_id=message_id,
+                detail=detail,
+            )  # fmt: skip
+        return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
+
+    def undo_claim(
+        self,
+        repository_id: int,
+        *,
+        expected_state: State,
+        claimed_from: State,
+        token: int,
+        actor: str,
+        message_id: str | None,
+        detail: dict[str, Any] | None = None,
+    ) -> StepResult:
+        """Put a claimed repository back (the registry said 429), counting no retry. Fenced.
+
+        :param expected_state: the claimed state (``pre_importing`` or ``importing``).
+        :param claimed_from: the state the claim came from (``StepResult.transition.from_state``).
+        :param token: the caller's fencing token.
+        :raises InvalidTransition: ``claimed_from -> expected_state`` is not a claim.
+        """
+        with self._connection() as conn, conn.transaction():
+            repo = self._lock_row(conn, repository_id)
+            refused = self._refuse_if_fenced_out(
+                conn, repo, expected_state=State(expected_state), event="undo_claim",
+                token=token, actor=actor, message_id=message_id, detail=detail,
+            )  # fmt: skip
+            if refused is not None:
+                return refused
+            transition = undo_claim(
+                repo.migration_state,
+                claimed_from=State(claimed_from),
+                retries_count=repo.migration_retries_count,
+                aborted_in_state=repo.migration_aborted_in_state,
+            )
+            written = self._write(
+                conn, repo, transition, token=token, actor=actor, message_id=message_id,
+                detail=detail,
+            )  # fmt: skip
+        return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
+
+    @staticmethod
+    def _lock_row(conn: psycopg.Connection[Any], repository_id: int) -> Repository:
+        cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+        repo = cur.execute(
+            "SELECT * FROM container_repositories WHERE id = %s FOR UPDATE", (repository_id,)
+        ).fetchone()
+        if repo is None:
+            raise RepositoryNotFound(f"no repository with id {repository_id}")
+        return repo
+
+    def _refuse_if_fenced_out(
+        self,
+        conn: psycopg.Connection[Any],
+        repo: Repository,
+        *,
+        expected_state: State,
+        event: str,
+        token: int,
+        actor: str,
+        message_id: str | None,
+        detail: dict[str, Any] | None,
+    ) -> StepResult | None:
+        if repo.fencing_token > token:
+            outcome = Outcome.STALE_TOKEN
+        elif repo.migration_state is not expected_state:
+            outcome = Outcome.STATE_CHANGED
+        else:
+            return None
+        why = {
+            "reason": outcome.value,
+            "expected_state": expected_state.value,
+            "row_state": repo.migration_state.value,
+            "row_token": repo.fencing_token,
+        }
+        conn.execute(
+            "INSERT INTO migration_events (repository_id, from_state, to_state, event, token,"
+            " actor, message_id, detail, accepted)"
+            " VALUES (%s, %s, NULL, %s, %s, %s, %s, %s, false)",
+            (repo.id, repo.migration_state.value, str(event), token, actor, message_id,
+             Jsonb({**(detail or {}), **why})),
+        )  # fmt: skip
+        with self._refused_lock:
+            self._refused += 1
+        log.warning(
+            "fenced write refused", repository_id=repo.id, migration_event=str(event), token=token,
+            actor=actor, message_id=message_id, **why,
+        )  # fmt: skip
+        return StepResult(outcome=outcome, repository=repo)
+
+    @staticmethod
+    def _write(
+        conn: psycopg.Connection[Any],
+        repo: Repository,
+        transition: Transition,
+        *,
+        token: int,
+        actor: str,
+        message_id: str | None,
+        detail: dict[str, Any] | None,
+    ) -> Repository:
+        arrival = (
+            _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != "undo_claim" else None
+        )
+        stamp = sql.SQL(", {} = now()").format(sql.Identifier(arrival)) if arrival else sql.SQL("")
+        # The WHERE repeats the fence: the row is locked, so it always matches; it is there
+        # so that this statement alone can never write over a newer token.
+        query = sql.SQL(
+            "UPDATE container_repositories SET migration_state = %(to)s,"
+            " migration_retries_count = %(retries)s, migration_aborted_in_state = %(aborted_in)s,"
+            " migration_skipped_reason = %(reason)s, fencing_token = %(token)s,"
+            " last_step_at = now(){stamp}"
+            " WHERE id = %(id)s AND migration_state = %(from)s AND fencing_token <= %(token)s"
+            " RETURNING *"
+        ).format(stamp=stamp)
+        cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+        written = cur.execute(
+            query,
+            {
+                "to": transition.to_state.value,
+                "retries": transition.retries_count,
+                "aborted_in": transition.aborted_in_state.value
+                if transition.aborted_in_state
+                else None,
+                "reason": transition.skipped_reason.value if transition.skipped_reason else None,
+                "token": token,
+                "id": repo.id,
+                "from": transition.from_state.value,
+            },
+        ).fetchone()
+        assert written is not None, "the locked row no longer matched its own fence"
+        conn.execute(
+            "INSERT INTO migration_events (repository_id, from_state, to_state, event, token,"
+            " actor, message_id, detail, accepted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, true)",
+            (repo.id, transition.from_state.value, transition.to_state.value,
+             str(transition.event), token, actor, message_id, Jsonb(detail or {})),
+        )  # fmt: skip
+        return written
+
+
+def _select_ordered(
+    *, state: str, order: tuple[str, str], deny: bool, cutoff: bool
+) -> sql.Composed:
+    # The state is a literal (see the schema's note on partial indexes); the optional
+    # filters are left out of the text rather than disabled with an OR, for the same reason.
+    assert state in {"default", "import_aborted"}
+    filters: list[sql.Composable] = [sql.SQL("migration_state = {}").format(sql.Literal(state))]
+    if cutoff:
+        filters.append(sql.SQL("created_at < %(cutoff)s"))
+    if deny:
+        filters.append(sql.SQL("root_namespace <> ALL(%(deny)s::text[])"))
+    order_by = sql.SQL(", ").join(sql.Identifier(c) for c in order)
+    return sql.SQL(
+        "SELECT * FROM container_repositories WHERE id IN ("
+        " SELECT id FROM container_repositories WHERE {filters} ORDER BY {order} LIMIT %(limit)s)"
+        " ORDER BY {order}"
+    ).format(filters=sql.SQL(" AND ").join(filters), order=order_by)
+
+
+_WORDS = (
+    "api", "app", "web", "core", "data", "infra", "ml", "ops", "auth", "billing", "search",
+    "mobile", "docs", "tools", "edge", "cache", "queue", "media", "agent", "runner", "build",
+    "deploy", "frontend", "backend", "platform", "security", "analytics", "payments", "chat",
+)  # fmt: skip
+_IMAGES = ("base", "ci", "dev", "prod", "cache", "builder", "runtime", "test", "debug")
+
+
+def _seed_line(rng: random.Random, *, serial: int, roots: int, now: datetime) -> str:
+    # Root namespaces are Zipf-like: a few large organisations, many small ones.
+    root = int(roots * rng.random() ** 3)
+    parts = [f"{_WORDS[root % len(_WORDS)]}-org-{root}"]
+    if rng.random() < 0.45:
+        parts.append(f"{rng.choice(_WORDS)}-{rng.randrange(40)}")
+        if rng.random() < 0.2:
+            parts.append(rng.choice(_WORDS))
+    parts.append(f"{rng.choice(_WORDS)}-{serial:x}")  # the serial makes the path unique
+    if rng.random() < 0.35:
+        parts.append(rng.choice(_IMAGES))
+    age = timedelta(days=2920 * rng.random() ** 1.6, seconds=rng.randrange(86_400))
+    draw = rng.random()
+    if draw < 0.001:
+        tags = rng.randrange(10_000, 250_000)  # a few very large
+    elif draw < 0.03:
+        tags = rng.randrange(500, 10_000)  # the long tail
+    else:
+        tags = min(int(rng.lognormvariate(1.6, 1.2)), 499)  # most are small
+    return f"{'/'.join(parts)}\t{(now - age).isoformat()}\t{tags}\n"

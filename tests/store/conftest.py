@@ -1,0 +1,59 @@
+"""Store fixtures: a fresh PostgreSQL database per test module, on the shared stack.
+
+The database has a random name, gets the schema with ``Store.upgrade()``, and is dropped
+(``WITH (FORCE)``) after the module, so tests of several people never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from migration.config import Config
+from migration.store import Store
+
+
+def database_url_for(base_url: str, dbname: str) -> str:
+    """``base_url`` pointing at database ``dbname`` instead."""
+    params = conninfo_to_dict(base_url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture(scope="module")
+def database_url(stack: dict[str, str]) -> Iterator[str]:
+    """A new, empty database for this module; dropped afterwards."""
+    admin_url = Config.from_env().database_url
+    name = f"test_store_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield database_url_for(admin_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture(scope="module")
+def store(database_url: str) -> Iterator[Store]:
+    """A Store on this module's database, schema applied. Shared by the module's tests."""
+    with Store(database_url, max_size=40) as s:
+        s.upgrade()
+        yield s
+
+
+@pytest.fixture
+def clean_store(store: Store, database_url: str) -> Store:
+    """``store`` with no repositories or events and default settings, for tests that count."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE container_repositories, migration_events RESTART IDENTITY")
+        conn.execute("DELETE FROM migration_settings")
+        conn.execute("INSERT INTO migration_settings (id) VALUES (1)")
+    return store
