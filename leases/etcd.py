@@ -113,6 +113,11 @@ class EtcdClient:
             if not scheme:
                 raise ValueError("several etcd endpoints must be IPv4 addresses")
             host = scheme + ",".join(f"{h}:{p}" for h, p in head) + f",{last_host}"
+        options = list(_GRPC_OPTIONS)
+        if len(self.endpoints) > 1:
+            # Keep a connection to every member: when one dies the others are ready at once
+            # (pick_first would first have to notice and reconnect).
+            options.append(("grpc.lb_policy_name", "round_robin"))
         try:
             self._client = etcd3.client(
                 host=host,
@@ -123,7 +128,7 @@ class EtcdClient:
                 timeout=timeout,
                 user=user,
                 password=password,
-                grpc_options=_GRPC_OPTIONS,
+                grpc_options=options,
             )
         except grpc.RpcError as error:
             raise EtcdUnavailable(f"etcd authentication failed: {_describe(error)}") from error
