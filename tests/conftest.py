@@ -25,6 +25,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # etcd3 0.12's generated protobuf code warns on import; nothing we can act on.
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:etcd3")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--long"):
         return

@@ -168,7 +168,9 @@ class EtcdCluster:
             return False
         return isinstance(answer, dict) and answer.get("health") == "true"
 
-    def wait_healthy(self, indices: range | list[int] | None = None, timeout: float | None = None) -> None:
+    def wait_healthy(
+        self, indices: range | list[int] | None = None, timeout: float | None = None
+    ) -> None:
         """Wait until the given members (default: those running) are healthy.
 
         :raises EtcdClusterError: on timeout or when a member exits, with its log's tail.
