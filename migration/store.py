@@ -73,6 +73,14 @@ _ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
 _COUNT_ACTIVE = (
     f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
 )
+# Reads the expression index container_repositories_last_step_done.
+_WAITING_TIME_PASSED = (
+    # max() of an indexed expression is one step down the index, whatever the plan; an
+    # EXISTS with a range condition can be planned as a scan under a generic plan.
+    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
+    " migration_aborted_at, migration_skipped_at))"
+    " <= now() - make_interval(secs => %(wait)s), true) FROM container_repositories"
+)
 _SELECT_STALE = (
     f"SELECT * FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608
     " AND last_step_at < now() - make_interval(secs => %(age)s)"
@@ -407,7 +415,7 @@ class Store:
             raise ValueError("count must be >= 0")
         rng = random.Random(rng_seed)
         now = datetime.now(UTC)
-        roots = max(1, min(5_000, count // 200 + 1))
+        rows = _SeedRows(rng, roots=max(1, min(5_000, count // 200 + 1)), now=now)
         with self._connection() as conn:
             start = conn.execute(
                 "SELECT coalesce(max(id), 0) FROM container_repositories"
@@ -415,9 +423,7 @@ class Store:
         done = 0
         while done < count:
             size = min(batch_size, count - done)
-            lines = [
-                _seed_line(rng, serial=start + done + i, roots=roots, now=now) for i in range(size)
-            ]
+            first = start + done
             with (
                 self._connection() as conn,
                 conn.transaction(),
@@ -426,7 +432,10 @@ class Store:
                     "COPY container_repositories (path, created_at, tags_count) FROM STDIN"
                 ) as copy,
             ):
-                copy.write("".join(lines))
+                # Written in chunks so the server inserts while the next chunk is made.
+                for chunk in range(first, first + size, 2_000):
+                    end = min(chunk + 2_000, first + size)
+                    copy.write("".join([rows.line(serial) for serial in range(chunk, end)]))
             done += size
             if progress is not None:
                 progress(done, count)
@@ -493,8 +502,9 @@ class Store:
                 order=("migration_aborted_at", "id"),
                 deny=bool(settings.root_namespace_deny_list),
                 cutoff=False,
+                limit=limit,
             ),
-            {"deny": list(settings.root_namespace_deny_list), "limit": limit},
+            {"deny": list(settings.root_namespace_deny_list)},
         )
         if len(found) < limit:
             found += self._many(
@@ -503,11 +513,11 @@ class Store:
                     order=("created_at", "id"),
                     deny=bool(settings.root_namespace_deny_list),
                     cutoff=settings.created_before is not None,
+                    limit=limit - len(found),
                 ),
                 {
                     "deny": list(settings.root_namespace_deny_list),
                     "cutoff": settings.created_before,
-                    "limit": limit - len(found),
                 },
             )
         return found
@@ -522,11 +532,7 @@ class Store:
             return True
         with self._connection() as conn:
             row = conn.execute(
-                "SELECT NOT EXISTS (SELECT 1 FROM container_repositories WHERE"
-                " GREATEST(migration_pre_import_done_at, migration_import_done_at,"
-                " migration_aborted_at, migration_skipped_at)"
-                " > now() - make_interval(secs => %s))",
-                (settings.enqueue_waiting_time,),
+                _WAITING_TIME_PASSED, {"wait": settings.enqueue_waiting_time}
             ).fetchone()
         return bool(row and row[0])
 
@@ -800,10 +806,12 @@ class Store:
 
 
 def _select_ordered(
-    *, state: str, order: tuple[str, str], deny: bool, cutoff: bool
+    *, state: str, order: tuple[str, str], deny: bool, cutoff: bool, limit: int
 ) -> sql.Composed:
     # The state is a literal (see the schema's note on partial indexes); the optional
     # filters are left out of the text rather than disabled with an OR, for the same reason.
+    # The limit is a literal too: under a generic plan a parameter limit is assumed large,
+    # and the outer lookup by id turns into a hash join over a sequential scan.
     assert state in {"default", "import_aborted"}
     filters: list[sql.Composable] = [sql.SQL("migration_state = {}").format(sql.Literal(state))]
     if cutoff:
@@ -813,9 +821,9 @@ def _select_ordered(
     order_by = sql.SQL(", ").join(sql.Identifier(c) for c in order)
     return sql.SQL(
         "SELECT * FROM container_repositories WHERE id IN ("
-        " SELECT id FROM container_repositories WHERE {filters} ORDER BY {order} LIMIT %(limit)s)"
+        " SELECT id FROM container_repositories WHERE {filters} ORDER BY {order} LIMIT {limit})"
         " ORDER BY {order}"
-    ).format(filters=sql.SQL(" AND ").join(filters), order=order_by)
+    ).format(filters=sql.SQL(" AND ").join(filters), order=order_by, limit=sql.Literal(int(limit)))
 
 
 _WORDS = (
@@ -826,23 +834,39 @@ _WORDS = (
 _IMAGES = ("base", "ci", "dev", "prod", "cache", "builder", "runtime", "test", "debug")
 
 
-def _seed_line(rng: random.Random, *, serial: int, roots: int, now: datetime) -> str:
-    # Root namespaces are Zipf-like: a few large organisations, many small ones.
-    root = int(roots * rng.random() ** 3)
-    parts = [f"{_WORDS[root % len(_WORDS)]}-org-{root}"]
-    if rng.random() < 0.45:
-        parts.append(f"{rng.choice(_WORDS)}-{rng.randrange(40)}")
-        if rng.random() < 0.2:
-            parts.append(rng.choice(_WORDS))
-    parts.append(f"{rng.choice(_WORDS)}-{serial:x}")  # the serial makes the path unique
-    if rng.random() < 0.35:
-        parts.append(rng.choice(_IMAGES))
-    age = timedelta(days=2920 * rng.random() ** 1.6, seconds=rng.randrange(86_400))
-    draw = rng.random()
-    if draw < 0.001:
-        tags = rng.randrange(10_000, 250_000)  # a few very large
-    elif draw < 0.03:
-        tags = rng.randrange(500, 10_000)  # the long tail
-    else:
-        tags = min(int(rng.lognormvariate(1.6, 1.2)), 499)  # most are small
-    return f"{'/'.join(parts)}\t{(now - age).isoformat()}\t{tags}\n"
+class _SeedRows:
+    """Generates seed rows as COPY text lines; formatting is precomputed to keep it fast."""
+
+    def __init__(self, rng: random.Random, *, roots: int, now: datetime) -> None:
+        self._rng = rng
+        self._roots = roots
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        # "YYYY-MM-DD" for each of the last eight years, newest first.
+        self._days = [(today - timedelta(days=d)).strftime("%Y-%m-%d") for d in range(2920)]
+
+    def line(self, serial: int) -> str:
+        rng = self._rng
+        # Root namespaces are Zipf-like: a few large organisations, many small ones.
+        root = int(self._roots * rng.random() ** 3)
+        path = f"{_WORDS[root % len(_WORDS)]}-org-{root}"
+        if rng.random() < 0.45:
+            path += f"/{rng.choice(_WORDS)}-{rng.randrange(40)}"
+            if rng.random() < 0.2:
+                path += f"/{rng.choice(_WORDS)}"
+        path += f"/{rng.choice(_WORDS)}-{serial:x}"  # the serial makes the path unique
+        if rng.random() < 0.35:
+            path += f"/{rng.choice(_IMAGES)}"
+        # More recent repositories are more numerous. Day 0 is today: keep its time early
+        # enough to be in the past for any "now" later on.
+        day = int(2920 * rng.random() ** 1.6)
+        second = rng.randrange(86_400) if day else 0
+        hours, rest = divmod(second, 3600)
+        stamp = f"{self._days[day]} {hours:02d}:{rest // 60:02d}:{rest % 60:02d}+00"
+        draw = rng.random()
+        if draw < 0.001:
+            tags = rng.randrange(10_000, 250_000)  # a few very large
+        elif draw < 0.03:
+            tags = rng.randrange(500, 10_000)  # the long tail
+        else:
+            tags = min(int(rng.lognormvariate(1.6, 1.2)), 499)  # most are small
+        return f"{path}\t{stamp}\t{tags}\n"
