@@ -1,0 +1,196 @@
+"""``enqueue_next_migration``: the reference's EnqueuerWorker, with per-repository leases.
+
+One run starts (or retries) at most one repository. Runs on different repositories go on
+in parallel: each takes only its repository's lease, and a busy lease makes the run try
+the next candidate instead of giving up. While capacity is free a run re-enqueues itself,
+through the dedup gate, so the migration keeps moving without a burst of messages.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.middleware import CurrentMessage
+
+from actors.runtime import Runtime, get_runtime
+from leases import HolderInfo, Ticket, try_acquire
+from migration.keys import global_lease_key, repository_lease_key
+from migration.migrator import StepOutcome, StepReport, Writer
+from migration.states import State
+
+log = structlog.get_logger(__name__)
+
+ACTOR = "enqueue_next_migration"
+#: Candidates read per run, and tried at most, when their leases are busy.
+CANDIDATES_PER_RUN = 20
+#: Outcomes after which the run stops re-enqueueing itself.
+_STOP = {StepOutcome.AT_CAPACITY, StepOutcome.DISABLED, StepOutcome.UNDONE}
+
+
+def trigger_enqueue(runtime: Runtime, *, source: str) -> bool:
+    """Send one ``enqueue_next_migration`` through the dedup gate.
+
+    At most P runs wait in the queue (P = the ``pending_enqueues`` setting, default the
+    capacity); a trigger that finds P waiting collapses into them.
+
+    :param runtime: the process runtime (store for P, etcd for the gate).
+    :param source: what triggered it (scheduler, self, notification, operator), logged.
+    :returns: True when a message was sent, False when the trigger collapsed.
+    """
+    settings = runtime.store.settings()
+    ticket = runtime.gate.enter(
+        holder=HolderInfo(actor=f"trigger:{source}"), slots=settings.effective_pending_enqueues
+    )
+    if ticket is None:
+        log.debug(
+            "enqueue_collapsed", source=source, pending_limit=settings.effective_pending_enqueues
+        )
+        return False
+    try:
+        enqueue_next_migration.send(ticket.key, ticket.token, source)
+    except Exception:
+        runtime.gate.leave(ticket)
+        raise
+    return True
+
+
+def _message_id() -> str | None:
+    message = CurrentMessage.get_current_message()
+    return message.message_id if message is not None else None
+
+
+class EnqueuerRun:
+    """One run of the enqueuer; ``fields`` becomes its single JSON log line."""
+
+    def __init__(self, runtime: Runtime, *, message_id: str | None) -> None:
+        self.runtime = runtime
+        self.message_id = message_id
+        self.fields: dict[str, Any] = {}
+        self.re_enqueue = False
+
+    def execute(self) -> str:
+        """Do the run; returns the job status for the log line."""
+        store = self.runtime.store
+        settings = store.settings()
+        self.fields["migration_enabled"] = settings.enabled
+        if not settings.enabled:
+            return "disabled"
+        in_flight = store.in_flight()
+        below = in_flight < settings.capacity
+        self.fields.update(
+            below_capacity=below, max_capacity_setting=settings.capacity, in_flight=in_flight
+        )
+        if not below:
+            return "at_capacity"
+        waited = store.waiting_time_passed(settings)
+        self.fields["waiting_time_passed"] = waited
+        if not waited:
+            return "waiting"
+        session = self.runtime.session()
+        prefix = self.runtime.config.etcd_prefix
+        holder = HolderInfo(actor=ACTOR, message_id=self.message_id)
+        if settings.lease_scope == "global":
+            # The reference's behaviour, kept for comparison: one fixed key for every run.
+            acquisition = try_acquire(session, global_lease_key(prefix), holder=holder)
+            if acquisition.hold is None:
+                self.fields["lease_already_taken"] = True
+                return "lease_taken"
+            with acquisition.hold as hold:
+                return self._work(settings, lambda _repo: hold)
+        return self._work(
+            settings,
+            lambda repo: (
+                try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
+            ),
+        )
+
+    def _work(self, settings: Any, take: Any) -> str:
+        candidates = self.runtime.store.candidates(settings, limit=CANDIDATES_PER_RUN)
+        if not candidates:
+            self.fields["no_container_repository_found"] = True
+            return "no_candidate"
+        tried = 0
+        for candidate in candidates:
+            tried += 1
+            self.fields["candidates_tried"] = tried
+            hold = take(candidate)
+            if hold is None:
+                self.fields["lease_already_taken"] = True
+                log.debug("lease_already_taken", container_repository_id=candidate.id)
+                continue
+            try:
+                # Re-read under the lease: the candidate list may be stale by now.
+                repository = self.runtime.store.get(candidate.id)
+                if repository is None or repository.migration_state not in (
+                    State.DEFAULT,
+                    State.IMPORT_ABORTED,
+                ):
+                    continue
+                report = self._step(repository, settings, hold.token)
+            finally:
+                if hold.key != global_lease_key(self.runtime.config.etcd_prefix):
+                    hold.release()
+            self._record(report, hold.token)
+            if report.outcome is StepOutcome.REFUSED:
+                continue
+            self.re_enqueue = report.outcome not in _STOP
+            return report.outcome.value
+        # Every candidate was busy or moved on: another run is on them; let it re-enqueue.
+        return "all_candidates_busy"
+
+    def _step(self, repository: Any, settings: Any, token: int) -> StepReport:
+        writer = Writer(token=token, actor=ACTOR, message_id=self.message_id)
+        migrator = self.runtime.migrator
+        if repository.migration_state is State.IMPORT_ABORTED:
+            return migrator.retry(repository, writer)
+        return migrator.start(repository, settings, writer)
+
+    def _record(self, report: StepReport, token: int) -> None:
+        repository = report.repository
+        self.fields.update(
+            container_repository_id=repository.id,
+            container_repository_path=repository.path,
+            container_repository_migration_state=repository.migration_state.value,
+            fencing_token=token,
+            step_outcome=report.outcome.value,
+            **report.fields,
+        )
+
+
+@dramatiq.actor(
+    actor_name=ACTOR,
+    queue_name="registry_migrator",
+    max_retries=3,
+    min_backoff=1000,
+    max_backoff=10_000,
+)
+def enqueue_next_migration(
+    ticket_key: str | None = None, ticket_token: int | None = None, source: str = "unknown"
+) -> None:
+    """One enqueuer run (see :class:`EnqueuerRun`).
+
+    :param ticket_key: the dedup gate marker this message holds; left as the run starts.
+    :param ticket_token: the marker's token (only that marker is removed).
+    :param source: what triggered it, for the log.
+    """
+    started = time.monotonic()
+    runtime = get_runtime()
+    if ticket_key is not None and ticket_token is not None:
+        runtime.gate.leave(Ticket(str(ticket_key), int(ticket_token)))
+    run = EnqueuerRun(runtime, message_id=_message_id())
+    status = "error"
+    try:
+        status = run.execute()
+    finally:
+        log.info(
+            "enqueue_next_migration",
+            job_status=status,
+            source=source,
+            duration_s=round(time.monotonic() - started, 4),
+            **run.fields,
+        )
+    if run.re_enqueue:
+        trigger_enqueue(runtime, source="self")

@@ -1,0 +1,92 @@
+"""``handle_registry_notification``: apply what the registry reports, under the lease."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.middleware import CurrentMessage
+
+from actors.enqueuer import trigger_enqueue
+from actors.runtime import get_runtime
+from leases import HolderInfo, try_acquire
+from migration.keys import repository_lease_key
+from migration.migrator import StepOutcome, Writer
+from migration.registry import RegistryImportStatus
+
+log = structlog.get_logger(__name__)
+
+ACTOR = "handle_registry_notification"
+
+
+class LeaseBusy(Exception):
+    """The repository's lease is held (the enqueuer is still finishing it): retry soon."""
+
+
+def _retry_when(retries: int, exception: BaseException) -> bool:
+    # A busy lease is normal and short: retry it for a long while (a crashed holder's
+    # lease takes up to the TTL to expire). Anything else: a few times.
+    return retries < (120 if isinstance(exception, LeaseBusy) else 5)
+
+
+@dramatiq.actor(
+    actor_name=ACTOR,
+    queue_name="registry_migrator",
+    retry_when=_retry_when,
+    min_backoff=100,
+    max_backoff=2_000,
+)
+def handle_registry_notification(path: str, status: str, detail: str = "") -> None:
+    """Step the repository at ``path`` by the registry's ``status``, then trigger a run.
+
+    :param path: the repository path the registry reported on.
+    :param status: pre_import_complete, import_complete, or a *_failed / *_canceled.
+    :param detail: the registry's detail text, kept in the events log.
+    """
+    fields: dict[str, Any] = {"container_repository_path": path, "registry_status": status}
+    try:
+        registry_status = RegistryImportStatus(status)
+    except ValueError:
+        log.error("notification_dropped", reason="unknown status", **fields)
+        return
+    runtime = get_runtime()
+    repository = runtime.store.get_by_path(path)
+    if repository is None:
+        log.error("notification_dropped", reason="unknown repository", **fields)
+        return
+    message = CurrentMessage.get_current_message()
+    message_id = message.message_id if message is not None else None
+    key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
+    acquisition = try_acquire(
+        runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
+    )
+    if acquisition.hold is None:
+        holder = acquisition.holder.describe() if acquisition.holder else "someone"
+        log.info(
+            "notification_lease_busy",
+            holder=holder,
+            container_repository_id=repository.id,
+            **fields,
+        )
+        raise LeaseBusy(f"lease of repository {repository.id} held by {holder}")
+    with acquisition.hold as hold:
+        current = runtime.store.get(repository.id)
+        assert current is not None
+        report = runtime.migrator.on_registry_status(
+            current,
+            registry_status,
+            Writer(token=hold.token, actor=ACTOR, message_id=message_id),
+            detail=detail,
+        )
+    log.info(
+        "registry_notification_handled",
+        container_repository_id=repository.id,
+        container_repository_migration_state=report.repository.migration_state.value,
+        step_outcome=report.outcome.value,
+        fencing_token=hold.token,
+        **fields,
+        **report.fields,
+    )
+    if report.outcome is not StepOutcome.IGNORED:
+        trigger_enqueue(runtime, source="notification")

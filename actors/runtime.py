@@ -1,0 +1,134 @@
+"""What one process needs to run steps: store, etcd, a lease session, the registry.
+
+Created lazily on first use — after Dramatiq has forked its worker processes, since gRPC
+channels and connection pools do not survive a fork — and closed after the worker has
+stopped, which revokes the session's lease so this process's keys vanish at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.middleware import Middleware
+
+from leases import DedupGate, EtcdClient, Session
+from migration.config import Config
+from migration.keys import enqueue_gate_name
+from migration.migrator import Migrator
+from migration.registry import RegistryClient
+from migration.store import Store
+
+log = structlog.get_logger(__name__)
+
+#: Seconds a gate marker lives when its message never starts (lost, or stuck in a queue).
+GATE_TTL = 60
+
+
+class Runtime:
+    """The per-process resources of the actors, the API and the scheduler.
+
+    :param config: the process configuration.
+    :param pool_size: PostgreSQL connections (one per worker thread, plus a few).
+    """
+
+    def __init__(self, config: Config, *, pool_size: int = 10) -> None:
+        self.config = config
+        self.store = Store(config.database_url, max_size=pool_size)
+        try:
+            self.etcd: EtcdClient = config.etcd_client()
+            self.registry = RegistryClient.from_config(config)
+        except Exception:
+            self.store.close()
+            raise
+        self.migrator = Migrator(self.store, self.registry)
+        self.gate = DedupGate(
+            self.etcd, enqueue_gate_name(config.etcd_prefix), slots=1, ttl=GATE_TTL
+        )
+        self._session: Session | None = None
+        self._session_lock = threading.Lock()
+
+    def session(self) -> Session:
+        """The process's live lease session, opening a new one when the last was lost.
+
+        :raises EtcdUnavailable: etcd cannot be reached to grant a lease.
+        """
+        with self._session_lock:
+            if self._session is None or self._session.lost:
+                if self._session is not None:
+                    log.warning("lease_session_renewed", lost_reason=self._session.lost_reason)
+                self._session = Session(self.etcd, ttl=self.config.lease_ttl)
+                log.info(
+                    "lease_session_opened",
+                    lease_id=f"{self._session.lease_id:x}",
+                    ttl=self._session.ttl,
+                )
+            return self._session
+
+    def close(self) -> None:
+        """Revoke the session (keys vanish at once) and close every connection."""
+        with self._session_lock:
+            if self._session is not None:
+                self._session.close()
+                log.info("lease_session_revoked", lease_id=f"{self._session.lease_id:x}")
+                self._session = None
+        self.registry.close()
+        self.etcd.close()
+        self.store.close()
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created on first use from ``MIGRATOR_*``."""
+    global _runtime  # noqa: PLW0603 - one runtime per process, by design
+    with _runtime_lock:
+        if _runtime is None:
+            # The pool opens connections on demand: sized for Dramatiq's default 8 threads
+            # per process plus a few, it costs nothing when fewer are used.
+            _runtime = Runtime(Config.from_env(), pool_size=16)
+        return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime built elsewhere (tests, the demo), closing none."""
+    global _runtime  # noqa: PLW0603
+    with _runtime_lock:
+        _runtime = runtime
+
+
+def close_runtime() -> None:
+    """Close this process's runtime, if any."""
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None:
+        runtime.close()
+
+
+class RuntimeMiddleware(Middleware):
+    """Binds each message's actor and id into the log context; closes the runtime at exit.
+
+    The runtime is closed after the worker has stopped (every running message finished or
+    was interrupted), so a graceful shutdown (SIGTERM) revokes the lease at once.
+    """
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(
+            actor=message.actor_name, message_id=message.message_id
+        )
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
+    ) -> None:
+        structlog.contextvars.clear_contextvars()
+
+    after_skip_message = after_process_message
+
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        close_runtime()

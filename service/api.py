@@ -1,0 +1,246 @@
+"""The notification API: the registry reports here; health, readiness and metrics too.
+
+``PUT /notifications/registry/repositories/{path}/status`` answers 202 only once RabbitMQ
+has confirmed the message that will apply the notification, so an accepted notification
+cannot be lost; anything else (bad secret, bad body, unknown repository, a state the
+notification does not fit, a broker that is down) gets an error the registry can act on.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import pika
+import structlog
+from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.runtime import Runtime
+from leases import LeaseError
+from migration.config import Config
+from migration.keys import leases_prefix
+from migration.migrator import status_matches_state
+from migration.registry import RegistryImportStatus
+from migration.states import ACTIVE_STATES, State
+from migration.store import StoreError
+
+log = structlog.get_logger(__name__)
+
+#: The statuses a notification may carry: a phase that ended.
+NOTIFIED_STATUSES = tuple(s for s in RegistryImportStatus if s.ended)
+
+
+class Notification(BaseModel):
+    """The registry's notification body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(max_length=255)
+    path: str = Field(min_length=1, max_length=255)
+    status: RegistryImportStatus
+    detail: str = Field(default="", max_length=4096)
+
+
+class Metrics:
+    """The API's Prometheus metrics; gauges are read from the store at scrape time."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.notifications = Counter(
+            "registry_migrator_notifications", "Registry notifications by outcome", ["outcome"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.repositories = Gauge(
+            "registry_migrator_repositories", "Repositories by migration state", ["state"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "registry_migrator_in_flight", "Repositories in an active state", registry=self.registry
+        )
+        self.capacity = Gauge(
+            "registry_migrator_capacity", "The capacity setting", registry=self.registry
+        )
+        self.leases_held = Gauge(
+            "registry_migrator_leases_held", "Lease keys held in etcd", registry=self.registry
+        )
+
+
+def create_app(
+    config: Config,
+    *,
+    runtime: Callable[[], Runtime],
+    publish: Callable[[str, str, str], None],
+    broker_check: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the ASGI app.
+
+    :param config: the process configuration (the notification secret is required).
+    :param runtime: returns the process runtime (created lazily: PostgreSQL may be down
+        at start; requests then fail with 503 until it is back).
+    :param publish: sends ``handle_registry_notification(path, status, detail)`` and
+        returns only once the broker confirmed it.
+    :param broker_check: raises when RabbitMQ is unreachable (for ``/readyz``).
+    """
+    secret = config.require_notification_secret().encode()
+    metrics = Metrics()
+    app = FastAPI(
+        title="registry-migrator",
+        summary="Registry import notifications, health and metrics",
+        version="1",
+    )
+
+    def authorize(authorization: str | None) -> None:
+        given = (authorization or "").encode()
+        # Constant time: the comparison must not tell how much of a guess was right.
+        if not hmac.compare_digest(given, secret):
+            metrics.notifications.labels("unauthorized").inc()
+            raise HTTPException(status_code=401, detail="missing or wrong Authorization")
+
+    def get_runtime() -> Runtime:
+        try:
+            return runtime()
+        except (StoreError, LeaseError) as error:
+            raise HTTPException(status_code=503, detail=f"not ready: {error}") from None
+
+    @app.put(
+        "/notifications/registry/repositories/{path:path}/status",
+        status_code=202,
+        responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}},
+    )
+    def notify(
+        path: str,
+        notification: Notification,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        """Accept a registry notification; 202 once it is safely queued."""
+        authorize(authorization)
+        if notification.path != path:
+            metrics.notifications.labels("invalid").inc()
+            raise HTTPException(status_code=422, detail="body path does not match the URL path")
+        if notification.status not in NOTIFIED_STATUSES:
+            metrics.notifications.labels("invalid").inc()
+            raise HTTPException(
+                status_code=422, detail=f"status {notification.status} is not a final status"
+            )
+        store = get_runtime().store
+        try:
+            repository = store.get_by_path(path)
+        except StoreError as error:
+            raise HTTPException(status_code=503, detail=f"database unavailable: {error}") from None
+        if repository is None:
+            metrics.notifications.labels("unknown_repository").inc()
+            raise HTTPException(status_code=404, detail=f"no repository {path!r}")
+        if not status_matches_state(notification.status, repository.migration_state):
+            metrics.notifications.labels("state_mismatch").inc()
+            log.warning(
+                "notification_state_mismatch", container_repository_id=repository.id,
+                container_repository_path=path, registry_status=notification.status.value,
+                container_repository_migration_state=repository.migration_state.value,
+            )  # fmt: skip
+            raise HTTPException(
+                status_code=409,
+                detail=(
+                    f"repository is {repository.migration_state},"
+                    f" not awaiting {notification.status}"
+                ),
+            )
+        try:
+            publish(path, notification.status.value, notification.detail)
+        except Exception as error:  # the broker refused or is down: the registry retries
+            metrics.notifications.labels("broker_unavailable").inc()
+            log.error("notification_not_queued", container_repository_path=path, error=str(error))
+            raise HTTPException(
+                status_code=503, detail="could not queue the notification"
+            ) from None
+        metrics.notifications.labels("accepted").inc()
+        log.info(
+            "notification_accepted", container_repository_id=repository.id,
+            container_repository_path=path, registry_status=notification.status.value,
+        )  # fmt: skip
+        return {"accepted": True, "container_repository_id": repository.id}
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is alive (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {}})
+    def readyz() -> JSONResponse:
+        """PostgreSQL, etcd and RabbitMQ are reachable (readiness)."""
+        checks: dict[str, str] = {}
+        try:
+            current = runtime()
+        except Exception as error:
+            return JSONResponse(
+                {"ready": False, "checks": {"runtime": str(error)}}, status_code=503
+            )
+        for name, check in (
+            ("postgresql", current.store.settings),
+            ("etcd", lambda: current.etcd.get("/")),
+            ("rabbitmq", broker_check or (lambda: None)),
+        ):
+            try:
+                check()
+                checks[name] = "ok"
+            except Exception as error:
+                checks[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        """Prometheus metrics: repositories by state, in flight vs capacity, leases held."""
+        try:
+            current = runtime()
+            counts = current.store.counts_by_state()
+            settings = current.store.settings()
+            for state in State:
+                metrics.repositories.labels(state.value).set(counts.get(state, 0))
+            metrics.in_flight.set(sum(counts.get(s, 0) for s in ACTIVE_STATES))
+            metrics.capacity.set(settings.capacity)
+            metrics.leases_held.set(current.etcd.count_prefix(leases_prefix(config.etcd_prefix)))
+        except Exception as error:  # metrics of a half-down system still serve the counters
+            log.warning("metrics_partial", error=str(error))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class LazyRuntime:
+    """Creates the runtime on first successful use, so the API starts with a server down."""
+
+    def __init__(self, factory: Callable[[], Runtime]) -> None:
+        self._factory = factory
+        self._runtime: Runtime | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Runtime:
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = self._factory()
+            return self._runtime
+
+    def close(self) -> None:
+        with self._lock:
+            if self._runtime is not None:
+                self._runtime.close()
+                self._runtime = None
+
+
+def rabbitmq_check(url: str) -> Callable[[], None]:
+    """A readiness check that opens and closes one AMQP connection."""
+
+    def check() -> None:
+        parameters = pika.URLParameters(url)
+        parameters.socket_timeout = 2
+        parameters.blocked_connection_timeout = 2
+        parameters.connection_attempts = 1
+        pika.BlockingConnection(parameters).close()
+
+    return check

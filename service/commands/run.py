@@ -1,0 +1,170 @@
+"""Long-running processes (``api``, ``scheduler``) and the one-shot ``enqueue``."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+import click
+import structlog
+
+from leases import LeaseError
+from migration.config import Config
+from migration.logging import configure as configure_logging
+from migration.store import StoreError
+from service.cli import main
+
+if TYPE_CHECKING:
+    from actors.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _runtime_with_retry(
+    config: Config, stop: threading.Event, factory: type[Runtime]
+) -> Runtime | None:
+    """The runtime, retrying with backoff while a server is down (logged each time)."""
+
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return factory(config)
+        except (StoreError, LeaseError) as error:
+            log.warning("server_unavailable_at_start", error=str(error), retry_in_s=delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 10.0)
+    return None
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def api(host: str, port: int) -> None:
+    """Serve the notification API, /healthz, /readyz and /metrics (uvicorn).
+
+    The registry sends PUT /notifications/registry/repositories/<path>/status with
+    MIGRATOR_NOTIFICATION_SECRET in Authorization; 202 means the notification is queued
+    in RabbitMQ and will be applied.
+
+    \b
+    Example:
+      MIGRATOR_NOTIFICATION_SECRET=s3cret registry-migrator api --port 8080
+    """
+    import uvicorn  # noqa: PLC0415
+
+    import actors  # noqa: PLC0415 - configures the broker
+    from actors.notifications import handle_registry_notification  # noqa: PLC0415
+    from actors.runtime import Runtime  # noqa: PLC0415
+    from service.api import LazyRuntime, create_app, rabbitmq_check  # noqa: PLC0415
+
+    config = Config.from_env()
+    config.require_notification_secret()
+    configure_logging(config.log_level)
+    runtime = LazyRuntime(lambda: Runtime(config))
+
+    def publish(path: str, status: str, detail: str) -> None:
+        handle_registry_notification.send(path, status, detail)
+
+    app = create_app(
+        config, runtime=runtime, publish=publish, broker_check=rabbitmq_check(config.broker_url)
+    )
+    log.info("api_starting", host=host, port=port, broker=actors.broker.__class__.__name__)
+    try:
+        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    finally:
+        runtime.close()
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        ok = self.path == "/healthz"
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"status":"ok"}' if ok else b'{"error":"not found"}')
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@main.command()
+@click.option(
+    "--health-port",
+    type=click.IntRange(0, 65535),
+    default=8081,
+    show_default=True,
+    help="Port of the /healthz endpoint (0: none).",
+)
+@click.option("--health-host", default="127.0.0.1", show_default=True)
+def scheduler(health_port: int, health_host: str) -> None:
+    """Publish enqueue and guard runs periodically; only the elected leader publishes.
+
+    Run two or more for availability: they hold an etcd election, and a follower takes
+    over within TTL + 1 s of the leader's death. Intervals are the live settings
+    enqueue_interval and guard_interval.
+
+    \b
+    Example:
+      registry-migrator scheduler --health-port 8081
+    """
+    from actors.runtime import Runtime  # noqa: PLC0415 - importing actors sets the broker
+    from actors.scheduler import Scheduler  # noqa: PLC0415
+
+    config = Config.from_env()
+    configure_logging(config.log_level)
+    stop = _stop_on_signals()
+    server = None
+    if health_port:
+        server = ThreadingHTTPServer((health_host, health_port), _Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    runtime = _runtime_with_retry(config, stop, Runtime)
+    if runtime is None:
+        return
+    log.info("scheduler_started")
+    try:
+        Scheduler(runtime).run(stop)
+    finally:
+        runtime.close()
+        if server is not None:
+            server.shutdown()
+        log.info("scheduler_stopped")
+
+
+@main.command()
+def enqueue() -> None:
+    """Send one enqueue_next_migration run through the dedup gate (like perform_async).
+
+    Exits 0 whether the run was queued or collapsed into runs already waiting (the gate
+    keeps at most pending_enqueues of them); says which.
+
+    \b
+    Example:
+      registry-migrator enqueue
+    """
+    from actors.enqueuer import trigger_enqueue  # noqa: PLC0415
+    from actors.runtime import Runtime  # noqa: PLC0415
+
+    config = Config.from_env()
+    try:
+        runtime = Runtime(config)
+    except (StoreError, LeaseError) as error:
+        click.echo(f"registry-migrator: {error}", err=True)
+        sys.exit(1)
+    try:
+        sent = trigger_enqueue(runtime, source="operator")
+    except LeaseError as error:
+        click.echo(f"registry-migrator: etcd: {error}", err=True)
+        sys.exit(1)
+    finally:
+        runtime.close()
+    click.echo("enqueued one run" if sent else "collapsed: enough runs are already waiting")
