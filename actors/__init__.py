@@ -9,13 +9,12 @@ import os
 import dramatiq
 
 from actors.broker import make_broker
+from actors.config import CONFIG
 from actors.runtime import RuntimeMiddleware
-from migration.config import Config
 from migration.logging import configure as _configure_logging
 
-_config = Config.from_env()
-_configure_logging(_config.log_level)
-broker = make_broker(_config, prometheus=os.environ.get("MIGRATOR_PROMETHEUS", "1") == "1")
+_configure_logging(CONFIG.log_level)
+broker = make_broker(CONFIG, prometheus=os.environ.get("MIGRATOR_PROMETHEUS", "1") == "1")
 broker.add_middleware(RuntimeMiddleware())
 dramatiq.set_broker(broker)
 

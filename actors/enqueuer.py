@@ -15,6 +15,7 @@ import dramatiq
 import structlog
 from dramatiq.middleware import CurrentMessage
 
+from actors.config import CONFIG
 from actors.runtime import Runtime, get_runtime
 from leases import HolderInfo, Ticket, try_acquire
 from migration.keys import global_lease_key, repository_lease_key
@@ -162,7 +163,7 @@ class EnqueuerRun:
 
 @dramatiq.actor(
     actor_name=ACTOR,
-    queue_name="registry_migrator",
+    queue_name=CONFIG.queue_name,
     max_retries=3,
     min_backoff=1000,
     max_backoff=10_000,

@@ -13,6 +13,7 @@ import dramatiq
 import structlog
 from dramatiq.middleware import CurrentMessage
 
+from actors.config import CONFIG
 from actors.enqueuer import trigger_enqueue
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
@@ -25,7 +26,7 @@ ACTOR = "guard_stale_migrations"
 BATCH = 100
 
 
-@dramatiq.actor(actor_name=ACTOR, queue_name="registry_migrator", max_retries=0)
+@dramatiq.actor(actor_name=ACTOR, queue_name=CONFIG.queue_name, max_retries=0)
 def guard_stale_migrations() -> None:
     """Reconcile every stale migration with the registry (at most 100 a run)."""
     runtime = get_runtime()

@@ -8,6 +8,7 @@ import dramatiq
 import structlog
 from dramatiq.middleware import CurrentMessage
 
+from actors.config import CONFIG
 from actors.enqueuer import trigger_enqueue
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
@@ -32,7 +33,7 @@ def _retry_when(retries: int, exception: BaseException) -> bool:
 
 @dramatiq.actor(
     actor_name=ACTOR,
-    queue_name="registry_migrator",
+    queue_name=CONFIG.queue_name,
     retry_when=_retry_when,
     min_backoff=100,
     max_backoff=2_000,

@@ -14,6 +14,7 @@ import dramatiq
 import structlog
 from dramatiq.middleware import Middleware
 
+from actors.config import CONFIG
 from leases import DedupGate, EtcdClient, Session
 from migration.config import Config
 from migration.keys import enqueue_gate_name
@@ -90,7 +91,7 @@ def get_runtime() -> Runtime:
         if _runtime is None:
             # The pool opens connections on demand: sized for Dramatiq's default 8 threads
             # per process plus a few, it costs nothing when fewer are used.
-            _runtime = Runtime(Config.from_env(), pool_size=16)
+            _runtime = Runtime(CONFIG, pool_size=16)
         return _runtime
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -93,6 +94,9 @@ class Config:
     :param notification_secret: the shared secret the registry sends
         (``MIGRATOR_NOTIFICATION_SECRET``).
     :param lease_ttl: seconds an etcd lease lives without keep-alive (``MIGRATOR_LEASE_TTL``).
+    :param log_level: debug, info, warning or error (``MIGRATOR_LOG_LEVEL``).
+    :param queue_name: the RabbitMQ queue of the actors (``MIGRATOR_QUEUE_NAME``); separate
+        migrations (or test runs) sharing one RabbitMQ use separate queues.
     """
 
     database_url: str = "postgresql://postgres@127.0.0.1:55432/migrator"
@@ -109,6 +113,7 @@ class Config:
     notification_secret: str | None = field(default=None, repr=False)
     lease_ttl: float = 10.0
     log_level: str = "info"
+    queue_name: str = "registry_migrator"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -136,6 +141,11 @@ class Config:
                 f"{PREFIX}ETCD_USER", "MIGRATOR_ETCD_USER and MIGRATOR_ETCD_PASSWORD go together"
             )
         secret = env.get(f"{PREFIX}NOTIFICATION_SECRET") or None
+        queue = env.get(f"{PREFIX}QUEUE_NAME", d.queue_name).strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", queue):
+            raise ConfigError(f"{PREFIX}QUEUE_NAME", f"expected [A-Za-z0-9_.-]+, got {queue!r}")
+                f"{PREFIX}QUEUE_NAME", f"expected letters, digits, _ . -, got {queue!r}"
+            )
         return cls(
             database_url=_url(
                 env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")
@@ -153,6 +163,7 @@ class Config:
             notification_secret=secret,
             lease_ttl=_number(env, f"{PREFIX}LEASE_TTL", d.lease_ttl, minimum=2),
             log_level=level,
+            queue_name=queue,
         )
 
     def require_notification_secret(self) -> str:
