@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from migration.config import Config
 from migration.store import Store
 
 
 def database_url_for(base_url: str, dbname: str) -> str:
-    """``base_url`` pointing at database ``dbname`` instead."""
-    params = conninfo_to_dict(base_url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
+    """``base_url`` (a postgresql:// URL, as MIGRATOR_DATABASE_URL is) for database ``dbname``."""
+    return urlunsplit(urlsplit(base_url)._replace(path=f"/{dbname}"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,72 @@
+"""``registry-migrator db``: the PostgreSQL schema; and ``open_store`` for other commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+import psycopg
+import structlog
+
+from migration.config import Config
+from migration.store import Store, StoreError
+from service.cli import main
+
+
+def fail(message: str, status: int = 1) -> None:
+    """Print one line on standard error and exit with ``status``."""
+    click.echo(f"registry-migrator: {message}", err=True)
+    sys.exit(status)
+
+
+@contextmanager
+def open_store() -> Iterator[Store]:
+    """A Store on ``MIGRATOR_DATABASE_URL``; database trouble becomes one line and exit 1."""
+    config = Config.from_env()
+    if not structlog.is_configured():
+        # A command prints its own result on stdout (maybe JSON); the store's log lines
+        # would only get in the way there. Warnings and errors still go to stderr.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        )
+    try:
+        with Store(config.database_url, max_size=2) as store:
+            yield store
+    except StoreError as error:
+        fail(str(error))
+    except psycopg.errors.UndefinedTable:
+        fail("the database has no schema yet; run `registry-migrator db upgrade`")
+    except psycopg.Error as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        fail(f"database error: {first}")
+
+
+@main.group()
+def db() -> None:
+    """Manage the PostgreSQL schema.
+
+    \b
+    Example:
+      registry-migrator db upgrade
+    """
+
+
+@db.command()
+def upgrade() -> None:
+    """Apply the schema versions not applied yet (safe to run again, and concurrently).
+
+    \b
+    Example:
+      registry-migrator db upgrade
+    """
+    with open_store() as store:
+        applied = store.upgrade()
+        versions = store.schema_versions()
+    if applied:
+        click.echo(f"applied {', '.join(applied)}; schema at {versions[-1]}")
+    else:
+        click.echo(f"schema up to date at {versions[-1] if versions else 'nothing'}")

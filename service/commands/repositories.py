@@ -1,0 +1,141 @@
+"""``registry-migrator repositories``: add, seed and show container repositories."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+
+import click
+
+from migration.store import InvalidRepository, Repository
+from service.cli import main
+from service.commands.db import fail, open_store
+
+
+@main.group()
+def repositories() -> None:
+    """Add, seed and inspect the container repositories to migrate.
+
+    \b
+    Examples:
+      registry-migrator repositories add gitlab-org/gitlab/build --tags 120
+      registry-migrator repositories seed --count 100000
+      registry-migrator repositories show gitlab-org/gitlab/build
+    """
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--created-at: expected an ISO 8601 timestamp, got {value!r}", 2)
+        raise  # unreachable: fail exits
+    if moment.tzinfo is None:
+        fail(f"--created-at: {value!r} has no UTC offset (add Z or +00:00)", 2)
+    return moment
+
+
+@repositories.command()
+@click.argument("path")
+@click.option("--created-at", help="When it was created (ISO 8601 with offset); default now.")
+@click.option("--tags", "tags", type=click.IntRange(min=0), default=0, show_default=True,
+              help="How many tags it has.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the new row as JSON.")
+def add(path: str, created_at: str | None, tags: int, as_json: bool) -> None:
+    """Add repository PATH (root-namespace/.../name) in state default; print its id.
+
+    \b
+    Example:
+      registry-migrator repositories add acme/api/server --created-at 2021-03-01T00:00:00Z --tags 40
+    """
+    moment = _timestamp(created_at)
+    with open_store() as store:
+        try:
+            rid = store.add_repository(path, created_at=moment, tags_count=tags)
+        except InvalidRepository as error:
+            fail(str(error), 2)
+        repo = store.get(rid)
+    if as_json and repo is not None:
+        click.echo(json.dumps(repo.as_dict()))
+    else:
+        click.echo(rid)
+
+
+@repositories.command()
+@click.option("--count", type=click.IntRange(min=1), required=True, help="How many to add.")
+@click.option("--seed", "rng_seed", type=int, default=0, show_default=True,
+              help="Random generator seed.")  # fmt: skip
+def seed(count: int, rng_seed: int) -> None:
+    """Add COUNT generated repositories with a realistic spread (fast: COPY).
+
+    \b
+    Example:
+      registry-migrator repositories seed --count 1000000
+    """
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        if total >= 100_000:
+            click.echo(f"  {done:,}/{total:,} ({time.monotonic() - started:.1f} s)", err=True)
+
+    with open_store() as store:
+        added = store.seed(count, rng_seed=rng_seed, progress=progress)
+    click.echo(f"added {added:,} repositories in {time.monotonic() - started:.1f} s")
+
+
+def _find(store_get_id: Repository | None, ident: str) -> Repository:
+    if store_get_id is None:
+        fail(f"no repository {ident}")
+    assert store_get_id is not None
+    return store_get_id
+
+
+@repositories.command()
+@click.argument("ident", metavar="ID|PATH")
+@click.option("--json", "as_json", is_flag=True, help="Print the row and its events as JSON.")
+@click.option("--events", "event_limit", type=click.IntRange(min=0), default=50,
+              show_default=True, help="How many of the latest events to show.")  # fmt: skip
+def show(ident: str, as_json: bool, event_limit: int) -> None:
+    """Show a repository's state, timestamps, retries and event history.
+
+    \b
+    Examples:
+      registry-migrator repositories show 42
+      registry-migrator repositories show acme/api/server --json
+    """
+    with open_store() as store:
+        repo = _find(store.get(int(ident)) if ident.isdigit() else store.get_by_path(ident), ident)
+        events = store.events(repo.id, limit=event_limit)
+    if as_json:
+        click.echo(json.dumps({"repository": repo.as_dict(),
+                               "events": [e.as_dict() for e in events]}))  # fmt: skip
+        return
+    click.echo(f"repository {repo.id}  {repo.path}")
+    click.echo(f"  state            {repo.migration_state}")
+    if repo.migration_skipped_reason:
+        click.echo(f"  skipped reason   {repo.migration_skipped_reason}")
+    click.echo(f"  retries          {repo.migration_retries_count}"
+               + (f" (aborted in {repo.migration_aborted_in_state})"
+                  if repo.migration_aborted_in_state else ""))  # fmt: skip
+    click.echo(f"  tags             {repo.tags_count}")
+    click.echo(f"  fencing token    {repo.fencing_token}")
+    for label, value in (
+        ("created", repo.created_at),
+        ("last step", repo.last_step_at),
+        ("pre-import start", repo.migration_pre_import_started_at),
+        ("pre-import done", repo.migration_pre_import_done_at),
+        ("import start", repo.migration_import_started_at),
+        ("import done", repo.migration_import_done_at),
+        ("aborted", repo.migration_aborted_at),
+        ("skipped", repo.migration_skipped_at),
+    ):
+        if value is not None:
+            click.echo(f"  {label:<16} {value.isoformat()}")
+    click.echo(f"  events ({len(events)}{' latest' if len(events) == event_limit else ''}):")
+    for e in events:
+        mark = "" if e.accepted else f"  REFUSED ({e.detail.get('reason')})"
+        click.echo(f"    {e.at.isoformat()}  {e.event:<17} {e.from_state or '-'} -> "
+                   f"{e.to_state or '-'}  token {e.token}  {e.actor}{mark}")  # fmt: skip
