@@ -144,8 +144,6 @@ class Config:
         queue = env.get(f"{PREFIX}QUEUE_NAME", d.queue_name).strip()
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", queue):
             raise ConfigError(f"{PREFIX}QUEUE_NAME", f"expected [A-Za-z0-9_.-]+, got {queue!r}")
-                f"{PREFIX}QUEUE_NAME", f"expected letters, digits, _ . -, got {queue!r}"
-            )
         return cls(
             database_url=_url(
                 env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")
