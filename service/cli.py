@@ -41,6 +41,7 @@ def _register() -> None:
     from service.commands import db as _db  # noqa: F401, PLC0415
     from service.commands import leases as _leases  # noqa: F401, PLC0415
     from service.commands import repositories as _repositories  # noqa: F401, PLC0415
+    from service.commands import run as _run  # noqa: F401, PLC0415
     from service.commands import settings as _settings  # noqa: F401, PLC0415
     from service.commands import simulator as _simulator  # noqa: F401, PLC0415
 
