@@ -232,12 +232,25 @@ class EtcdClient:
         compare = rpc.Compare(
             key=raw, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0
         )
-        read = rpc.RequestOp(request_range=rpc.RangeRequest(key=raw))
         put = rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value, lease=lease_id))
-        request = rpc.TxnRequest(compare=[compare], success=[put, read], failure=[read])
+        read = rpc.RequestOp(request_range=rpc.RangeRequest(key=raw))
+        request = rpc.TxnRequest(compare=[compare], success=[put], failure=[read])
         response = self._call("create", lambda: self._kv.Txn(request, self.timeout, **self._auth))
-        kvs = response.responses[-1].response_range.kvs
-        return CreateResult(created=response.succeeded, current=_kv(kvs[0]) if kvs else None)
+        if response.succeeded:
+            # The put is the transaction's only write, so the revision the transaction made is
+            # the key's create revision (etcd's Go Mutex reads its token the same way): no
+            # read-back, whose request and answer cost more to build and parse than they tell.
+            revision = response.header.revision
+            created = KeyValue(
+                key=key,
+                value=bytes(value),
+                create_revision=revision,
+                mod_revision=revision,
+                lease_id=lease_id,
+            )
+            return CreateResult(created=True, current=created)
+        kvs = response.responses[-1].response_range.kvs if response.responses else []
+        return CreateResult(created=False, current=_kv(kvs[0]) if kvs else None)
 
     def delete_if_created_at(self, key: str, create_revision: int) -> bool:
         """Delete ``key`` only while it is still the incarnation created at ``create_revision``."""
