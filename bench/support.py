@@ -1,0 +1,144 @@
+"""What the lease benchmarks share: the local stack, quiet logging, statistics, machine facts.
+
+Import this module first in a benchmark script run as ``python bench/<name>.py``: it takes
+``bench/`` off ``sys.path`` (``bench/leases.py`` would otherwise shadow the ``leases``
+package) and puts the repository root in front.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+STACK_SCRIPT = REPO_ROOT / "deploy" / "local" / "stack"
+RESULTS_DIR = BENCH_DIR / "results"
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Where each service listens when its MIGRATOR_ variable is unset (the stack's fixed ports).
+DEFAULTS = {
+    "MIGRATOR_ETCD_ENDPOINTS": "127.0.0.1:23790",
+    "MIGRATOR_DATABASE_URL": "postgresql://postgres@127.0.0.1:55432/migrator",
+    "MIGRATOR_REDIS_URL": "redis://127.0.0.1:56379/0",
+}
+
+
+def quiet_logs() -> None:
+    """Keep the libraries' debug lines (session opened/closed...) out of the tables."""
+    import structlog
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _host_port(variable: str, value: str) -> tuple[str, int]:
+    if variable == "MIGRATOR_ETCD_ENDPOINTS":
+        host, _, port = value.split(",", maxsplit=1)[0].rpartition(":")
+        return host, int(port)
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(value)
+    return parts.hostname or "127.0.0.1", parts.port or (5432 if "postgres" in value else 6379)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def parse_stack_env(text: str) -> dict[str, str]:
+    """The ``export NAME=value`` lines of ``deploy/local/stack env`` as a dict."""
+    variables: dict[str, str] = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            name, _, value = words[1].partition("=")
+            variables[name] = value
+    return variables
+
+
+def ensure_stack(needed: Sequence[str], *, with_redis: bool) -> dict[str, str]:
+    """Addresses of the services in ``needed`` (MIGRATOR_ variable names), started if down.
+
+    Values already in the environment win; missing ones come from ``deploy/local/stack env``.
+    When a service does not accept connections, ``deploy/local/stack up`` (with
+    ``--with-redis`` when asked) is run first.
+
+    :param needed: the MIGRATOR_ variables the benchmark uses.
+    :param with_redis: start Redis too.
+    """
+    values = {name: os.environ.get(name) or DEFAULTS[name] for name in needed}
+    down = [name for name, value in values.items() if not _reachable(*_host_port(name, value))]
+    if down:
+        command = [str(STACK_SCRIPT), "up", *(["--with-redis"] if with_redis else [])]
+        print(
+            f"bench: {', '.join(down)} not reachable; running {shlex.join(command)}",
+            file=sys.stderr,
+        )
+        subprocess.run(command, check=True, stdout=sys.stderr, timeout=600)
+    stack_env = parse_stack_env(
+        subprocess.run(
+            [str(STACK_SCRIPT), "env"], check=True, capture_output=True, text=True, timeout=60
+        ).stdout
+    )
+    for name in needed:
+        values[name] = os.environ.get(name) or stack_env.get(name) or DEFAULTS[name]
+        if not _reachable(*_host_port(name, values[name])):
+            raise SystemExit(f"bench: {name}={values[name]} does not accept connections")
+    return values
+
+
+def etcd_endpoints(text: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as pairs."""
+    return [(h, int(p)) for h, p in (item.rsplit(":", 1) for item in text.split(","))]
+
+
+def percentile(sorted_values: Sequence[int], fraction: float) -> int:
+    """Nearest-rank percentile of already sorted values (0 for none)."""
+    if not sorted_values:
+        return 0
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def machine() -> dict[str, Any]:
+    """Facts that make numbers comparable: CPUs, load, Python and library versions."""
+    versions = {}
+    for package in ("etcd3", "grpcio", "protobuf", "dramatiq", "redis", "psycopg"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def write_json(name: str, data: dict[str, Any]) -> Path:
+    """Write ``bench/results/<name>.json`` (git-ignored) and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
