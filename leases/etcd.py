@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 # gRPC backs off reconnecting up to 120 s by default; a restarted etcd must be seen in
 # about a second, and a dead member of a cluster left for the next one quickly.
-_GRPC_OPTIONS = [
+_GRPC_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
