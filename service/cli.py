@@ -44,6 +44,7 @@ def _register() -> None:
     from service.commands import run as _run  # noqa: F401, PLC0415
     from service.commands import settings as _settings  # noqa: F401, PLC0415
     from service.commands import simulator as _simulator  # noqa: F401, PLC0415
+    from service.commands import status as _status  # noqa: F401, PLC0415
 
 
 _register()

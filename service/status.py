@@ -1,0 +1,287 @@
+"""A snapshot of the migration for operators: what ``status`` and the demo show.
+
+:func:`collect` reads PostgreSQL in one read-only REPEATABLE READ transaction, so every
+number in a snapshot comes from the same moment (counts add up, in flight matches the
+counts), and lists the held lease keys in etcd. etcd being down does not hide the rest:
+the snapshot carries the error instead of the leases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from leases import EtcdUnavailable, HeldKey, LeaseError, list_held
+from migration.config import Config
+from migration.keys import leases_prefix
+from migration.settings import Settings
+from migration.states import ACTIVE_STATES, TERMINAL_STATES, State
+
+#: The windows (minutes) of the throughput figures.
+THROUGHPUT_WINDOWS = (1, 5, 15)
+#: The settings that decide whether a run starts work, shown by ``status``.
+GATING_SETTINGS = (
+    "enabled",
+    "capacity",
+    "enqueue_waiting_time",
+    "created_before",
+    "max_tags_count",
+    "max_retries",
+    "root_namespace_deny_list",
+    "lease_scope",
+    "max_step_duration",
+)
+_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecentEnd:
+    """A recent abort or skip: which repository, when, and why."""
+
+    repository_id: int
+    path: str
+    to_state: str
+    at: str
+    reason: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OldestActive:
+    """The active repository whose last step is the oldest (the guard's next suspect)."""
+
+    repository_id: int
+    path: str
+    state: str
+    last_step_at: str | None
+    age_s: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Lease:
+    """A held lease key, flattened for JSON."""
+
+    key: str
+    token: int
+    ttl_remaining: int
+    holder: dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class MigrationStatus:
+    """One snapshot of the migration.
+
+    :param taken_at: the database's ``now()`` for the snapshot.
+    :param total: repositories in the table.
+    :param counts: repositories per state (every state present).
+    :param skipped_by_reason: ``import_skipped`` repositories per skip reason.
+    :param excluded_by_deny_list: repositories in ``default`` or ``import_aborted`` whose
+        root namespace is denied: runs never pick them, so they stay where they are.
+    :param excluded_by_cutoff: repositories in ``default`` created at or after
+        ``created_before`` (not denied), also never picked.
+    :param eligible_remaining: repositories not terminal and not excluded: the work left.
+    :param in_flight: repositories in an active state (they count against the capacity).
+    :param capacity: the capacity setting.
+    :param import_done_per_minute: window minutes -> accepted ``finish_import`` and
+        ``already_migrated`` writes per minute over that window.
+    :param oldest_active: the active repository with the oldest last step, if any.
+    :param recent_ends: the latest aborts and skips, newest first.
+    :param waiting_time_passed: False when ``enqueue_waiting_time`` holds new starts back.
+    :param settings: the gating settings (:data:`GATING_SETTINGS`).
+    :param leases: held lease keys; None when etcd could not be read.
+    :param leases_error: why the leases are missing, else None.
+    """
+
+    taken_at: str
+    total: int
+    counts: dict[str, int]
+    skipped_by_reason: dict[str, int]
+    excluded_by_deny_list: int
+    excluded_by_cutoff: int
+    eligible_remaining: int
+    in_flight: int
+    capacity: int
+    import_done_per_minute: dict[str, float]
+    oldest_active: OldestActive | None
+    recent_ends: list[RecentEnd]
+    waiting_time_passed: bool
+    settings: dict[str, Any]
+    leases: list[Lease] | None = None
+    leases_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> int:
+        """Repositories in import_done or import_skipped."""
+        return sum(self.counts[s.value] for s in TERMINAL_STATES)
+
+    @property
+    def done(self) -> bool:
+        """True when every eligible repository is terminal."""
+        return self.eligible_remaining == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly values (the ``status --json`` document)."""
+        out = asdict(self)
+        out.pop("extra")
+        out["terminal"] = self.terminal
+        out["done"] = self.done
+        return out
+
+
+def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=dict_row)
+    settings_row = cur.execute("SELECT * FROM migration_settings WHERE id = 1").fetchone()
+    if settings_row is None:
+        raise psycopg.errors.UndefinedTable("migration_settings row missing")
+    settings = Settings.from_row(**settings_row)
+    now = cur.execute("SELECT now() AS now").fetchone()["now"]  # type: ignore[index]
+    counts = dict.fromkeys((s.value for s in State), 0)
+    for row in cur.execute(
+        "SELECT migration_state AS state, count(*) AS n FROM container_repositories GROUP BY 1"
+    ):
+        counts[row["state"]] = int(row["n"])
+    skipped = {
+        row["reason"]: int(row["n"])
+        for row in cur.execute(
+            "SELECT migration_skipped_reason AS reason, count(*) AS n"
+            " FROM container_repositories WHERE migration_state = 'import_skipped'"
+            " GROUP BY 1 ORDER BY 2 DESC"
+        )
+    }
+    deny = list(settings.root_namespace_deny_list)
+    excluded = cur.execute(
+        "SELECT count(*) FILTER (WHERE root_namespace = ANY(%(deny)s::text[])) AS denied,"
+        " count(*) FILTER (WHERE migration_state = 'default'"
+        "   AND NOT root_namespace = ANY(%(deny)s::text[])"
+        "   AND %(cutoff)s::timestamptz IS NOT NULL AND created_at >= %(cutoff)s) AS cut"
+        " FROM container_repositories WHERE migration_state IN ('default', 'import_aborted')",
+        {"deny": deny, "cutoff": settings.created_before},
+    ).fetchone()
+    assert excluded is not None
+    # Accepted writes into import_done, per window. `at` is the writer's clock_timestamp();
+    # the scan is bounded by the largest window.
+    windows = ", ".join(
+        f"count(*) FILTER (WHERE at > %(now)s - interval '{m} minutes') AS w{m}"
+        for m in THROUGHPUT_WINDOWS
+    )
+    done_rows = cur.execute(
+        f"SELECT {windows} FROM migration_events"  # noqa: S608 - constants only
+        " WHERE accepted AND to_state = 'import_done'"
+        f" AND at > %(now)s - interval '{max(THROUGHPUT_WINDOWS)} minutes'",
+        {"now": now},
+    ).fetchone()
+    assert done_rows is not None
+    oldest = cur.execute(
+        "SELECT id, path, migration_state, last_step_at,"  # noqa: S608 - constants only
+        " extract(epoch FROM %(now)s - last_step_at)::float8 AS age"
+        f" FROM container_repositories WHERE migration_state IN ({_ACTIVE_SQL})"
+        " ORDER BY last_step_at NULLS FIRST, id LIMIT 1",
+        {"now": now},
+    ).fetchone()
+    ends = cur.execute(
+        "SELECT e.repository_id, r.path, e.to_state, e.at,"
+        " coalesce(CASE WHEN e.to_state = 'import_skipped' THEN r.migration_skipped_reason END,"
+        "          e.detail->>'why') AS reason"
+        " FROM migration_events e JOIN container_repositories r ON r.id = e.repository_id"
+        " WHERE e.accepted AND e.to_state IN ('import_aborted', 'import_skipped')"
+        " ORDER BY e.id DESC LIMIT %(recent)s",
+        {"recent": recent},
+    ).fetchall()
+    waited = True
+    if settings.enqueue_waiting_time > 0:
+        row = cur.execute(
+            "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
+            " migration_aborted_at, migration_skipped_at))"
+            " <= %(now)s - make_interval(secs => %(wait)s), true) AS passed"
+            " FROM container_repositories",
+            {"now": now, "wait": settings.enqueue_waiting_time},
+        ).fetchone()
+        waited = bool(row and row["passed"])
+    return {
+        "settings": settings,
+        "now": now,
+        "counts": counts,
+        "skipped": skipped,
+        "denied": int(excluded["denied"]),
+        "cut": int(excluded["cut"]),
+        "done": {m: int(done_rows[f"w{m}"]) for m in THROUGHPUT_WINDOWS},
+        "oldest": oldest,
+        "ends": ends,
+        "waited": waited,
+    }
+
+
+def _read_leases(config: Config) -> tuple[list[Lease] | None, str | None]:
+    try:
+        with config.etcd_client(timeout=3.0) as client:
+            held: list[HeldKey] = list_held(client, leases_prefix(config.etcd_prefix))
+    except (EtcdUnavailable, LeaseError) as error:
+        return None, f"etcd unreachable at {config.etcd_endpoints_text}: {error}"
+    return [
+        Lease(key=h.key, token=h.token, ttl_remaining=h.ttl_remaining, holder=asdict(h.holder))
+        for h in held
+    ], None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def collect(config: Config, *, recent: int = 10, leases: bool = True) -> MigrationStatus:
+    """Take a snapshot of the migration.
+
+    :param config: where PostgreSQL and etcd are.
+    :param recent: how many of the latest aborts and skips to include.
+    :param leases: also list the held lease keys in etcd.
+    :raises psycopg.Error: PostgreSQL cannot be read (the caller turns it into one line).
+    """
+    with psycopg.connect(config.database_url, connect_timeout=5) as conn:
+        conn.read_only = True
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            db = _read_database(conn, recent=recent)
+    settings: Settings = db["settings"]
+    counts: dict[str, int] = db["counts"]
+    total = sum(counts.values())
+    terminal = sum(counts[s.value] for s in TERMINAL_STATES)
+    oldest = db["oldest"]
+    status = MigrationStatus(
+        taken_at=db["now"].isoformat(),
+        total=total,
+        counts=counts,
+        skipped_by_reason=db["skipped"],
+        excluded_by_deny_list=db["denied"],
+        excluded_by_cutoff=db["cut"],
+        eligible_remaining=total - terminal - db["denied"] - db["cut"],
+        in_flight=sum(counts[s.value] for s in ACTIVE_STATES),
+        capacity=settings.capacity,
+        import_done_per_minute={str(m): round(n / m, 2) for m, n in db["done"].items()},
+        oldest_active=OldestActive(
+            repository_id=int(oldest["id"]),
+            path=oldest["path"],
+            state=oldest["migration_state"],
+            last_step_at=_iso(oldest["last_step_at"]),
+            age_s=round(oldest["age"], 1) if oldest["age"] is not None else None,
+        )
+        if oldest
+        else None,
+        recent_ends=[
+            RecentEnd(
+                repository_id=int(row["repository_id"]),
+                path=row["path"],
+                to_state=row["to_state"],
+                at=row["at"].isoformat(),
+                reason=row["reason"],
+            )
+            for row in db["ends"]
+        ],
+        waiting_time_passed=db["waited"],
+        settings={k: v for k, v in settings.as_dict().items() if k in GATING_SETTINGS},
+    )
+    if leases:
+        status.leases, status.leases_error = _read_leases(config)
+    return status
