@@ -7,6 +7,9 @@ stopped, which revokes the session's lease so this process's keys vanish at once
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import threading
 from typing import Any
 
@@ -117,6 +120,12 @@ class RuntimeMiddleware(Middleware):
     The runtime is closed after the worker has stopped (every running message finished or
     was interrupted), so a graceful shutdown (SIGTERM) revokes the lease at once.
     """
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        # A launcher (tests, the demo) asks the worker child to die with Dramatiq's main
+        # process, so a killed launcher leaves no orphan consuming from its queue.
+        if os.environ.get("MIGRATOR_DIE_WITH_PARENT") == "1":
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PDEATHSIG
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         structlog.contextvars.clear_contextvars()

@@ -79,10 +79,17 @@ def api(host: str, port: int) -> None:
         config, runtime=runtime, publish=publish, broker_check=rabbitmq_check(config.broker_url)
     )
     log.info("api_starting", host=host, port=port, broker=actors.broker.__class__.__name__)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal to
+    # the handler that was in place before: make that one a no-op, so that a requested stop
+    # ends the process with status 0 (as the simulator does) rather than "killed by SIGTERM".
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         runtime.close()
+    log.info("api_stopped")
 
 
 class _Health(BaseHTTPRequestHandler):

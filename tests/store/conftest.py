@@ -6,52 +6,7 @@ The database has a random name, gets the schema with ``Store.upgrade()``, and is
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from tests.fixtures import clean_store, database_url, database_url_for, store
 
-import psycopg
-import pytest
-from psycopg import sql
-
-from migration.config import Config
-from migration.store import Store
-
-
-def database_url_for(base_url: str, dbname: str) -> str:
-    """``base_url`` (a postgresql:// URL, as MIGRATOR_DATABASE_URL is) for database ``dbname``."""
-    return urlunsplit(urlsplit(base_url)._replace(path=f"/{dbname}"))
-
-
-@pytest.fixture(scope="module")
-def database_url(stack: dict[str, str]) -> Iterator[str]:
-    """A new, empty database for this module; dropped afterwards."""
-    admin_url = Config.from_env().database_url
-    name = f"test_store_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield database_url_for(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-@pytest.fixture(scope="module")
-def store(database_url: str) -> Iterator[Store]:
-    """A Store on this module's database, schema applied. Shared by the module's tests."""
-    with Store(database_url, max_size=40) as s:
-        s.upgrade()
-        yield s
-
-
-@pytest.fixture
-def clean_store(store: Store, database_url: str) -> Store:
-    """``store`` with no repositories or events and default settings, for tests that count."""
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("TRUNCATE container_repositories, migration_events RESTART IDENTITY")
-        conn.execute("DELETE FROM migration_settings")
-        conn.execute("INSERT INTO migration_settings (id) VALUES (1)")
-    return store
+# The fixtures, and the helper the tests import from here.
+__all__ = ["clean_store", "database_url", "database_url_for", "store"]

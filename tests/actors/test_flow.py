@@ -1,0 +1,47 @@
+"""The whole migration with real processes: workers, API, scheduler, simulator."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from migration.states import State
+from migration.store import Store
+from service.launcher import LocalMigration
+from tests.actors.conftest import all_terminal, seed_spread, stale_accepted_writes, wait_until
+
+
+def test_300_repositories_migrate_with_two_workers(
+    clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
+) -> None:
+    ids = seed_spread(clean_store, 300)
+    clean_store.update_settings(
+        capacity=8, enqueue_interval=1, guard_interval=2, max_step_duration=20
+    )
+    run = make_migration(workers=2, threads=4)
+    started = time.monotonic()
+    run.start()
+    wait_until(lambda: all_terminal(clean_store), timeout=150, interval=1, what="all terminal")
+    elapsed = time.monotonic() - started
+    report = run.report()
+    codes = run.stop()
+
+    counts = clean_store.counts_by_state()
+    assert counts.get(State.IMPORT_DONE, 0) + counts.get(State.IMPORT_SKIPPED, 0) == len(ids)
+    for repository_id in ids:
+        repository = clean_store.get(repository_id)
+        assert repository is not None
+        path = repository.path
+        if "native" in path:
+            assert repository.migration_skipped_reason == "native_import", path
+        elif "missing" in path:
+            assert repository.migration_skipped_reason == "not_found", path
+        elif "fail-always" in path:
+            assert repository.migration_skipped_reason == "too_many_retries", path
+        else:  # plain and fail-once (retried once) end imported
+            assert repository.migration_state is State.IMPORT_DONE, (path, repository)
+    assert report["overlapping_repositories"] == []
+    assert report["max_concurrent_imports"] <= 8
+    assert stale_accepted_writes(database_url) == []
+    assert all(code == 0 for code in codes.values()), codes
+    print(f"300 repositories in {elapsed:.1f} s; report {report['outcomes']}")
