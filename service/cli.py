@@ -39,6 +39,7 @@ def main() -> None:
 def _register() -> None:
     # One import per command module; each adds its group or command to ``main``.
     from service.commands import db as _db  # noqa: F401, PLC0415
+    from service.commands import demo as _demo  # noqa: F401, PLC0415
     from service.commands import leases as _leases  # noqa: F401, PLC0415
     from service.commands import repositories as _repositories  # noqa: F401, PLC0415
     from service.commands import run as _run  # noqa: F401, PLC0415

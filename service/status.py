@@ -193,14 +193,14 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
     ).fetchall()
     waited = True
     if settings.enqueue_waiting_time > 0:
-        row = cur.execute(
+        passed = cur.execute(
             "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
             " migration_aborted_at, migration_skipped_at))"
             " <= %(now)s - make_interval(secs => %(wait)s), true) AS passed"
             " FROM container_repositories",
             {"now": now, "wait": settings.enqueue_waiting_time},
         ).fetchone()
-        waited = bool(row and row["passed"])
+        waited = bool(passed and passed["passed"])
     return {
         "settings": settings,
         "now": now,
