@@ -134,10 +134,14 @@ class EtcdClient:
             raise EtcdUnavailable(f"etcd authentication failed: {_describe(error)}") from error
         self._kv = self._client.kvstub
         self._lease = self._client.leasestub
-        self._auth = {
-            "credentials": self._client.call_credentials,
-            "metadata": self._client.metadata,
-        }
+        self._user = user
+        self._password = password
+        self._auth_lock = threading.Lock()
+        # The token goes as plain call metadata only: python-etcd3 also attaches it as gRPC
+        # call credentials, which gRPC refuses to send on a plaintext channel
+        # (UNAUTHENTICATED: "insufficient security level"), so user/password auth without
+        # TLS would fail on every call. Metadata works on both kinds of channel.
+        self._auth: dict[str, Any] = {"metadata": self._client.metadata}
 
     def __repr__(self) -> str:
         return f"EtcdClient({','.join(f'{h}:{p}' for h, p in self.endpoints)})"
@@ -154,9 +158,30 @@ class EtcdClient:
 
     def _call(self, what: str, call: Callable[[], T]) -> T:
         try:
-            return call()
+            return self._with_fresh_token(call)
         except grpc.RpcError as error:
             raise EtcdUnavailable(f"etcd {what} failed: {_describe(error)}") from error
+
+    def _with_fresh_token(self, call: Callable[[], T]) -> T:
+        """``call()``; once more with a new token when etcd says the token expired.
+
+        etcd's simple tokens expire after ``--auth-token-ttl`` (5 min) without use, and
+        every token is refused after the auth store changed: an idle process would
+        otherwise fail every call from then on.
+        """
+        try:
+            return call()
+        except grpc.RpcError as error:
+            if self._user is None or not _token_refused(error):
+                raise
+            self._reauthenticate()
+            return call()
+
+    def _reauthenticate(self) -> None:
+        request = rpc.AuthenticateRequest(name=self._user, password=self._password)
+        with self._auth_lock:
+            response = self._client.auth_stub.Authenticate(request, self.timeout)
+            self._auth = {"metadata": (("token", response.token),)}
 
     # -- leases -------------------------------------------------------------------------
 
@@ -174,7 +199,9 @@ class EtcdClient:
         """Revoke a lease: every key attached to it is deleted at once."""
         request = rpc.LeaseRevokeRequest(ID=lease_id)
         try:
-            self._lease.LeaseRevoke(request, self.timeout, **self._auth)
+            self._with_fresh_token(
+                lambda: self._lease.LeaseRevoke(request, self.timeout, **self._auth)
+            )
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return  # already expired: the keys are gone, which is what revoke wants
@@ -337,6 +364,16 @@ class KeepAliveStream:
             self._closed.set()
             self._requests.put(self._CLOSE)
             self._call.cancel()
+
+
+def _token_refused(error: grpc.RpcError) -> bool:
+    """etcd refused the auth token as expired or stale (a new token will do)."""
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    text = (details() if callable(details) else "") or ""
+    return (callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED) or (
+        "invalid auth token" in text or "revision of auth store is old" in text
+    )
 
 
 def _describe(error: grpc.RpcError) -> str:

@@ -20,6 +20,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -46,6 +48,22 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """TLS for the members' client URLs (https); peers stay on plain loopback http.
+
+    :param ca: PEM file of the CA that signed ``cert`` and the clients' certificates.
+    :param cert: the server certificate (valid for 127.0.0.1).
+    :param key: its key.
+    :param client_cert_auth: require a client certificate signed by ``ca``.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert_auth: bool = True
+
+
 class EtcdCluster:
     """A private etcd 3.4 cluster of separate processes on loopback.
 
@@ -63,6 +81,8 @@ class EtcdCluster:
         base_peer_port: int | None = None,
         etcd_binary: str = "etcd",
         start_timeout: float = 30.0,
+        tls: EtcdTls | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """
         :param members: number of members (1 or more; 3 to survive losing one).
@@ -71,6 +91,9 @@ class EtcdCluster:
         :param base_peer_port: first peer port (then +1 per member); free ports if None.
         :param etcd_binary: the etcd executable.
         :param start_timeout: seconds to wait for health after a start or restart.
+        :param tls: serve clients over https (health is then read from a separate plain
+            http metrics listener, ``metrics_ports``).
+        :param extra_args: more etcd flags for every member (e.g. ``--auth-token-ttl=2``).
         """
         if members < 1:
             raise ValueError("members must be at least 1")
@@ -90,6 +113,9 @@ class EtcdCluster:
             for i in range(members)
         ]
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * members
+        self.tls = tls
+        self._extra_args = list(extra_args)
+        self.metrics_ports = free_ports(members) if tls is not None else []
 
     @property
     def size(self) -> int:
@@ -107,7 +133,8 @@ class EtcdCluster:
         cluster = ",".join(
             f"m{i}=http://127.0.0.1:{port}" for i, port in enumerate(self.peer_ports)
         )
-        client_url = f"http://127.0.0.1:{self.client_ports[index]}"
+        scheme = "https" if self.tls is not None else "http"
+        client_url = f"{scheme}://127.0.0.1:{self.client_ports[index]}"
         peer_url = f"http://127.0.0.1:{self.peer_ports[index]}"
         return [
             self._binary,
@@ -123,7 +150,22 @@ class EtcdCluster:
             "--logger=zap",
             f"--log-outputs={self.log_path(index)}",
             "--experimental-enable-lease-checkpoint",
+            *self._tls_args(index),
+            *self._extra_args,
         ]
+
+    def _tls_args(self, index: int) -> list[str]:
+        if self.tls is None:
+            return []
+        args = [
+            f"--cert-file={self.tls.cert}",
+            f"--key-file={self.tls.key}",
+            f"--trusted-ca-file={self.tls.ca}",
+            f"--listen-metrics-urls=http://127.0.0.1:{self.metrics_ports[index]}",
+        ]
+        if self.tls.client_cert_auth:
+            args.append("--client-cert-auth")
+        return args
 
     def _spawn(self, index: int) -> None:
         if self.is_running(index):
@@ -152,7 +194,9 @@ class EtcdCluster:
         return [i for i in range(self.size) if self.is_running(i)]
 
     def _http(self, index: int, path: str, body: dict[str, object] | None = None) -> object:
-        url = f"http://127.0.0.1:{self.client_ports[index]}{path}"
+        # With TLS the client port speaks https only; /health is also on the metrics port.
+        port = self.metrics_ports[index] if self.tls is not None else self.client_ports[index]
+        url = f"http://127.0.0.1:{port}{path}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
         with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 (loopback)
