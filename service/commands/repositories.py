@@ -8,6 +8,9 @@ from datetime import datetime
 
 import click
 
+from leases import EtcdUnavailable, HolderInfo, LeaseError
+from migration.config import Config
+from migration.keys import repository_lease_key
 from migration.store import InvalidRepository, Repository
 from service.cli import main
 from service.commands.db import fail, open_store
@@ -86,6 +89,23 @@ def seed(count: int, rng_seed: int) -> None:
     click.echo(f"added {added:,} repositories in {time.monotonic() - started:.1f} s")
 
 
+def _lease_holder(repository_id: int) -> tuple[dict[str, object] | None, str | None]:
+    """The repository's lease key as held now (holder, token, TTL left), or why unknown."""
+    config = Config.from_env()
+    key = repository_lease_key(config.etcd_prefix, repository_id)
+    try:
+        with config.etcd_client(timeout=3.0) as client:
+            kv = client.get(key)
+            if kv is None:
+                return None, None
+            ttl = client.time_to_live(kv.lease_id) if kv.lease_id else -1
+    except (EtcdUnavailable, LeaseError) as error:
+        return None, f"etcd unreachable at {config.etcd_endpoints_text}: {error}"
+    holder = HolderInfo.from_json(kv.value)
+    return {"key": key, "token": kv.create_revision, "ttl_remaining": ttl,
+            "holder": holder.__dict__, "describe": holder.describe()}, None  # fmt: skip
+
+
 def _find(store_get_id: Repository | None, ident: str) -> Repository:
     if store_get_id is None:
         fail(f"no repository {ident}")
@@ -99,7 +119,10 @@ def _find(store_get_id: Repository | None, ident: str) -> Repository:
 @click.option("--events", "event_limit", type=click.IntRange(min=0), default=50,
               show_default=True, help="How many of the latest events to show.")  # fmt: skip
 def show(ident: str, as_json: bool, event_limit: int) -> None:
-    """Show a repository's state, timestamps, retries and event history.
+    """Show a repository's state, timestamps, retries, event history and lease holder.
+
+    The lease holder is read from etcd (the key <prefix>/leases/container_repository/<id>);
+    when etcd is unreachable the rest is shown and the holder is reported unknown.
 
     \b
     Examples:
@@ -109,9 +132,11 @@ def show(ident: str, as_json: bool, event_limit: int) -> None:
     with open_store() as store:
         repo = _find(store.get(int(ident)) if ident.isdigit() else store.get_by_path(ident), ident)
         events = store.events(repo.id, limit=event_limit)
+    lease, lease_error = _lease_holder(repo.id)
     if as_json:
         click.echo(json.dumps({"repository": repo.as_dict(),
-                               "events": [e.as_dict() for e in events]}))  # fmt: skip
+                               "events": [e.as_dict() for e in events],
+                               "lease": lease, "lease_error": lease_error}))  # fmt: skip
         return
     click.echo(f"repository {repo.id}  {repo.path}")
     click.echo(f"  state            {repo.migration_state}")
@@ -122,6 +147,11 @@ def show(ident: str, as_json: bool, event_limit: int) -> None:
                   if repo.migration_aborted_in_state else ""))  # fmt: skip
     click.echo(f"  tags             {repo.tags_count}")
     click.echo(f"  fencing token    {repo.fencing_token}")
+    if lease is not None:
+        click.echo(f"  lease held by    {lease['describe']} (token {lease['token']}, "
+                   f"{lease['ttl_remaining']} s left)")  # fmt: skip
+    else:
+        click.echo(f"  lease held by    {'unknown: ' + lease_error if lease_error else 'nobody'}")
     for label, value in (
         ("created", repo.created_at),
         ("last step", repo.last_step_at),
