@@ -6,11 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s.manifest_checks import Doc, render
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-K8S_DIR = REPO_ROOT / "deploy" / "k8s"
-OVERLAYS = ("dev", "production")
+from tests.k8s.manifest_checks import K8S_DIR, OVERLAYS, Doc, render
 
 
 class RenderCache:

