@@ -120,7 +120,7 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> int:
 
 def machine() -> dict[str, Any]:
     """Facts that make numbers comparable: CPUs, load, Python and library versions."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("etcd3", "grpcio", "protobuf", "dramatiq", "redis", "psycopg"):
         try:
             versions[package] = metadata.version(package)
