@@ -651,6 +651,7 @@ def judge(
     parts: list[str] = []
     single = min(thread_counts)
     many = max(thread_counts)
+    few = f"{single} thread" + ("s" if single > 1 else "")
     ours_single = by_key.get((OURS, single, False))
     floor_single = by_key.get((FLOOR, single, False))
     if ours_single and floor_single and floor_single["p50_ms"]:
@@ -658,14 +659,14 @@ def judge(
         met = ratio <= GOAL_LATENCY
         goals.append(
             {
-                "goal": f"ours p50 <= {GOAL_LATENCY} x raw floor ({single} thread{'s' if single > 1 else ''})",
+                "goal": f"ours p50 <= {GOAL_LATENCY} x raw floor ({few})",
                 "value": ratio,
                 "met": met,
-                "text": f"goal: ours p50 within {GOAL_LATENCY} x raw etcd floor ({single} thread{'s' if single > 1 else ''}): "
+                "text": f"goal: ours p50 within {GOAL_LATENCY} x raw etcd floor ({few}): "
                 f"{ratio:.2f} x -> {'met' if met else 'MISSED'}",
             }
         )
-        parts.append(f"{ratio:.2f} x raw etcd floor (p50, {single} thread)")
+        parts.append(f"{ratio:.2f} x raw etcd floor (p50, {few})")
     ours_many = by_key.get((OURS, many, False))
     lock_many = by_key.get((ETCD3_LOCK, many, False))
     if ours_many and lock_many and lock_many["ops_per_s"]:
