@@ -11,11 +11,13 @@ import dramatiq
 from actors.broker import make_broker
 from actors.config import CONFIG
 from actors.runtime import RuntimeMiddleware
+from actors.validation import ArgumentCheck
 from migration.logging import configure as _configure_logging
 
 _configure_logging(CONFIG.log_level)
 broker = make_broker(CONFIG, prometheus=os.environ.get("MIGRATOR_PROMETHEUS", "1") == "1")
 broker.add_middleware(RuntimeMiddleware())
+broker.add_middleware(ArgumentCheck())
 dramatiq.set_broker(broker)
 
 from actors.enqueuer import enqueue_next_migration, trigger_enqueue  # noqa: E402

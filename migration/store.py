@@ -449,6 +449,8 @@ class Store:
 
     def get_by_path(self, path: str) -> Repository | None:
         """The repository with that path, or None."""
+        if "\x00" in path:
+            return None  # text cannot hold NUL (PostgreSQL refuses the query): no such path
         return self._one("SELECT * FROM container_repositories WHERE path = %s", (path,))
 
     def _one(self, query: str, params: tuple[object, ...]) -> Repository | None:
