@@ -8,6 +8,7 @@ TOOLS_DIR := $(CURDIR)/.state/tools
 UV := $(or $(shell command -v uv 2>/dev/null),$(TOOLS_DIR)/bin/uv)
 STACK := deploy/local/stack
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help venv stack test lint demo clean
 
@@ -16,7 +17,7 @@ help:
 	@echo "make stack   start PostgreSQL, etcd and RabbitMQ on loopback ($(STACK) up)"
 	@echo "make test    venv + stack, then pytest; extra arguments: PYTEST_ARGS='--long -k lease'"
 	@echo "make lint    ruff check, ruff format --check, mypy"
-	@echo "make demo    venv + stack, then the demo"
+	@echo "make demo    venv + stack, then registry-migrator demo; options: DEMO_ARGS='--count 2000 --no-live'"
 	@echo "make clean   stop the stack, remove .state and caches"
 
 $(TOOLS_DIR)/bin/uv:
@@ -38,7 +39,7 @@ lint: venv
 	$(UV) run mypy
 
 demo: venv stack
-	$(UV) run python -m leases.demo
+	eval "$$($(STACK) env)" && $(UV) run registry-migrator demo $(DEMO_ARGS)
 
 clean:
 	-$(STACK) down
