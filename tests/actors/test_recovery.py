@@ -1,0 +1,138 @@
+"""A worker killed mid-run delays only its own repository; both lease scopes finish."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import pytest
+
+from leases import EtcdClient, HolderInfo
+from migration.config import Config
+from migration.keys import leases_prefix
+from migration.states import State
+from migration.store import Store
+from service.launcher import LocalMigration
+from tests.actors.conftest import all_terminal, seed_spread, stale_accepted_writes, wait_until
+
+
+def _held_by_enqueuer(client: EtcdClient, prefix: str) -> list[tuple[int, HolderInfo]]:
+    held = []
+    for kv in client.get_prefix(leases_prefix(prefix)):
+        holder = HolderInfo.from_json(kv.value)
+        if holder.actor == "enqueue_next_migration" and "container_repository/" in kv.key:
+            held.append((int(kv.key.rsplit("/", 1)[1]), holder))
+    return held
+
+
+def test_sigkill_worker_mid_run_delays_only_its_repository(
+    clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
+) -> None:
+    seed_spread(clean_store, 40, seed=11)
+    clean_store.update_settings(
+        capacity=6, enqueue_interval=0.5, guard_interval=1, max_step_duration=4
+    )
+    # Start calls take 1.5 s: a run holds its repository's lease that long.
+    run = make_migration(
+        workers=2, threads=3, lease_ttl=3, simulator_args=["--start-latency", "1.5"]
+    )
+    run.start()
+    prefix = run.env["MIGRATOR_ETCD_PREFIX"]
+    with Config.from_env(run.env).etcd_client() as client:
+        # A repository whose enqueuer run is in its registry call, in a worker we can kill.
+        def victim() -> tuple[int, int] | None:
+            for repository_id, holder in _held_by_enqueuer(client, prefix):
+                index = run.worker_index_of(holder.pid)
+                if index is not None:
+                    return repository_id, index
+            return None
+
+        repository_id, index = wait_until(victim, timeout=60, interval=0.05, what="a held lease")
+        victim_pid = dict(_held_by_enqueuer(client, prefix))[repository_id].pid
+        starts_before = run.report()["starts_accepted"]
+        run.kill_worker(index, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert not run.alive()[f"worker-{index}"]
+
+        # The rest goes on at once: new starts within the TTL, not after 30 minutes.
+        wait_until(
+            lambda: run.report()["starts_accepted"] > starts_before + 2,
+            timeout=3 + 6,
+            what="other repositories starting after the kill",
+        )
+
+        # The killed holder's key goes with its lease after the TTL (3 s), not before.
+        def victim_key_gone() -> bool:
+            holder = dict(_held_by_enqueuer(client, prefix)).get(repository_id)
+            return holder is None or holder.pid != victim_pid
+
+        wait_until(victim_key_gone, timeout=3 + 2, interval=0.05, what="the lease to expire")
+        expired_after = time.monotonic() - killed_at
+
+    # The survivor finishes everything, the victim's repository too.
+    wait_until(lambda: all_terminal(clean_store), timeout=120, interval=1, what="all terminal")
+    victim_repo = clean_store.get(repository_id)
+    assert victim_repo is not None and victim_repo.migration_state in (
+        State.IMPORT_DONE, State.IMPORT_SKIPPED,
+    )  # fmt: skip
+    report = run.report()
+    assert report["overlapping_repositories"] == []
+    assert report["max_concurrent_imports"] <= 6
+    assert stale_accepted_writes(database_url) == []
+    print(f"victim {repository_id}: lease gone {expired_after:.1f} s after the kill")
+
+
+def _run_intervals(lines: list[dict[str, object]]) -> list[tuple[float, float]]:
+    """(start, end) of the runs that stepped a repository, from their log lines."""
+    intervals = []
+    for line in lines:
+        if "container_repository_id" not in line:
+            continue
+        end = datetime.fromisoformat(str(line["timestamp"])).timestamp()
+        intervals.append((end - float(line["duration_s"]), end))  # type: ignore[arg-type]
+    return sorted(intervals)
+
+
+def _most_overlap(intervals: list[tuple[float, float]]) -> float:
+    """The longest time two of the intervals ran together."""
+    most = 0.0
+    for i, (start, end) in enumerate(intervals):
+        for other_start, other_end in intervals[i + 1 :]:
+            most = max(most, min(end, other_end) - max(start, other_start))
+    return most
+
+
+@pytest.mark.parametrize("scope", ["repository", "global"])
+def test_both_lease_scopes_migrate_everything(
+    scope: str,
+    clean_store: Store,
+    database_url: str,
+    make_migration: Callable[..., LocalMigration],
+) -> None:
+    ids = seed_spread(clean_store, 24, seed=3)
+    clean_store.update_settings(
+        capacity=5, enqueue_interval=0.5, guard_interval=2, max_step_duration=20, lease_scope=scope
+    )
+    # A start call takes 0.5 s, so a run that starts a repository holds its lease that long.
+    run = make_migration(workers=2, threads=3, simulator_args=["--start-latency", "0.5"])
+    run.start()
+    wait_until(lambda: all_terminal(clean_store), timeout=120, interval=0.5, what="all terminal")
+    counts = clean_store.counts_by_state()
+    assert counts.get(State.IMPORT_DONE, 0) + counts.get(State.IMPORT_SKIPPED, 0) == len(ids)
+    report = run.report()
+    assert report["overlapping_repositories"] == []
+    assert report["max_concurrent_imports"] <= 5
+    assert stale_accepted_writes(database_url) == []
+    lines = run.log_events("worker-0", "enqueue_next_migration") + run.log_events(
+        "worker-1", "enqueue_next_migration"
+    )
+    overlap = _most_overlap(_run_intervals(lines))
+    if scope == "global":
+        # One fixed key: runs are serial (the few milliseconds before the lease is taken
+        # may overlap, never the 0.5 s start call).
+        assert overlap < 0.25, overlap
+    else:
+        # Per-repository keys: runs on different repositories go on together.
+        assert overlap > 0.25, overlap
