@@ -32,13 +32,18 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import httpx
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from migration.config import Config
 
 #: A line every Dramatiq worker process logs once it consumes.
 WORKER_READY = b"Worker process is ready for action"
@@ -396,6 +401,20 @@ class LocalMigration:
         result: dict[str, Any] = response.json()
         return result
 
+    def queue_depth(self) -> int:
+        """Messages ready in this run's RabbitMQ queue now (not counting those being worked)."""
+        return queue_depth(self.env, self.env["MIGRATOR_QUEUE_NAME"])
+
+    def delete_queues(self) -> None:
+        """Delete this run's queues (the queue, its delay and dead-letter queues) from RabbitMQ.
+
+        They are durable and named for this run only; call it after :meth:`stop`.
+        """
+        queue = self.env["MIGRATOR_QUEUE_NAME"]
+        with _amqp(self.env) as channel:
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(queue=name)
+
     def alive(self) -> dict[str, bool]:
         """Whether each process (by name) is running."""
         return {child.name: child.running() for child in self._children()}
@@ -421,6 +440,32 @@ class LocalMigration:
                 if isinstance(line, dict) and (event is None or line.get("event") == event):
                     found.append(line)
         return found
+
+
+@contextlib.contextmanager
+def _amqp(env: Mapping[str, str]) -> Iterator[BlockingChannel]:
+    """A channel to the run's RabbitMQ (``MIGRATOR_BROKER_URL``), closed afterwards."""
+    url = env.get("MIGRATOR_BROKER_URL", Config().broker_url)
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        yield connection.channel()
+    finally:
+        connection.close()
+
+
+def queue_depth(env: Mapping[str, str], queue: str) -> int:
+    """Messages ready in RabbitMQ queue ``queue`` (0 when it was never declared).
+
+    :param env: holds ``MIGRATOR_BROKER_URL`` (the default URL when it does not).
+    """
+    try:
+        with _amqp(env) as channel:
+            declared = channel.queue_declare(queue=queue, passive=True)
+            return int(declared.method.message_count)
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code == 404:  # nothing published or consumed yet
+            return 0
+        raise
 
 
 def _group_members(pgid: int) -> list[int]:

@@ -50,6 +50,7 @@ def make_migration(
     yield make
     for run in made:
         run.stop(timeout=20)
+        run.delete_queues()
 
 
 def seed_spread(store: Store, count: int, *, seed: int = 7) -> list[int]:
