@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import pika
 import structlog
-from fastapi import FastAPI, Header, HTTPException, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -31,6 +31,9 @@ from migration.states import ACTIVE_STATES, State
 from migration.store import StoreError
 
 log = structlog.get_logger(__name__)
+
+#: The routes anyone may call (probes and the Prometheus scraper); all others need the secret.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 #: The statuses a notification may carry: a phase that ended.
 NOTIFIED_STATUSES = tuple(s for s in RegistryImportStatus if s.ended)
@@ -93,14 +96,33 @@ def create_app(
         title="registry-migrator",
         summary="Registry import notifications, health and metrics",
         version="1",
+        # The interactive docs page fetches the schema without the secret: off. The schema
+        # itself is served to callers with the secret.
+        docs_url=None,
+        redoc_url=None,
     )
 
-    def authorize(authorization: str | None) -> None:
-        given = (authorization or "").encode()
+    def authorized(authorization: str | None) -> bool:
+        # Starlette decodes header bytes as latin-1: encoding back gives the bytes sent.
+        given = (authorization or "").encode("latin-1", errors="replace")
         # Constant time: the comparison must not tell how much of a guess was right.
-        if not hmac.compare_digest(given, secret):
+        return hmac.compare_digest(given, secret)
+
+    def authorize(authorization: str | None) -> None:
+        if not authorized(authorization):
             metrics.notifications.labels("unauthorized").inc()
             raise HTTPException(status_code=401, detail="missing or wrong Authorization")
+
+    @app.middleware("http")
+    async def require_secret(request: Request, call_next: Any) -> Any:
+        # Before routing and body parsing: a caller without the secret learns nothing, not
+        # even whether its body would have been valid (422) or the route exists (404).
+        if request.url.path not in PUBLIC_PATHS and not authorized(
+            request.headers.get("authorization")
+        ):
+            metrics.notifications.labels("unauthorized").inc()
+            return JSONResponse({"detail": "missing or wrong Authorization"}, status_code=401)
+        return await call_next(request)
 
     def get_runtime() -> Runtime:
         try:
@@ -182,7 +204,8 @@ def create_app(
             )
         for name, check in (
             ("postgresql", current.store.settings),
-            ("etcd", lambda: current.etcd.get("/")),
+            # A key under our prefix: an etcd user may be granted only that prefix.
+            ("etcd", lambda: current.etcd.get(leases_prefix(config.etcd_prefix))),
             ("rabbitmq", broker_check or (lambda: None)),
         ):
             try:
