@@ -167,6 +167,19 @@ def insert_repositories(database_url: str, rows: Iterable[PlannedRepository]) ->
     return n
 
 
+def migration_seconds(database_url: str) -> float | None:
+    """Seconds from the first accepted write to the last one (the migration's own span).
+
+    Measured in the database so that process start-up and shutdown are not counted.
+    """
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT extract(epoch FROM max(at) - min(at))::float8 FROM migration_events"
+            " WHERE accepted"
+        ).fetchone()
+    return float(row[0]) if row and row[0] is not None else None
+
+
 class Progress:
     """Repositories per minute and ETA from the terminal count over a sliding window.
 
@@ -325,7 +338,7 @@ def summary_table(outcome: Outcome) -> Table:
         table.add_row(f"  skipped: {reason}", f"{n:,}")
     table.add_row("excluded by deny list (never picked)", f"{status.excluded_by_deny_list:,}")
     table.add_row("every eligible repository terminal", "yes" if outcome.finished else "NO")
-    table.add_row("duration", _duration(outcome.elapsed_s))
+    table.add_row("duration (first to last state change)", _duration(outcome.elapsed_s))
     minutes = max(outcome.elapsed_s / 60.0, 1e-9)
     table.add_row("throughput", f"{status.terminal / minutes:.0f} repositories/min")
     table.add_row("enqueuer runs", f"{outcome.enqueuer_runs:,}")

@@ -30,6 +30,7 @@ from service.demo import (
     busy_lease_runs,
     insert_repositories,
     live_view,
+    migration_seconds,
     plan_repositories,
     progress_line,
     recreate_database,
@@ -144,6 +145,8 @@ def demo(
       registry-migrator demo --lease-scope global   # the reference's single lease
     """
     base = Config.from_env()
+    if no_live and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach CI logs at once
     # This process prints the view; the store's info lines would only garble it.
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
@@ -239,12 +242,14 @@ def demo(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    span: float | None = None
     with contextlib.suppress(psycopg.Error, LeaseError):
         status = collect(config, recent=0)
+        span = migration_seconds(url)
     runs, busy = busy_lease_runs(sorted(logs.glob("worker-*.log")))
     if status is not None:
         outcome = Outcome(
-            status=status, elapsed_s=elapsed or progress.elapsed, finished=status.done,
+            status=status, elapsed_s=span or elapsed or progress.elapsed, finished=status.done,
             enqueuer_runs=runs, busy_lease_runs=busy, registry=registry,
         )  # fmt: skip
         console.print(summary_table(outcome))

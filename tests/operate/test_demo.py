@@ -72,6 +72,7 @@ def _wait_gone(run: DemoRun, *, seconds: float) -> list[int]:
     return left
 
 
+@pytest.mark.timeout(480)  # the subprocess has its own 420 s bound
 def test_demo_migrates_every_eligible_repository(demo_run: DemoRun) -> None:
     done = subprocess.run(
         demo_run.command("--count", "40", "--workers", "2", "--threads", "4",
@@ -104,6 +105,7 @@ def test_demo_migrates_every_eligible_repository(demo_run: DemoRun) -> None:
     assert retried_then_done >= 1
 
 
+@pytest.mark.timeout(420)
 def test_sigterm_stops_every_child(demo_run: DemoRun) -> None:
     process = subprocess.Popen(
         demo_run.command("--count", "300", "--workers", "2", "--threads", "4",
