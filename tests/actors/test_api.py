@@ -1,0 +1,117 @@
+"""The notification API as a real process: every answer it gives, and what 202 means."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from migration.states import Event, State
+from migration.store import Store
+from service.launcher import LocalMigration
+from tests.actors.conftest import wait_until
+
+BODY = {"name": "app", "path": "api-group/app", "status": "pre_import_complete", "detail": ""}
+
+
+@pytest.fixture
+def api_run(
+    clean_store: Store, make_migration: Callable[..., LocalMigration]
+) -> Iterator[LocalMigration]:
+    """The API (and a simulator) with no worker: what it queues stays in RabbitMQ."""
+    run = make_migration(workers=0, scheduler=False, secret="api-test-secret")
+    run.start()
+    yield run
+
+
+def _put(run: LocalMigration, path: str, body: object, secret: str | None) -> httpx.Response:
+    headers = {"Authorization": secret} if secret is not None else {}
+    return httpx.put(
+        f"{run.api_url}/notifications/registry/repositories/{path}/status",
+        json=body,
+        headers=headers,
+        timeout=10,
+    )
+
+
+def test_notification_answers(api_run: LocalMigration, clean_store: Store) -> None:
+    run = api_run
+    secret = "api-test-secret"
+    waiting = clean_store.add_repository("api-group/app")
+    idle = clean_store.add_repository("api-group/idle")
+    claimed = clean_store.claim(
+        waiting,
+        expected_state=State.DEFAULT,
+        event=Event.START_PRE_IMPORT,
+        token=1,
+        actor="test",
+        message_id=None,
+    )
+    assert claimed.ok
+
+    assert _put(run, "api-group/app", BODY, None).status_code == 401
+    assert _put(run, "api-group/app", BODY, "wrong").status_code == 401
+    assert _put(run, "api-group/app", BODY, secret + "x").status_code == 401
+    assert _put(run, "api-group/app", {**BODY, "status": "bogus"}, secret).status_code == 422
+    assert _put(run, "api-group/app", {"path": "api-group/app"}, secret).status_code == 422
+    mismatch = _put(run, "api-group/app", {**BODY, "path": "api-group/other"}, secret)
+    assert mismatch.status_code == 422
+    in_progress = {**BODY, "status": "pre_import_in_progress"}
+    assert _put(run, "api-group/app", in_progress, secret).status_code == 422
+    unknown = {**BODY, "path": "api-group/nope"}
+    assert _put(run, "api-group/nope", unknown, secret).status_code == 404
+    not_awaiting = {**BODY, "path": "api-group/idle", "status": "import_complete"}
+    assert _put(run, "api-group/idle", not_awaiting, secret).status_code == 409
+    wrong_phase = {**BODY, "status": "import_complete"}
+    assert _put(run, "api-group/app", wrong_phase, secret).status_code == 409
+    # Nothing refused was queued.
+    assert run.queue_depth() == 0
+    assert clean_store.get(idle).migration_state is State.DEFAULT  # type: ignore[union-attr]
+
+    accepted = _put(run, "api-group/app", BODY, secret)
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["container_repository_id"] == waiting
+    # 202 means RabbitMQ has it (publisher confirms): it is in the queue right now.
+    assert run.queue_depth() == 1
+    # Applying it is the workers' job, not the API's.
+    assert clean_store.get(waiting).migration_state is State.PRE_IMPORTING  # type: ignore[union-attr]
+
+    assert httpx.get(f"{run.api_url}/healthz", timeout=5).status_code == 200
+    ready = httpx.get(f"{run.api_url}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"postgresql": "ok", "etcd": "ok", "rabbitmq": "ok"}
+    metrics = httpx.get(f"{run.api_url}/metrics", timeout=10).text
+    assert 'registry_migrator_notifications_total{outcome="accepted"} 1.0' in metrics
+    assert 'registry_migrator_notifications_total{outcome="unauthorized"} 3.0' in metrics
+    assert 'registry_migrator_repositories{state="pre_importing"} 1.0' in metrics
+
+
+def test_queued_notification_is_applied_by_a_worker(
+    clean_store: Store, make_migration: Callable[..., LocalMigration]
+) -> None:
+    """The 202'd notification is applied: pre_import_done, then the final import starts."""
+    repository_id = clean_store.add_repository("api-group/applied")
+    assert clean_store.claim(
+        repository_id,
+        expected_state=State.DEFAULT,
+        event=Event.START_PRE_IMPORT,
+        token=1,
+        actor="test",
+        message_id=None,
+    ).ok
+    clean_store.update_settings(enabled=False)  # no enqueuer run may start anything else
+    run = make_migration(workers=1, threads=2, scheduler=False, secret="s")
+    run.start()
+    body = {**BODY, "path": "api-group/applied"}
+    assert _put(run, "api-group/applied", body, "s").status_code == 202
+
+    wait_until(
+        lambda: (
+            clean_store.get(repository_id).migration_state  # type: ignore[union-attr]
+            in (State.IMPORTING, State.IMPORT_DONE)
+        ),
+        timeout=30,
+        what="the notification applied",
+    )
+    assert run.report()["starts"]["api-group/applied"]["final"] == 1
