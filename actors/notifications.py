@@ -46,6 +46,9 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     :param detail: the registry's detail text, kept in the events log.
     """
     fields: dict[str, Any] = {"container_repository_path": path, "registry_status": status}
+    # The detail goes into the events log; PostgreSQL text and JSON cannot hold NUL, and the
+    # step must not fail (and the notification be lost) over free text.
+    detail = detail.replace("\x00", "\\0")
     try:
         registry_status = RegistryImportStatus(status)
     except ValueError:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+import psycopg
 import pytest
 
 from actors.validation import argument_problem
@@ -221,6 +222,30 @@ def test_a_bad_message_is_dead_lettered_or_dropped_once(
     assert "Retrying message" not in new_lines, new_lines
     assert queue.dead_letters() == dead_before + (1 if expected == DEAD else 0)
     assert worker.alive()["worker-0"], "the worker died"
+
+
+def test_a_nul_in_the_detail_does_not_stop_the_step(
+    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
+) -> None:
+    """The registry's free-text detail is kept in the events log; NUL cannot be stored."""
+    path = f"nul/detail-{uuid.uuid4().hex[:6]}"
+    repository_id = store.add_repository(path)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE container_repositories SET migration_state = 'importing' WHERE id = %s",
+            (repository_id,),
+        )
+    log_before = len(worker_log(worker))
+    queue.message("handle_registry_notification", [path, "import_complete", "bad\x00detail"])
+    wait_for(
+        lambda: (
+            (found := store.get(repository_id)) is not None
+            and found.migration_state.value == "import_done"
+        ),
+        timeout=10,
+        what="the step to import_done",
+    )
+    assert "Retrying message" not in worker_log(worker)[log_before:]
 
 
 def test_the_worker_still_processes_a_valid_message(
