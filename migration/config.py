@@ -40,7 +40,9 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     return value
 
 
-def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -48,8 +50,8 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float) -
         value = float(raw)
     except ValueError:
         raise ConfigError(name, f"expected a number, got {raw!r}") from None
-    if math.isnan(value) or value < minimum:
-        raise ConfigError(name, f"must be at least {minimum:g}, got {raw!r}")
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise ConfigError(name, f"must be between {minimum:g} and {maximum:g}, got {raw!r}")
     return value
 
 
@@ -72,12 +74,21 @@ def _endpoints(env: Mapping[str, str], name: str, default: str) -> tuple[tuple[s
     return tuple(endpoints)
 
 
-def _optional_file(env: Mapping[str, str], name: str) -> str | None:
+def _optional_pem(env: Mapping[str, str], name: str) -> str | None:
+    """A PEM file's path (certificate or key), checked to exist and look like PEM."""
     value = env.get(name, "").strip()
     if not value:
         return None
     if not os.path.isfile(value):
         raise ConfigError(name, f"no such file: {value!r}")
+    try:
+        with open(value, "rb") as file:
+            head = file.read(64 * 1024)
+    except OSError as error:
+        raise ConfigError(name, f"cannot read {value!r}: {error.strerror}") from None
+    # gRPC would only fail at the first call, with an obscure TLS error (or not at all).
+    if b"-----BEGIN " not in head:
+        raise ConfigError(name, f"{value!r} is not a PEM file")
     return value
 
 
@@ -120,16 +131,17 @@ class Config:
         """Read the configuration; raise :class:`ConfigError` naming the first bad variable."""
         env = os.environ if env is None else env
         d = cls()
-        prefix = env.get(f"{PREFIX}ETCD_PREFIX", d.etcd_prefix).rstrip("/")
-        if not prefix.startswith("/"):
-            raise ConfigError(f"{PREFIX}ETCD_PREFIX", f"must start with '/', got {prefix!r}")
+        raw_prefix = env.get(f"{PREFIX}ETCD_PREFIX", d.etcd_prefix).strip()
+        if not raw_prefix.startswith("/"):
+            raise ConfigError(f"{PREFIX}ETCD_PREFIX", f"must start with '/', got {raw_prefix!r}")
+        prefix = raw_prefix.rstrip("/")  # "/" itself: every key at the root
         level = env.get(f"{PREFIX}LOG_LEVEL", d.log_level).strip().lower()
         if level not in {"debug", "info", "warning", "error"}:
             raise ConfigError(
                 f"{PREFIX}LOG_LEVEL", f"expected debug|info|warning|error, got {level!r}"
             )
-        cert = _optional_file(env, f"{PREFIX}ETCD_CERT")
-        key = _optional_file(env, f"{PREFIX}ETCD_KEY")
+        cert = _optional_pem(env, f"{PREFIX}ETCD_CERT")
+        key = _optional_pem(env, f"{PREFIX}ETCD_KEY")
         if (cert is None) != (key is None):
             raise ConfigError(
                 f"{PREFIX}ETCD_CERT", "MIGRATOR_ETCD_CERT and MIGRATOR_ETCD_KEY go together"
@@ -150,7 +162,7 @@ class Config:
             ),
             etcd_endpoints=_endpoints(env, f"{PREFIX}ETCD_ENDPOINTS", "127.0.0.1:23790"),
             etcd_prefix=prefix or "/",
-            etcd_ca_cert=_optional_file(env, f"{PREFIX}ETCD_CA_CERT"),
+            etcd_ca_cert=_optional_pem(env, f"{PREFIX}ETCD_CA_CERT"),
             etcd_cert_cert=cert,
             etcd_cert_key=key,
             etcd_user=user,
@@ -159,7 +171,8 @@ class Config:
             registry_url=_url(env, f"{PREFIX}REGISTRY_URL", d.registry_url, ("http", "https")),
             registry_token=env.get(f"{PREFIX}REGISTRY_TOKEN") or None,
             notification_secret=secret,
-            lease_ttl=_number(env, f"{PREFIX}LEASE_TTL", d.lease_ttl, minimum=2),
+            # etcd grants whole seconds; an hour-long TTL would already defeat fast recovery.
+            lease_ttl=_number(env, f"{PREFIX}LEASE_TTL", d.lease_ttl, minimum=2, maximum=3600),
             log_level=level,
             queue_name=queue,
         )
