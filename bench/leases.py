@@ -195,7 +195,13 @@ class Etcd3Lock:
 
         def acquire_release() -> bool:
             lock = client.lock(name, ttl=LEASE_TTL)  # a fresh Lock per use, as in `with`
-            if not lock.acquire(timeout=0):  # timeout 0: one try, never waits on a watch
+            try:
+                if not lock.acquire(timeout=0):  # timeout 0: one try, never waits on a watch
+                    return False
+            except TypeError:
+                # A busy key: python-etcd3 0.12's retry callback does not fit tenacity >= 8.2
+                # (kragniz/python-etcd3#2149), so Lock.acquire raises instead of answering
+                # False (and leaves the lease it granted to expire). Not acquired: busy.
                 return False
             return bool(lock.release())
 
