@@ -35,6 +35,7 @@ DEFAULTS = {
     "MIGRATOR_ETCD_ENDPOINTS": "127.0.0.1:23790",
     "MIGRATOR_DATABASE_URL": "postgresql://postgres@127.0.0.1:55432/migrator",
     "MIGRATOR_REDIS_URL": "redis://127.0.0.1:56379/0",
+    "MIGRATOR_BROKER_URL": "amqp://guest:guest@127.0.0.1:56720/%2F?heartbeat=30",
 }
 
 
@@ -52,7 +53,8 @@ def _host_port(variable: str, value: str) -> tuple[str, int]:
     from urllib.parse import urlsplit
 
     parts = urlsplit(value)
-    return parts.hostname or "127.0.0.1", parts.port or (5432 if "postgres" in value else 6379)
+    default = 5432 if "postgres" in value else 5672 if value.startswith("amqp") else 6379
+    return parts.hostname or "127.0.0.1", parts.port or default
 
 
 def _reachable(host: str, port: int) -> bool:

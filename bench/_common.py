@@ -1,0 +1,202 @@
+"""What the migration benchmarks share: a fresh database, a local migration, sampling, logs.
+
+Import ``support`` before this module (it fixes ``sys.path``). Pieces:
+
+- :func:`stack_env`: the ``MIGRATOR_*`` addresses of the local stack (started when down).
+- :func:`fresh_database`: a new database with the schema, dropped afterwards.
+- :func:`add_repositories`: COPY plain repository rows (old enough to be eligible).
+- :class:`InFlightSampler`: samples the repositories in flight in a background thread.
+- :class:`LogWindow`: the JSON lines the workers logged since a mark.
+- :func:`wait_until`, :func:`table`: small helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import support
+
+from migration.store import Store
+from service.demo import drop_database, recreate_database
+
+STACK_VARIABLES = ("MIGRATOR_DATABASE_URL", "MIGRATOR_ETCD_ENDPOINTS", "MIGRATOR_BROKER_URL")
+
+
+def stack_env() -> dict[str, str]:
+    """PostgreSQL, etcd and RabbitMQ addresses (``deploy/local/stack up`` when one is down)."""
+    return support.ensure_stack(list(STACK_VARIABLES), with_redis=False)
+
+
+@contextlib.contextmanager
+def fresh_database(base_url: str, *, label: str) -> Iterator[str]:
+    """A new database ``bench_<label>_<random>`` with the schema applied; dropped afterwards.
+
+    :param base_url: a URL of the PostgreSQL server.
+    :param label: part of the name, saying which benchmark made it.
+    """
+    name = f"bench_{label}_{uuid.uuid4().hex[:8]}"
+    url = recreate_database(base_url, name)
+    try:
+        yield url
+    finally:
+        drop_database(base_url, name)
+
+
+def add_repositories(database_url: str, paths: Iterable[str]) -> list[int]:
+    """Insert plain repositories (state default, 3 tags, created a day ago); their ids."""
+    created = datetime.now(UTC) - timedelta(days=1)
+    rows = list(paths)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        with (
+            conn.cursor() as cur,
+            cur.copy(
+                "COPY container_repositories (path, created_at, tags_count) FROM STDIN"
+            ) as copy,
+        ):
+            for n, path in enumerate(rows):
+                copy.write_row((path, created - timedelta(microseconds=len(rows) - n), 3))
+        found = conn.execute(
+            "SELECT id FROM container_repositories WHERE path = ANY(%s) ORDER BY id", (rows,)
+        ).fetchall()
+    return [int(r[0]) for r in found]
+
+
+def terminal_count(database_url: str, ids: Sequence[int]) -> int:
+    """How many of ``ids`` are import_done or import_skipped."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM container_repositories WHERE id = ANY(%s)"
+            " AND migration_state IN ('import_done', 'import_skipped')",
+            (list(ids),),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def event_span(database_url: str, ids: Sequence[int]) -> tuple[datetime, datetime] | None:
+    """(first, last) accepted state change of ``ids`` (database clock)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT min(at), max(at) FROM migration_events WHERE accepted"
+            " AND repository_id = ANY(%s)",
+            (list(ids),),
+        ).fetchone()
+    if not row or row[0] is None:
+        return None
+    return row[0], row[1]
+
+
+class InFlightSampler:
+    """Counts the repositories in flight every ``interval`` seconds, in a thread.
+
+    :param store: a Store on the migration's database.
+    :param interval: seconds between samples.
+    """
+
+    def __init__(self, store: Store, *, interval: float = 0.2) -> None:
+        self.store = store
+        self.interval = interval
+        self.samples: list[tuple[datetime, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="in-flight-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # a blip loses one sample, not the run
+                self.samples.append((datetime.now(UTC), self.store.in_flight()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> InFlightSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def mean_between(self, first: datetime, last: datetime) -> float:
+        """Mean in flight over the samples taken between ``first`` and ``last``."""
+        values = [n for at, n in self.samples if first <= at <= last]
+        return statistics.fmean(values) if values else 0.0
+
+
+class LogWindow:
+    """The JSON lines written to some log files after a mark (by byte offset).
+
+    :param paths: the log files (e.g. every worker's).
+    """
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+        self.offsets = {p: p.stat().st_size if p.exists() else 0 for p in self.paths}
+
+    def lines(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Lines logged since the mark, optionally only those of ``event``."""
+        found: list[dict[str, Any]] = []
+        needle = f'"{event}"'.encode() if event else b""
+        for path in self.paths:
+            try:
+                with open(path, "rb") as log:
+                    log.seek(self.offsets[path])
+                    data = log.read()
+            except OSError:
+                continue
+            for raw in data.splitlines():
+                if not raw.startswith(b"{") or needle not in raw:
+                    continue
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(line, dict) and (event is None or line.get("event") == event):
+                    found.append(line)
+        return found
+
+
+def wait_until(
+    condition: Callable[[], bool], *, timeout: float, what: str, interval: float = 0.2
+) -> None:
+    """Poll ``condition`` until true; exit with a clear line after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: {what} not reached within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table, right-aligned numbers, ``headers`` first."""
+    cells = [[str(h) for h in headers], *[[_cell(v) for v in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def note(text: str) -> None:
+    """A progress line on stderr (the table and headline go to stdout)."""
+    print(f"bench: {text}", file=sys.stderr, flush=True)
