@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
+import dramatiq
 import structlog
 
 from actors.enqueuer import trigger_enqueue
@@ -79,7 +80,13 @@ class Scheduler:
                 continue
             except Exception as error:  # e.g. the broker is down: keep the loop alive
                 log.warning(
-                    "scheduler_publish_failed", error=str(error), retry_in_s=round(backoff, 2)
+                    "scheduler_publish_failed",
+                    # Say which server, as the other servers' errors do.
+                    server="rabbitmq"
+                    if isinstance(error, dramatiq.errors.ConnectionError)
+                    else None,
+                    error=str(error),
+                    retry_in_s=round(backoff, 2),
                 )
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -192,29 +192,15 @@ def create_app(
         """The process is alive (liveness)."""
         return {"status": "ok"}
 
+    checks = ServerChecks(config, runtime=runtime, broker_check=broker_check)
+    app.state.server_checks = checks
+
     @app.get("/readyz", responses={503: {}})
     def readyz() -> JSONResponse:
         """PostgreSQL, etcd and RabbitMQ are reachable (readiness)."""
-        checks: dict[str, str] = {}
-        try:
-            current = runtime()
-        except Exception as error:
-            return JSONResponse(
-                {"ready": False, "checks": {"runtime": str(error)}}, status_code=503
-            )
-        for name, check in (
-            ("postgresql", current.store.settings),
-            # A key under our prefix: an etcd user may be granted only that prefix.
-            ("etcd", lambda: current.etcd.get(leases_prefix(config.etcd_prefix))),
-            ("rabbitmq", broker_check or (lambda: None)),
-        ):
-            try:
-                check()
-                checks[name] = "ok"
-            except Exception as error:
-                checks[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
-        ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        results = checks.run()
+        ready = all(v == "ok" for v in results.values())
+        return JSONResponse({"ready": ready, "checks": results}, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
@@ -233,6 +219,87 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class ServerChecks:
+    """Reachability of PostgreSQL, etcd and RabbitMQ, for ``/readyz`` and the start-up log.
+
+    :param config: the process configuration (the etcd prefix to read under).
+    :param runtime: returns the process runtime; raises while it cannot be created.
+    :param broker_check: raises when RabbitMQ is unreachable (None: not checked).
+    """
+
+    SERVERS = ("postgresql", "etcd", "rabbitmq")
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        runtime: Callable[[], Runtime],
+        broker_check: Callable[[], None] | None,
+    ) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.broker_check = broker_check or (lambda: None)
+
+    def run(self) -> dict[str, str]:
+        """Each server's state: ``ok`` or one line saying what is wrong."""
+        results: dict[str, str] = {}
+        try:
+            current: Runtime | None = self.runtime()
+        except StoreError as error:  # the runtime is made only once PostgreSQL answers
+            current = None
+            results["postgresql"] = _first_line(error)
+            results["etcd"] = "not checked: waiting for PostgreSQL"
+        except LeaseError as error:
+            current = None
+            results["etcd"] = _first_line(error)
+        except Exception as error:  # reported, and retried by the caller
+            current = None
+            results["postgresql"] = f"runtime not created: {_first_line(error)}"
+        if current is not None:
+            store, etcd = current.store, current.etcd
+            # A key under our prefix: an etcd user may be granted only that prefix.
+            key = leases_prefix(self.config.etcd_prefix)
+            for name, check in (("postgresql", store.settings), ("etcd", lambda: etcd.get(key))):
+                try:
+                    check()
+                    results[name] = "ok"
+                except Exception as error:  # any failure means not ready
+                    results[name] = _first_line(error)
+        try:
+            self.broker_check()
+            results["rabbitmq"] = "ok"
+        except Exception as error:
+            results["rabbitmq"] = _first_line(error)
+        return {name: results.get(name, "not checked") for name in self.SERVERS}
+
+    def wait_until_ready(
+        self, stop: threading.Event, *, first_delay: float = 0.5, max_delay: float = 10.0
+    ) -> bool:
+        """Check until every server answers, with exponential backoff.
+
+        Logs one ``server_unavailable`` line per down server per attempt (naming it, with
+        the error and the delay before the next attempt), then ``servers_ready``.
+
+        :returns: True once ready, False when ``stop`` was set first.
+        """
+        delay = first_delay
+        while not stop.is_set():
+            down = {name: state for name, state in self.run().items() if state != "ok"}
+            if not down:
+                log.info("servers_ready", servers=list(self.SERVERS))
+                return True
+            for name, state in down.items():
+                log.warning("server_unavailable", server=name, error=state, retry_in_s=delay)
+            stop.wait(delay)
+            delay = min(delay * 2, max_delay)
+        return False
 
 
 class LazyRuntime:

@@ -79,6 +79,15 @@ def api(host: str, port: int) -> None:
         config, runtime=runtime, publish=publish, broker_check=rabbitmq_check(config.broker_url)
     )
     log.info("api_starting", host=host, port=port, broker=actors.broker.__class__.__name__)
+    # Serve at once (liveness, /readyz 503) while a server is down; say so in the log, with
+    # backoff, until all answer.
+    watcher_stop = threading.Event()
+    threading.Thread(
+        target=app.state.server_checks.wait_until_ready,
+        args=(watcher_stop,),
+        name="server-checks",
+        daemon=True,
+    ).start()
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown, then re-raises the signal to
     # the handler that was in place before: make that one a no-op, so that a requested stop
     # ends the process with status 0 (as the simulator does) rather than "killed by SIGTERM".
