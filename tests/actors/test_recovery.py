@@ -30,14 +30,12 @@ def _held_by_enqueuer(client: EtcdClient, prefix: str) -> list[tuple[int, Holder
 def test_sigkill_worker_mid_run_delays_only_its_repository(
     clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
 ) -> None:
-    seed_spread(clean_store, 40, seed=11)
+    seed_spread(clean_store, 20, seed=11)
     clean_store.update_settings(
         capacity=6, enqueue_interval=0.5, guard_interval=1, max_step_duration=4
     )
-    # Start calls take 1.5 s: a run holds its repository's lease that long.
-    run = make_migration(
-        workers=2, threads=3, lease_ttl=3, simulator_args=["--start-latency", "1.5"]
-    )
+    # Start calls take 1 s: a run holds its repository's lease that long.
+    run = make_migration(workers=2, threads=3, lease_ttl=3, simulator_args=["--start-latency", "1"])
     run.start()
     prefix = run.env["MIGRATOR_ETCD_PREFIX"]
     with Config.from_env(run.env).etcd_client() as client:
