@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -73,6 +73,8 @@ FAIL_IMPORT_ONCE_MARKER = "fail-import-once"
 FAIL_IMPORT_ALWAYS_MARKER = "fail-import-always"
 SERVER_ERROR_MARKER = "server-error"
 GARBAGE_MARKER = "garbage"
+SLOW_START_MARKER = "slow-start"
+SLOW_DECIDE_MARKER = "slow-decide"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +91,10 @@ class SimulatorConfig:
     :param max_concurrent_imports: phases (pre + final) running at once before 429; 0 = no limit.
     :param start_latency_seconds: how long a start call waits before it is answered (the
         decision is taken after the wait; a client that timed out may still have started it).
+    :param slow_start_seconds: for paths containing ``slow-start``: the start is decided (and
+        an accepted import begins) at once, and the answer is sent this much later; for
+        paths containing ``slow-decide``: the wait comes first, and nothing starts when the
+        caller has gone by then (answered 499). For benchmarks that kill a caller mid-call.
     :param guard_double_start: answer 425/409 to a start while a phase runs for the path;
         False accepts it (an overlap, flagged in the report) — for testing the report.
     :param token: the bearer token required on import calls; None = no authentication.
@@ -110,6 +116,7 @@ class SimulatorConfig:
     start_error_rate: float = 0.0
     max_concurrent_imports: int = 0
     start_latency_seconds: float = 0.0
+    slow_start_seconds: float = 0.0
     guard_double_start: bool = True
     token: str | None = None
     notify_url: str | None = None
@@ -132,7 +139,12 @@ class SimulatorConfig:
         for name in ("pre_import_failure_rate", "import_failure_rate", "start_error_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be between 0 and 1")
-        for name in ("start_latency_seconds", "notify_backoff", "notify_backoff_max"):
+        for name in (
+            "start_latency_seconds",
+            "slow_start_seconds",
+            "notify_backoff",
+            "notify_backoff_max",
+        ):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
         if self.notify_timeout <= 0:
@@ -416,14 +428,32 @@ class SimulatedRegistry:
 
     # -- the import API ----------------------------------------------------------------------
 
-    async def start(self, path: str, phase: ImportType, *, tags: int | None = None) -> Answer:
-        """A start call: begin a pre-import or final import of ``path``, or say why not."""
+    async def start(
+        self,
+        path: str,
+        phase: ImportType,
+        *,
+        tags: int | None = None,
+        caller_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Answer:
+        """A start call: begin a pre-import or final import of ``path``, or say why not.
+
+        :param caller_gone: tells whether the caller has disconnected (``slow-decide`` paths).
+        """
+        slow = self.config.slow_start_seconds
         if self.config.start_latency_seconds:
             await asyncio.sleep(self.config.start_latency_seconds)
+        if slow and SLOW_DECIDE_MARKER in path:
+            await asyncio.sleep(slow)
+            if caller_gone is not None and await caller_gone():
+                self._record("start", path, str(phase), 499, overlap=False)
+                return Answer(499, {"detail": "caller gone before the start was decided"})
         answer, overlap = self._decide_start(path, phase)
         if answer.status_code == 202:
             self._begin(path, phase, tags=tags, overlap=overlap)
         self._record("start", path, str(phase), answer.status_code, overlap=overlap)
+        if slow and SLOW_START_MARKER in path:
+            await asyncio.sleep(slow)
         return answer
 
     def _decide_start(self, path: str, phase: ImportType) -> tuple[Answer, bool]:
@@ -640,7 +670,9 @@ def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> S
                 if not tags_raw.isdigit():
                     return JSONResponse({"detail": "tags must be a whole number"}, status_code=400)
                 tags = int(tags_raw)
-            answer = await registry.start(path, phase, tags=tags)
+            answer = await registry.start(
+                path, phase, tags=tags, caller_gone=request.is_disconnected
+            )
         return JSONResponse(answer.body, status_code=answer.status_code)
 
     async def api_root(_request: Request) -> Response:

@@ -172,6 +172,32 @@ def test_durations_scale_with_tags(make_simulator: MakeSimulator) -> None:
         assert client.status("g/big").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
 
 
+def test_slow_start_paths_answer_late_and_slow_decide_drops_a_gone_caller(
+    make_simulator: MakeSimulator,
+) -> None:
+    simulator = make_simulator(slow_start_seconds=1.0, pre_import_seconds=(5.0, 5.0))
+    with RegistryClient(simulator.url, timeout=0.3) as caller, RegistryClient(simulator.url) as c:
+        # slow-start: the import begins at once; the answer comes a second later.
+        assert caller.start_pre_import("g/slow-start-app").outcome is ImportOutcome.ERROR
+        assert c.status("g/slow-start-app").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
+        # slow-decide: the caller times out during the wait; nothing is started.
+        assert caller.start_pre_import("g/slow-decide-app").outcome is ImportOutcome.ERROR
+        time.sleep(1.2)
+        assert c.status("g/slow-decide-app").http_status == 404
+        # a patient caller of a slow-decide path gets its start.
+        began = time.monotonic()
+        assert c.start_pre_import("g/slow-decide-other").started
+        assert time.monotonic() - began >= 0.9
+        # other paths are not slowed.
+        began = time.monotonic()
+        assert c.start_pre_import("g/plain").started
+        assert time.monotonic() - began < 0.5
+    report = simulator.report()
+    assert report["answers"]["start_499"] == 1
+    assert report["starts"]["g/slow-start-app"] == {"pre": 1, "final": 0}
+    assert "g/slow-decide-app" not in report["starts"]
+
+
 def test_config_changes_are_checked_and_reset_clears(simulator: SimulatorServer) -> None:
     with pytest.raises(ValueError, match="unknown simulator setting 'colour'"):
         simulator.configure(colour="blue")
