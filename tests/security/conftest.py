@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import clean_store, database_url, store
 from tests.security.certs import CertificateAuthority, CertificatePair
 from tests.servers import EtcdCluster, EtcdTls
+
+__all__ = ["clean_store", "database_url", "store"]
 
 #: Seconds an etcd simple token lives unused on the auth server; short, so the tests see
 #: tokens expire (production default: 300).
