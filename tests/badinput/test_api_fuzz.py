@@ -40,6 +40,8 @@ PUBLIC = {"/healthz", "/readyz", "/metrics"}
 #: Cases per protected operation and generation mode (public ones: a third); each
 #: protected case is sent three to five times (see the module doc).
 MAX_EXAMPLES = 60
+#: The same with ``--long``.
+MAX_EXAMPLES_LONG = 1000
 
 OUTCOMES: collections.Counter[tuple[str, str, int]] = collections.Counter()
 
@@ -192,16 +194,21 @@ def _check(case: Any, secret: str) -> None:
     + [(OPERATIONS[-1], GenerationMode.NEGATIVE)],
 )
 def test_fuzzed_requests(
-    api_schema: Any, fuzz_config: Config, operation: str, mode: GenerationMode
+    api_schema: Any,
+    fuzz_config: Config,
+    operation: str,
+    mode: GenerationMode,
+    request: pytest.FixtureRequest,
 ) -> None:
     method, path = operation.split(" ", 1)
+    examples = MAX_EXAMPLES_LONG if request.config.getoption("--long") else MAX_EXAMPLES
     secret = fuzz_config.notification_secret
     assert secret is not None
     strategy = api_schema[path][method].as_strategy(generation_mode=mode)
 
     @given(case=strategy)
     @settings(
-        max_examples=MAX_EXAMPLES // 3 if path in PUBLIC else MAX_EXAMPLES,
+        max_examples=examples // 3 if path in PUBLIC else examples,
         deadline=None,
         suppress_health_check=list(HealthCheck),
         database=None,
