@@ -1,0 +1,401 @@
+"""Repositories per second through the whole state machine, and where the time goes.
+
+A local migration with a zero-latency simulator (start calls answered at once, imports of
+0 s), 2 ``dramatiq actors`` workers x 8 threads, capacity 64 (above the threads: never the
+bound), migrates N repositories: default -> pre_importing -> pre_import_done -> importing ->
+import_done, through an enqueuer run, two notifications (API -> RabbitMQ -> actor) and their
+triggers.
+
+The ceiling: each repository costs a number of PostgreSQL round trips, etcd requests and
+RabbitMQ publishes (the model below, from the code: per enqueuer run by outcome, per
+notification, per API call; the runs and notifications are counted in the workers' logs).
+Each operation's latency is measured in this process, idle before the run and again under
+load during it. With 16 threads each doing its repository's operations one after another,
+the ceiling is 16 / (the sum of a repository's operation latencies). A second ceiling comes
+from the CPU: 2 cores / the CPU seconds our processes spend per repository (from /proc).
+A py-spy profile of one worker during the run says where its CPU time goes.
+
+Goal: at least half the operations ceiling.
+
+Usage::
+
+    uv run python bench/pipeline.py            # 600 repositories, about 2 minutes
+    uv run python bench/pipeline.py --quick    # 150 repositories, under a minute
+
+Prints tables, writes bench/results/pipeline.json, and the headline as its last line.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
+
+# isort: on
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from bench import _common
+from leases import EtcdClient, HolderInfo, Session, try_acquire
+from migration.store import Store
+from service.launcher import LocalMigration, _group_members
+
+WORKERS = 2
+THREADS = 8
+CAPACITY = 64
+GOAL_SHARE = 0.5
+PY_SPY = Path(sys.executable).with_name("py-spy")
+
+# Operations per unit of work, read off the code (actors/, migration/, leases/gate.py):
+# pg = PostgreSQL round trips (a transaction's BEGIN and COMMIT count), etcd = requests,
+# rmq = publishes with confirm. A trigger is settings (pg 1) + gate enter (etcd: range,
+# lease grant, create = 3) + publish (rmq 1); a gate leave is one etcd delete.
+_TRIGGER = {"pg": 1, "etcd": 3, "rmq": 1}
+_CLAIM_TXN = 7  # BEGIN, settings FOR UPDATE, row FOR UPDATE, count, UPDATE, INSERT, COMMIT
+_STEP_TXN = 5  # BEGIN, row FOR UPDATE, UPDATE, INSERT, COMMIT
+OPERATIONS: dict[str, dict[str, int]] = {
+    # enqueuer run that started a repository: gate leave, settings, in_flight, candidates
+    # (aborted + default), lease acquire, get, claim, registry start, release, trigger.
+    "run_started": {"pg": 1 + 1 + 2 + 1 + _CLAIM_TXN + _TRIGGER["pg"],
+                    "etcd": 1 + 2 + _TRIGGER["etcd"], "rmq": _TRIGGER["rmq"]},
+    "run_at_capacity": {"pg": 2, "etcd": 1, "rmq": 0},
+    "run_other": {"pg": 4, "etcd": 1, "rmq": 0},  # no candidate / every candidate busy
+    # API: get_by_path, publish. Actor: get_by_path, acquire, get, step(s), release, trigger.
+    "notification_pre_import_complete": {"pg": 1 + 1 + 1 + 2 * _STEP_TXN + _TRIGGER["pg"],
+                                         "etcd": 2 + _TRIGGER["etcd"],
+                                         "rmq": 1 + _TRIGGER["rmq"]},
+    "notification_import_complete": {"pg": 1 + 1 + 1 + _STEP_TXN + _TRIGGER["pg"],
+                                     "etcd": 2 + _TRIGGER["etcd"], "rmq": 1 + _TRIGGER["rmq"]},
+}  # fmt: skip
+
+
+class OperationTimer:
+    """Times one PostgreSQL round trip, one etcd request and one RabbitMQ publish.
+
+    :param store: a Store on the migration's database.
+    :param etcd_endpoints: ``host:port,...``.
+    :param broker_url: the AMQP URL.
+    """
+
+    def __init__(self, *, store: Store, etcd_endpoints: str, broker_url: str) -> None:
+        self.store = store
+        self.etcd = EtcdClient(support.etcd_endpoints(etcd_endpoints), timeout=5)
+        self.session = Session(self.etcd, ttl=10)
+        self.key = f"/bench-pipeline-{uuid.uuid4().hex[:8]}/op"
+        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        self.queue = f"bench_pipeline_{uuid.uuid4().hex[:8]}"
+        self.channel.queue_declare(queue=self.queue, auto_delete=True)
+
+    def _pg(self) -> None:
+        self.store.get(1)
+
+    def _etcd(self) -> None:
+        # acquire + release: two requests; the caller halves the time.
+        hold = try_acquire(self.session, self.key, holder=HolderInfo(actor="bench")).hold
+        assert hold is not None
+        hold.release()
+
+    def _rmq(self) -> None:
+        self.channel.basic_publish(exchange="", routing_key=self.queue, body=b"x")
+
+    def measure(self, samples: int) -> dict[str, float]:
+        """Median milliseconds of each operation, taking turns."""
+        times: dict[str, list[float]] = {"pg": [], "etcd": [], "rmq": []}
+        calls: dict[str, tuple[Callable[[], None], int]] = {
+            "pg": (self._pg, 1), "etcd": (self._etcd, 2), "rmq": (self._rmq, 1),
+        }  # fmt: skip
+        for _ in range(samples):
+            for name, (call, requests) in calls.items():
+                began = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - began) * 1e3 / requests)
+        self.channel.queue_purge(self.queue)
+        return {name: statistics.median(values) for name, values in times.items()}
+
+    def close(self) -> None:
+        self.session.close()
+        self.etcd.close()
+        self.connection.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` (seconds; exited ones count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """Start py-spy on ``pid`` for ``seconds`` (raw collapsed stacks into ``out``)."""
+    if not PY_SPY.exists():
+        return None
+    return subprocess.Popen(
+        [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)),
+         "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+_LIBRARIES = (
+    ("psycopg", "PostgreSQL client (psycopg)"),
+    ("grpc", "etcd client (grpc)"),
+    ("etcd3", "etcd client (etcd3)"),
+    ("google/protobuf", "etcd client (protobuf)"),
+    ("pika", "RabbitMQ client (pika)"),
+    ("dramatiq", "Dramatiq"),
+    ("httpx", "HTTP client (httpx, httpcore)"),
+    ("httpcore", "HTTP client (httpx, httpcore)"),
+    ("structlog", "logging (structlog, json)"),
+    ("json", "logging (structlog, json)"),
+    ("/leases/", "ours: leases"),
+    ("/migration/", "ours: migration"),
+    ("/actors/", "ours: actors"),
+    ("threading.py", "thread handoff (threading, queue)"),
+    ("queue.py", "thread handoff (threading, queue)"),
+)
+_OURS = (
+    "trigger_enqueue", "execute (actors/enqueuer.py", "claim (migration/store.py",
+    "step (migration/store.py", "candidates (migration/store.py", "settings (migration/store.py",
+    "try_acquire (leases/hold.py", "release (leases/hold.py", "enter (leases/gate.py",
+    "start_pre_import (migration/registry.py", "start_import (migration/registry.py",
+    "handle_registry_notification", "_one (migration/store.py",
+)  # fmt: skip
+
+
+def summarize_profile(path: Path) -> dict[str, Any]:
+    """Self time by library and inclusive time of our main functions, as shares of samples."""
+    by_library: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        leaf = frames[-1]
+        library = next((name for needle, name in _LIBRARIES if needle in leaf), "other")
+        by_library[library] += count
+        for needle in _OURS:
+            if any(needle in frame for frame in frames):
+                inclusive[needle.split(" ")[0]] += count
+    if not total:
+        return {}
+    return {
+        "samples": total,
+        "self_by_library": {k: v / total for k, v in by_library.most_common()},
+        "inclusive": {k: v / total for k, v in inclusive.most_common()},
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Repositories per second through the whole state machine with a "
+        "zero-latency registry, the ceiling its operations imply, and a profile.",
+        epilog="Example: uv run python bench/pipeline.py --quick",
+    )
+    parser.add_argument("--quick", action="store_true", help="150 repositories")
+    parser.add_argument("--repositories", type=int, help="default 600 (--quick 150)")
+    parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
+    args = parser.parse_args(argv)
+    args.repositories = args.repositories or (150 if args.quick else 600)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    support.quiet_logs()
+    env = _common.stack_env()
+    machine = support.machine()
+    began = time.monotonic()
+    threads = WORKERS * THREADS
+    with (
+        _common.fresh_database(env["MIGRATOR_DATABASE_URL"], label="pipeline") as url,
+        Store(url, max_size=4) as store,
+        tempfile.TemporaryDirectory(prefix="bench-pipeline-") as logs,
+    ):
+        store.update_settings(
+            enabled=False, capacity=CAPACITY, enqueue_waiting_time=0, max_tags_count=0,
+            enqueue_interval=1, guard_interval=30, max_step_duration=120,
+        )  # fmt: skip
+        ids = _common.add_repositories(
+            url, (f"bench/pipeline/repo-{i}" for i in range(args.repositories))
+        )
+        timer = OperationTimer(
+            store=store,
+            etcd_endpoints=env["MIGRATOR_ETCD_ENDPOINTS"],
+            broker_url=env["MIGRATOR_BROKER_URL"],
+        )
+        run = LocalMigration(
+            env={**env, "MIGRATOR_DATABASE_URL": url, "MIGRATOR_LOG_LEVEL": "info"},
+            log_dir=Path(logs), workers=WORKERS, threads=THREADS, lease_ttl=10,
+            simulator_args=["--pre-import-seconds", "0", "0", "--import-seconds", "0", "0",
+                            "--log-level", "warning"],
+        )  # fmt: skip
+        _common.note(f"starting {WORKERS} workers x {THREADS} threads...")
+        run.start(timeout=120)
+        try:
+            idle = timer.measure(100)
+            window = _common.LogWindow([run.log_path(f"worker-{i}") for i in range(WORKERS)])
+            pids = [p for i in range(WORKERS) for p in run.worker_group(i)]
+            pids += [p for name in ("api", "simulator", "scheduler-0") for p in _pids(run, name)]
+            cpu_before = cpu_seconds(pids)
+            worker_child = max(run.worker_group(0))  # the forked process runs the actors
+            spy_out = Path(logs) / "profile.txt"
+            expected_s = max(3.0, args.repositories / 40)
+            spy = None if args.no_profile else profile(worker_child, expected_s, spy_out)
+            under_load: dict[str, float] = {}
+            sampler = threading.Thread(
+                target=lambda: (time.sleep(1.0), under_load.update(timer.measure(30))),
+                daemon=True,
+            )
+            store.update_settings(enabled=True)
+            sampler.start()
+            _common.wait_until(
+                lambda: _common.terminal_count(url, ids) == len(ids),
+                timeout=120 + args.repositories,
+                what="every repository terminal",
+                interval=0.2,
+            )
+            cpu_used = cpu_seconds(pids) - cpu_before
+            sampler.join(timeout=60)
+            if spy is not None:
+                spy.wait(timeout=expected_s + 30)
+            runs = window.lines("enqueue_next_migration")
+            notifications = window.lines("registry_notification_handled")
+        finally:
+            run.stop(timeout=30)
+            run.delete_queues()
+            timer.close()
+        span = _common.event_span(url, ids)
+        assert span is not None
+        seconds = (span[1] - span[0]).total_seconds()
+        profile_summary = summarize_profile(spy_out) if spy is not None else {}
+    count = len(ids)
+    per_s = count / seconds
+    statuses = Counter(str(r.get("job_status")) for r in runs)
+    kinds: Counter[str] = Counter()
+    for status, n in statuses.items():
+        kind = {"started": "run_started", "at_capacity": "run_at_capacity"}.get(status)
+        kinds[kind or "run_other"] += n
+    for line in notifications:
+        kinds[f"notification_{line.get('registry_status')}"] += 1
+    per_repository = {
+        op: sum(OPERATIONS.get(kind, {}).get(op, 0) * n for kind, n in kinds.items()) / count
+        for op in ("pg", "etcd", "rmq")
+    }
+    ceilings = {}
+    for label, latency in (("idle", idle), ("under_load", under_load or idle)):
+        repository_ms = sum(per_repository[op] * latency[op] for op in per_repository)
+        ceilings[label] = {"repository_ms": repository_ms, "per_s": threads / repository_ms * 1e3}
+    cpu_per_repository_ms = cpu_used / count * 1e3
+    cpu_ceiling = (os.cpu_count() or 1) / (cpu_used / count)
+    ceiling = ceilings["idle"]["per_s"]
+    met = per_s >= GOAL_SHARE * ceiling
+
+    print(_common.table(
+        ["operation", "per repository", "idle ms", "under load ms", "ms per repository (load)"],
+        [[op, per_repository[op], idle[op], (under_load or idle)[op],
+          per_repository[op] * (under_load or idle)[op]] for op in per_repository],
+    ))  # fmt: skip
+    print()
+    print(_common.table(
+        ["unit of work", "count", "per repository"],
+        [[kind, n, n / count] for kind, n in sorted(kinds.items())],
+    ))  # fmt: skip
+    print()
+    print(_common.table(
+        ["figure", "repos/s", "measured / figure"],
+        [["measured", per_s, 1.0],
+         ["ceiling: operations, idle latencies", ceiling, per_s / ceiling],
+         ["ceiling: operations, latencies under load", ceilings["under_load"]["per_s"],
+          per_s / ceilings["under_load"]["per_s"]],
+         [f"ceiling: CPU ({cpu_per_repository_ms:.0f} ms of our processes per repository)",
+          cpu_ceiling, per_s / cpu_ceiling]],
+    ))  # fmt: skip
+    if profile_summary:
+        print()
+        print("worker profile (py-spy, on-CPU samples of one worker process):")
+        print(_common.table(
+            ["self time in", "share"],
+            [[k, f"{v:.0%}"] for k, v in list(profile_summary["self_by_library"].items())[:10]],
+        ))  # fmt: skip
+        print(_common.table(
+            ["inclusive time in", "share"],
+            [[k, f"{v:.0%}"] for k, v in profile_summary["inclusive"].items()],
+        ))  # fmt: skip
+    headline = (
+        f"{per_s:.1f} repositories/s through the state machine ({WORKERS} x {THREADS} threads, "
+        f"zero-latency registry) = {per_s / ceiling:.2f} of the operations ceiling "
+        f"{ceiling:.0f}/s (goal {GOAL_SHARE:g}: {'met' if met else 'missed'}); "
+        f"{per_s / cpu_ceiling:.2f} of the CPU ceiling {cpu_ceiling:.0f}/s"
+    )
+    path = support.write_json(
+        "pipeline",
+        {
+            "benchmark": "pipeline",
+            "settings": {
+                "repositories": count,
+                "workers": WORKERS,
+                "threads": THREADS,
+                "capacity": CAPACITY,
+            },
+            "machine": machine,
+            "duration_s": time.monotonic() - began,
+            "seconds": seconds,
+            "per_s": per_s,
+            "job_statuses": dict(statuses),
+            "units_of_work": dict(kinds),
+            "operation_model": OPERATIONS,
+            "operations_per_repository": per_repository,
+            "latency_ms": {"idle": idle, "under_load": under_load},
+            "ceilings": ceilings,
+            "cpu_seconds": cpu_used,
+            "cpu_ms_per_repository": cpu_per_repository_ms,
+            "cpu_ceiling_per_s": cpu_ceiling,
+            "profile": profile_summary,
+            "goal_met": met,
+            "headline": headline,
+        },
+    )
+    _common.note(f"wrote {path.relative_to(support.REPO_ROOT)}")
+    print(headline)
+    return 0
+
+
+def _pids(run: LocalMigration, name: str) -> list[int]:
+    for child in run._children():
+        if child.name == name and child.process is not None:
+            return _group_members(child.process.pid)
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())
