@@ -125,6 +125,24 @@ class Migrator:
             detail=detail,
         )
 
+    def _claim(
+        self,
+        repository: Repository,
+        event: Event,
+        writer: Writer,
+        *,
+        detail: dict[str, Any] | None = None,
+    ) -> StepResult:
+        return self.store.claim(
+            repository.id,
+            expected_state=repository.migration_state,
+            event=event,
+            token=writer.token,
+            actor=writer.actor,
+            message_id=writer.message_id,
+            detail=detail,
+        )
+
     def _report(self, result: StepResult, outcome: StepOutcome, **fields: Any) -> StepReport:
         if not result.ok:
             return StepReport(
@@ -191,14 +209,7 @@ class Migrator:
                 tags_count_too_high=True, max_tags_count_setting=settings.max_tags_count
             )
             return report
-        claimed = self.store.claim(
-            repository.id,
-            expected_state=State.DEFAULT,
-            event=Event.START_PRE_IMPORT,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-        )
+        claimed = self._claim(repository, Event.START_PRE_IMPORT, writer)
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
         answer = self.registry.start_pre_import(repository.path)
@@ -224,16 +235,9 @@ class Migrator:
                 )
                 return self._report(result, StepOutcome.FINISHED)
         event = allowed_retry(repository.migration_aborted_in_state)
-        claimed = self.store.claim(
-            repository.id,
-            expected_state=State.IMPORT_ABORTED,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            detail={
-                "registry_status": status.status.value if status.status else status.outcome.value
-            },
+        registry_status = status.status.value if status.status else status.outcome.value
+        claimed = self._claim(
+            repository, event, writer, detail={"registry_status": registry_status}
         )
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)

@@ -1,0 +1,280 @@
+"""The migration steps against a real PostgreSQL and the simulator over real HTTP.
+
+Each test drives :class:`migration.migrator.Migrator` the way an actor does under a lease
+(a fencing token per step) and checks the row, the events log and the registry's record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from migration.migrator import Migrator, StepOutcome, Writer, status_matches_state
+from migration.registry import RegistryClient, RegistryImportStatus
+from migration.states import SkipReason, State
+from migration.store import Store
+from service.simulator import SimulatorConfig, SimulatorServer
+
+SLOW_IMPORTS = SimulatorConfig(pre_import_seconds=(30, 30), import_seconds=(30, 30))
+
+
+@pytest.fixture
+def simulator() -> Iterator[SimulatorServer]:
+    with SimulatorServer(SLOW_IMPORTS) as server:
+        yield server
+
+
+@pytest.fixture
+def migrator(clean_store: Store, simulator: SimulatorServer) -> Iterator[Migrator]:
+    with RegistryClient(simulator.url, timeout=2, too_many_retries=1, backoff=0.01) as registry:
+        yield Migrator(clean_store, registry)
+
+
+class Tokens:
+    """Fencing tokens that only grow, as etcd's create revisions do."""
+
+    def __init__(self) -> None:
+        self.last = 100
+
+    def writer(self) -> Writer:
+        self.last += 1
+        return Writer(token=self.last, actor="test", message_id=f"m{self.last}")
+
+
+@pytest.fixture
+def tokens() -> Tokens:
+    return Tokens()
+
+
+def add(store: Store, path: str, *, tags: int = 3) -> int:
+    return store.add_repository(
+        path, tags_count=tags, created_at=datetime.now(UTC) - timedelta(days=1)
+    )
+
+
+def current(store: Store, repository_id: int):  # type: ignore[no-untyped-def]
+    repository = store.get(repository_id)
+    assert repository is not None
+    return repository
+
+
+def test_start_claims_and_starts_the_pre_import(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/app/image")
+    report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.STARTED
+    assert report.repository.migration_state is State.PRE_IMPORTING
+    assert report.repository.fencing_token == tokens.last
+    assert simulator.report()["starts"]["group/app/image"]["pre"] == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("group/native-app/image", SkipReason.NATIVE_IMPORT),
+        ("group/missing-app/image", SkipReason.NOT_FOUND),
+    ],
+)
+def test_start_skips_native_and_missing(
+    migrator: Migrator, tokens: Tokens, path: str, reason: SkipReason
+) -> None:
+    store = migrator.store
+    repo_id = add(store, path)
+    report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.SKIPPED
+    row = current(store, repo_id)
+    assert row.migration_state is State.IMPORT_SKIPPED
+    assert row.migration_skipped_reason is reason
+    assert store.in_flight() == 0
+
+
+def test_start_skips_too_many_tags_without_calling_the_registry(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    store = migrator.store
+    store.update_settings(max_tags_count=10)
+    repo_id = add(store, "group/big/image", tags=11)
+    report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.SKIPPED
+    assert report.fields["tags_count_too_high"] is True
+    assert current(store, repo_id).migration_skipped_reason is SkipReason.TOO_MANY_TAGS
+    assert "group/big/image" not in simulator.report()["starts"]
+
+
+def test_too_many_imports_undoes_the_claim_without_a_retry(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    store = migrator.store
+    simulator.configure(max_concurrent_imports=1)
+    first, second = add(store, "group/one/image"), add(store, "group/two/image")
+    assert (
+        migrator.start(current(store, first), store.settings(), tokens.writer()).outcome
+        is StepOutcome.STARTED
+    )
+    report = migrator.start(current(store, second), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.UNDONE
+    row = current(store, second)
+    assert row.migration_state is State.DEFAULT
+    assert row.migration_retries_count == 0
+    assert store.in_flight() == 1
+
+
+def test_registry_error_aborts_and_the_retry_starts_again(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/flaky/image")
+    simulator.configure(start_error_rate=1.0)
+    report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ABORTED
+    row = current(store, repo_id)
+    assert row.migration_state is State.IMPORT_ABORTED
+    assert row.migration_retries_count == 1
+    assert row.migration_aborted_in_state is State.PRE_IMPORTING
+    simulator.configure(start_error_rate=0.0)
+    retried = migrator.retry(row, tokens.writer())
+    assert retried.outcome is StepOutcome.STARTED
+    assert retried.repository.migration_state is State.PRE_IMPORTING
+
+
+def test_full_path_through_notifications(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    store = migrator.store
+    simulator.configure(pre_import_seconds=[0.05, 0.05], import_seconds=[0.05, 0.05])
+    repo_id = add(store, "group/happy/image")
+    migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    time.sleep(0.2)  # the simulated pre-import has ended (its notification goes nowhere)
+    report = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_COMPLETE, tokens.writer()
+    )
+    assert report.outcome is StepOutcome.STARTED
+    assert report.repository.migration_state is State.IMPORTING
+    time.sleep(0.2)
+    report = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.IMPORT_COMPLETE, tokens.writer()
+    )
+    assert report.outcome is StepOutcome.FINISHED
+    assert current(store, repo_id).migration_state is State.IMPORT_DONE
+    events = [e for e in store.events(repo_id) if e.accepted]
+    assert [e.to_state for e in events] == [
+        "pre_importing",
+        "pre_import_done",
+        "importing",
+        "import_done",
+    ]
+
+
+def test_a_notification_that_does_not_fit_the_state_changes_nothing(
+    migrator: Migrator, tokens: Tokens
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/idle/image")
+    report = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.IMPORT_COMPLETE, tokens.writer()
+    )
+    assert report.outcome is StepOutcome.IGNORED
+    assert current(store, repo_id).migration_state is State.DEFAULT
+    assert store.events(repo_id) == []
+    assert status_matches_state(RegistryImportStatus.PRE_IMPORT_COMPLETE, State.PRE_IMPORT_DONE)
+    assert not status_matches_state(RegistryImportStatus.IMPORT_FAILED, State.PRE_IMPORTING)
+
+
+def test_a_stale_holder_is_refused_after_a_newer_one_wrote(
+    migrator: Migrator, tokens: Tokens
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/contended/image")
+    old = tokens.writer()
+    new = tokens.writer()
+    assert (
+        migrator.start(current(store, repo_id), store.settings(), new).outcome
+        is StepOutcome.STARTED
+    )
+    # The old holder (its lease expired during a pause) wakes up and reports a failure.
+    report = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, old
+    )
+    assert report.outcome is StepOutcome.REFUSED
+    assert current(store, repo_id).migration_state is State.PRE_IMPORTING
+    refused = [e for e in store.events(repo_id) if not e.accepted]
+    assert refused and refused[-1].detail["reason"] == "stale_token"
+
+
+def _age_step(database_url: str, repo_id: int, seconds: float) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE container_repositories SET last_step_at = now() - make_interval(secs => %s),"
+            " migration_pre_import_started_at = now() - make_interval(secs => %s) WHERE id = %s",
+            (seconds, seconds, repo_id),
+        )
+
+
+def test_guard_cancels_a_pre_import_past_its_timeout_then_aborts(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    store = migrator.store
+    store.update_settings(pre_import_timeout=60, max_step_duration=30, max_retries=3)
+    repo_id = add(store, "group/hung/image")
+    migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    _age_step(database_url, repo_id, 120)
+    [stale] = store.stale(store.settings())
+    report = migrator.reconcile_stale(stale, store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ABORTED
+    assert report.fields["canceled"] == "accepted"
+    assert current(store, repo_id).migration_state is State.IMPORT_ABORTED
+    cancels = [e for e in simulator.report(events=True)["events"] if e.get("action") == "cancel"]
+    assert cancels, "the guard did not cancel the running pre-import"
+
+
+def test_guard_skips_as_canceled_when_the_retries_are_used_up(
+    migrator: Migrator, tokens: Tokens, database_url: str
+) -> None:
+    store = migrator.store
+    store.update_settings(pre_import_timeout=60, max_step_duration=30, max_retries=1)
+    repo_id = add(store, "group/hopeless/image")
+    migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    _age_step(database_url, repo_id, 120)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.SKIPPED
+    assert current(store, repo_id).migration_skipped_reason is SkipReason.MIGRATION_CANCELED
+
+
+def test_guard_aborts_a_claim_the_registry_never_heard_of(
+    migrator: Migrator, tokens: Tokens, database_url: str
+) -> None:
+    """A worker killed between its claim and its registry call leaves such a repository."""
+    store = migrator.store
+    repo_id = add(store, "group/orphan/image")
+    claimed = store.claim(
+        repo_id, expected_state=State.DEFAULT, event="start_pre_import",
+        token=tokens.writer().token, actor="killed-worker", message_id=None,
+    )  # fmt: skip
+    assert claimed.ok
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ABORTED
+    assert current(store, repo_id).migration_state is State.IMPORT_ABORTED
+
+
+def test_guard_leaves_things_alone_when_the_registry_is_unreachable(
+    clean_store: Store, tokens: Tokens
+) -> None:
+    with RegistryClient("http://127.0.0.1:1", timeout=0.5, too_many_retries=0) as registry:
+        migrator = Migrator(clean_store, registry)
+        repo_id = add(clean_store, "group/unknown/image")
+        clean_store.claim(
+            repo_id, expected_state=State.DEFAULT, event="start_pre_import",
+            token=tokens.writer().token, actor="test", message_id=None,
+        )  # fmt: skip
+        report = migrator.reconcile_stale(
+            current(clean_store, repo_id), clean_store.settings(), tokens.writer()
+        )
+    assert report.outcome is StepOutcome.IGNORED
+    assert current(clean_store, repo_id).migration_state is State.PRE_IMPORTING
