@@ -272,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
             expected_s = max(3.0, args.repositories / 40)
             spy = None if args.no_profile else profile(worker_child, expected_s, spy_out)
             under_load: dict[str, float] = {}
-            sampler = threading.Thread(
-                target=lambda: (time.sleep(1.0), under_load.update(timer.measure(30))),
-                daemon=True,
-            )
+
+            def measure_under_load() -> None:
+                time.sleep(1.0)  # the run is under way
+                under_load.update(timer.measure(30))
+
+            sampler = threading.Thread(target=measure_under_load, daemon=True)
             store.update_settings(enabled=True)
             sampler.start()
             _common.wait_until(

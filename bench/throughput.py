@@ -76,7 +76,7 @@ class Workload:
 
 def expected_bounds(
     workload: Workload, *, start_latency: float, capacity: int, threads: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Repositories per second each mode can reach at most, from the workload's timings.
 
     - global: one run at a time holds the key through its start call: 1 / start latency,
@@ -182,7 +182,7 @@ class Bench:
 
 
 def summarize(
-    rows: list[dict[str, Any]], workload: Workload, bounds: dict[str, float], threads: int
+    rows: list[dict[str, Any]], workload: Workload, bounds: dict[str, Any], threads: int
 ) -> dict[str, Any]:
     """Both modes of one workload: totals over their rounds, ratio, measured / expected."""
     modes: dict[str, Any] = {}
