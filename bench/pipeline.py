@@ -95,11 +95,8 @@ class OperationTimer:
         self.etcd = EtcdClient(support.etcd_endpoints(etcd_endpoints), timeout=5)
         self.session = Session(self.etcd, ttl=10)
         self.key = f"/bench-pipeline-{uuid.uuid4().hex[:8]}/op"
-        self.connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        self.channel = self.connection.channel()
-        self.channel.confirm_delivery()
+        self.broker_url = broker_url
         self.queue = f"bench_pipeline_{uuid.uuid4().hex[:8]}"
-        self.channel.queue_declare(queue=self.queue, auto_delete=True)
 
     def _pg(self) -> None:
         self.store.get(1)
@@ -110,27 +107,36 @@ class OperationTimer:
         assert hold is not None
         hold.release()
 
-    def _rmq(self) -> None:
-        self.channel.basic_publish(exchange="", routing_key=self.queue, body=b"x")
+    def _rmq(self, channel: Any) -> None:
+        channel.basic_publish(exchange="", routing_key=self.queue, body=b"x")
 
     def measure(self, samples: int) -> dict[str, float]:
         """Median milliseconds of each operation, taking turns."""
         times: dict[str, list[float]] = {"pg": [], "etcd": [], "rmq": []}
-        calls: dict[str, tuple[Callable[[], None], int]] = {
-            "pg": (self._pg, 1), "etcd": (self._etcd, 2), "rmq": (self._rmq, 1),
-        }  # fmt: skip
-        for _ in range(samples):
-            for name, (call, requests) in calls.items():
-                began = time.perf_counter()
-                call()
-                times[name].append((time.perf_counter() - began) * 1e3 / requests)
-        self.channel.queue_purge(self.queue)
+        # A connection per measurement: an idle blocking connection misses its heartbeats.
+        connection = pika.BlockingConnection(pika.URLParameters(self.broker_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.queue_declare(queue=self.queue, auto_delete=True)
+            calls: dict[str, tuple[Callable[[], None], int]] = {
+                "pg": (self._pg, 1),
+                "etcd": (self._etcd, 2),
+                "rmq": (lambda: self._rmq(channel), 1),
+            }
+            for _ in range(samples):
+                for name, (call, requests) in calls.items():
+                    began = time.perf_counter()
+                    call()
+                    times[name].append((time.perf_counter() - began) * 1e3 / requests)
+            channel.queue_delete(self.queue)
+        finally:
+            connection.close()
         return {name: statistics.median(values) for name, values in times.items()}
 
     def close(self) -> None:
         self.session.close()
         self.etcd.close()
-        self.connection.close()
 
 
 def cpu_seconds(pids: list[int]) -> float:
