@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from typing import Any, TextIO
 
 import structlog
 
@@ -18,6 +20,30 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+#: One lock for every line written to stdout, by structlog and by the stdlib handler alike:
+#: a text stream is not thread-safe, and two writers with locks of their own interleave
+#: their lines (``{...}{...}``), which breaks every consumer of the JSON lines.
+_STDOUT_LOCK = threading.RLock()
+
+
+class _LineWriter:
+    """A structlog logger that writes each message as one line under :data:`_STDOUT_LOCK`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        with _STDOUT_LOCK:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _line_writer_factory(*_args: Any) -> _LineWriter:
+    return _LineWriter(sys.stdout)
 
 
 def configure(level: str = "info", *, json: bool = True) -> None:
@@ -39,11 +65,12 @@ def configure(level: str = "info", *, json: bool = True) -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=_line_writer_factory,
         cache_logger_on_first_use=True,
     )
     # Libraries (pika, dramatiq, uvicorn) log through stdlib: render them the same way.
     handler = logging.StreamHandler(sys.stdout)
+    handler.lock = _STDOUT_LOCK  # Handler.handle() writes under it: the same lock as structlog
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
