@@ -10,6 +10,7 @@ signature and type hints first; a message that does not fit is logged once
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 import typing
@@ -46,6 +47,12 @@ def _fits(value: object, hint: object) -> bool:
     return True
 
 
+@functools.cache
+def _signature(fn: Any) -> tuple[inspect.Signature, dict[str, Any]]:
+    # Once per actor: resolving string annotations on every message would cost for nothing.
+    return inspect.signature(fn), typing.get_type_hints(fn)
+
+
 def argument_problem(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """What is wrong with calling ``fn(*args, **kwargs)``, or None when the call fits.
 
@@ -53,12 +60,11 @@ def argument_problem(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     :param args: positional arguments from the message.
     :param kwargs: keyword arguments from the message.
     """
-    signature = inspect.signature(fn)
+    signature, hints = _signature(fn)
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:
         return str(error)
-    hints = typing.get_type_hints(fn)
     for name, value in bound.arguments.items():
         hint = hints.get(name)
         if hint is not None and not _fits(value, hint):
