@@ -8,6 +8,7 @@ through the dedup gate, so the migration keeps moving without a burst of message
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.runtime import Runtime, get_runtime
-from leases import HolderInfo, Ticket, try_acquire
+from leases import HolderInfo, LeaseError, Ticket, try_acquire
 from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
 from migration.states import State
@@ -41,20 +42,31 @@ def trigger_enqueue(runtime: Runtime, *, source: str) -> bool:
     :param source: what triggered it (scheduler, self, notification, operator), logged.
     :returns: True when a message was sent, False when the trigger collapsed.
     """
-    settings = runtime.store.settings()
-    ticket = runtime.gate.enter(
-        holder=HolderInfo(actor=f"trigger:{source}"), slots=settings.effective_pending_enqueues
-    )
-    if ticket is None:
-        log.debug(
-            "enqueue_collapsed", source=source, pending_limit=settings.effective_pending_enqueues
-        )
-        return False
+    # One line per trigger (triggered, collapsed or failed): the chaos test matches each
+    # triggered message id with the run that consumed it.
     try:
-        enqueue_next_migration.send(ticket.key, ticket.token, source)
-    except Exception:
-        runtime.gate.leave(ticket)
+        settings = runtime.store.settings()
+        ticket = runtime.gate.enter(
+            holder=HolderInfo(actor=f"trigger:{source}"), slots=settings.effective_pending_enqueues
+        )
+        if ticket is None:
+            log.info(
+                "enqueue_collapsed",
+                source=source,
+                pending_limit=settings.effective_pending_enqueues,
+            )
+            return False
+        try:
+            message = enqueue_next_migration.send(ticket.key, ticket.token, source)
+        except Exception:
+            # Free the slot now; if etcd cannot be reached the marker expires with its TTL.
+            with contextlib.suppress(LeaseError):
+                runtime.gate.leave(ticket)
+            raise
+    except Exception as error:
+        log.warning("enqueue_trigger_failed", source=source, error=str(error) or repr(error))
         raise
+    log.info("enqueue_triggered", source=source, triggered_message_id=message.message_id)
     return True
 
 
@@ -178,20 +190,27 @@ def enqueue_next_migration(
     :param source: what triggered it, for the log.
     """
     started = time.monotonic()
-    runtime = get_runtime()
-    if ticket_key is not None and ticket_token is not None:
-        runtime.gate.leave(Ticket(str(ticket_key), int(ticket_token)))
-    run = EnqueuerRun(runtime, message_id=_message_id())
     status = "error"
+    fields: dict[str, Any] = {}
+    # Every attempt logs its one line, also when the runtime or the gate fails before the
+    # run (a server restarting): the attempt is retried, and the log shows each.
     try:
+        runtime = get_runtime()
+        if ticket_key is not None and ticket_token is not None:
+            runtime.gate.leave(Ticket(str(ticket_key), int(ticket_token)))
+        run = EnqueuerRun(runtime, message_id=_message_id())
+        fields = run.fields
         status = run.execute()
+    except Exception as error:
+        fields = {**fields, "error": f"{type(error).__name__}: {error}"[:300]}
+        raise
     finally:
         log.info(
             "enqueue_next_migration",
             job_status=status,
             source=source,
             duration_s=round(time.monotonic() - started, 4),
-            **run.fields,
+            **fields,
         )
     if run.re_enqueue:
         trigger_enqueue(runtime, source="self")
