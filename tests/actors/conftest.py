@@ -8,24 +8,26 @@ same servers never see each other's keys or messages.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
-from migration.states import State
-from migration.store import Store
 from service.launcher import LocalMigration
-from tests.fixtures import clean_store, database_url, store
+from tests.fixtures import clean_store, database_url, seed_spread, store, wait_until
+from tests.invariants import TERMINAL, all_terminal, stale_accepted_writes
 
-__all__ = ["clean_store", "database_url", "store"]
-
-TERMINAL = (State.IMPORT_DONE, State.IMPORT_SKIPPED)
+__all__ = [
+    "TERMINAL",
+    "all_terminal",
+    "clean_store",
+    "database_url",
+    "seed_spread",
+    "stale_accepted_writes",
+    "store",
+    "wait_until",
+]
 
 
 @pytest.fixture
@@ -51,61 +53,3 @@ def make_migration(
     for run in made:
         run.stop(timeout=20)
         run.delete_queues()
-
-
-def seed_spread(store: Store, count: int, *, seed: int = 7) -> list[int]:
-    """Add ``count`` repositories, about a tenth with each of the simulator's special paths.
-
-    ``native`` (already imported: skipped native_import), ``missing`` (404: skipped
-    not_found), ``fail-once`` (pre-import fails once, then migrates), ``fail-always``
-    (skipped too_many_retries); the rest migrate normally. Created a day ago and earlier.
-    """
-    rng = random.Random(seed)
-    specials = ("native", "missing", "fail-once", "fail-always")
-    ids = []
-    old = datetime.now(UTC) - timedelta(days=1)
-    for n in range(count):
-        kind = specials[n % 10] if n % 10 < len(specials) else "plain"
-        path = f"group-{n % 17}/project-{n}/{kind}-{rng.randrange(10**6)}"
-        ids.append(
-            store.add_repository(
-                path, created_at=old - timedelta(minutes=n), tags_count=rng.randrange(1, 20)
-            )
-        )
-    return ids
-
-
-def wait_until(
-    condition: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; that value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(interval)
-
-
-def all_terminal(store: Store) -> bool:
-    """True when every repository is import_done or import_skipped."""
-    counts = store.counts_by_state()
-    return sum(n for state, n in counts.items() if state not in TERMINAL) == 0
-
-
-def stale_accepted_writes(database_url: str) -> list[tuple[Any, ...]]:
-    """Accepted writes whose token is older than an earlier accepted write of the same row.
-
-    Such a write is what fencing forbids: a holder whose lease had passed to someone else
-    writing after them. Empty when invariant 1 held.
-    """
-    with psycopg.connect(database_url) as conn:
-        return conn.execute(
-            "SELECT repository_id, id, token, newest_before FROM ("
-            " SELECT repository_id, id, token, max(token) OVER (PARTITION BY repository_id"
-            "  ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS newest_before"
-            " FROM migration_events WHERE accepted) w"
-            " WHERE token < newest_before"
-        ).fetchall()

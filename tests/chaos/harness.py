@@ -1,0 +1,259 @@
+"""The chaos test's own machinery: a worker supervisor and a seeded fault injector.
+
+``WorkerSupervisor`` plays the part of Kubernetes for the workers of a
+:class:`~service.launcher.LocalMigration`: a worker that died is started again.
+``FaultInjector`` runs two threads while the migration runs: one SIGKILLs a random worker
+every few seconds; the other injects the heavy faults once each, in a random order at
+random times (SIGSTOP a worker past its lease TTL then SIGCONT, restart RabbitMQ, kill the
+etcd leader then restart it, restart PostgreSQL). Every fault is logged with its time.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service.launcher import LaunchError, LocalMigration
+from tests.servers import EtcdCluster
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One injected fault.
+
+    :param kind: worker_kill, worker_pause, rabbitmq_restart, etcd_leader_kill,
+        postgres_restart.
+    :param at_s: seconds after the run started.
+    :param took_s: how long the fault lasted (outage, pause), seconds.
+    :param detail: which worker or member.
+    """
+
+    kind: str
+    at_s: float
+    took_s: float
+    detail: str
+
+
+@dataclass
+class FaultLog:
+    """The faults injected, thread-safe; printed at the end."""
+
+    started: float = field(default_factory=time.monotonic)
+    faults: list[Fault] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, kind: str, began: float, detail: str) -> None:
+        fault = Fault(
+            kind, round(began - self.started, 2), round(time.monotonic() - began, 2), detail
+        )
+        with self._lock:
+            self.faults.append(fault)
+        print(
+            f"  fault t={fault.at_s:7.2f}s {kind:<18} {detail} ({fault.took_s:.2f} s)", flush=True
+        )
+
+    def error(self, text: str) -> None:
+        with self._lock:
+            self.errors.append(text)
+        print(f"  harness error: {text}", flush=True)
+
+    def counts(self) -> Counter[str]:
+        return Counter(f.kind for f in self.faults)
+
+
+class WorkerSupervisor(threading.Thread):
+    """Restarts dead workers of ``run``, checking every ``interval`` seconds.
+
+    Workers it restarts are children of this thread (``PR_SET_PDEATHSIG``): call
+    :meth:`finish` only after the run is stopped.
+
+    :param run: the local migration.
+    :param locks: one lock per worker; held while a worker is restarted, killed or paused.
+    :param log: where restarts and failures are recorded.
+    """
+
+    def __init__(
+        self,
+        run: LocalMigration,
+        locks: list[threading.Lock],
+        log: FaultLog,
+        *,
+        interval: float = 0.3,
+    ) -> None:
+        super().__init__(name="worker-supervisor", daemon=True)
+        self.run_ = run
+        self.locks = locks
+        self.log = log
+        self.interval = interval
+        self.restarts = 0
+        self._restarting = threading.Event()
+        self._restarting.set()
+        self._exit = threading.Event()
+
+    def run(self) -> None:
+        while self._restarting.is_set():
+            for index, lock in enumerate(self.locks):
+                with lock:
+                    if not self._restarting.is_set():
+                        break
+                    if self.run_.alive()[f"worker-{index}"]:
+                        continue
+                    try:
+                        self.run_.restart_worker(index, timeout=120)
+                        self.restarts += 1
+                    except LaunchError as error:
+                        self.log.error(f"worker-{index} restart: {str(error)[:300]}")
+            time.sleep(self.interval)
+        self._exit.wait()  # keep the restarted workers' parent thread alive until stopped
+
+    def stop_restarting(self) -> None:
+        """No more restarts (before the run is stopped)."""
+        self._restarting.clear()
+
+    def finish(self) -> None:
+        """Let the thread end (after the run is stopped)."""
+        self._restarting.clear()
+        self._exit.set()
+        self.join(timeout=30)
+
+
+class FaultInjector:
+    """Injects the chaos run's faults from two threads until :meth:`stop`.
+
+    :param run: the local migration (workers to kill and pause).
+    :param locks: the supervisor's per-worker locks.
+    :param etcd: the private etcd cluster (its leader is killed, then restarted).
+    :param restart_service: restarts ``postgres`` or ``rabbitmq`` of the private stack.
+    :param log: where each fault is recorded.
+    :param seed: seed of every random choice (times, order, victims).
+    :param lease_ttl: the workers' lease TTL; a paused worker stays paused TTL + 2 s.
+    :param kill_every: (min, max) seconds between worker kills.
+    :param heavy_gap: (min, max) seconds between heavy faults; the first after ``heavy_gap[0]``.
+    :param etcd_down_s: seconds the killed etcd leader stays down.
+    """
+
+    HEAVY = ("worker_pause", "rabbitmq_restart", "etcd_leader_kill", "postgres_restart")
+
+    def __init__(
+        self,
+        *,
+        run: LocalMigration,
+        locks: list[threading.Lock],
+        etcd: EtcdCluster,
+        restart_service: Callable[[str], None],
+        log: FaultLog,
+        seed: int,
+        lease_ttl: float,
+        kill_every: tuple[float, float] = (2.0, 5.0),
+        heavy_gap: tuple[float, float] = (6.0, 10.0),
+        etcd_down_s: float = 3.0,
+    ) -> None:
+        self.run = run
+        self.locks = locks
+        self.etcd = etcd
+        self.restart_service = restart_service
+        self.log = log
+        self.lease_ttl = lease_ttl
+        self.kill_every = kill_every
+        self.heavy_gap = heavy_gap
+        self.etcd_down_s = etcd_down_s
+        self._kill_random = random.Random(seed)
+        self._heavy_random = random.Random(seed + 1)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(
+                target=self._guarded(self._kill_loop), name="chaos-kills", daemon=True
+            ),
+            threading.Thread(
+                target=self._guarded(self._heavy_loop), name="chaos-heavy", daemon=True
+            ),
+        ]
+        self.heavy_done = threading.Event()
+
+    def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
+        def guarded() -> None:
+            try:
+                loop()
+            except Exception as error:  # recorded, and the test fails on it
+                self.log.error(f"{loop.__name__}: {type(error).__name__}: {error}")
+
+        return guarded
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        """Stop injecting; wait for a fault in progress to be undone (member restarted...)."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread.ident is not None:  # started
+                thread.join(timeout=240)
+
+    def _kill_loop(self) -> None:
+        rng = self._kill_random
+        while not self._stop.wait(rng.uniform(*self.kill_every)):
+            index = rng.randrange(len(self.locks))
+            lock = self.locks[index]
+            if not lock.acquire(blocking=False):
+                continue  # being restarted or paused: another time
+            try:
+                if not self.run.alive()[f"worker-{index}"]:
+                    continue
+                began = time.monotonic()
+                self.run.kill_worker(index, signal.SIGKILL)
+                self.log.record("worker_kill", began, f"worker-{index}")
+            finally:
+                lock.release()
+
+    def _heavy_loop(self) -> None:
+        rng = self._heavy_random
+        order = list(self.HEAVY)
+        rng.shuffle(order)
+        for kind in order:
+            if self._stop.wait(rng.uniform(*self.heavy_gap)):
+                break
+            began = time.monotonic()
+            detail = getattr(self, f"_{kind}")(rng)
+            self.log.record(kind, began, detail)
+        self.heavy_done.set()
+
+    def _worker_pause(self, rng: random.Random) -> str:
+        index = rng.randrange(len(self.locks))
+        with self.locks[index]:
+            self.run.pause_worker(index)
+            try:
+                time.sleep(self.lease_ttl + 2)  # past the TTL: its leases expire meanwhile
+            finally:
+                self.run.resume_worker(index)
+        return f"worker-{index} SIGSTOP {self.lease_ttl + 2:g} s, SIGCONT"
+
+    def _rabbitmq_restart(self, _rng: random.Random) -> str:
+        self.restart_service("rabbitmq")
+        return "stack restart-service rabbitmq"
+
+    def _postgres_restart(self, _rng: random.Random) -> str:
+        self.restart_service("postgres")
+        return "stack restart-service postgres"
+
+    def _etcd_leader_kill(self, _rng: random.Random) -> str:
+        leader = self.etcd.leader_index(timeout=15)
+        self.etcd.kill(leader)
+        try:
+            new_leader = self.etcd.leader_index(timeout=15)
+        except Exception:
+            new_leader = -1
+        time.sleep(self.etcd_down_s)
+        try:
+            self.etcd.restart(leader)
+        except Exception as error:
+            self.log.error(f"etcd m{leader} restart: {error}")
+        return (
+            f"m{leader} SIGKILL (new leader m{new_leader}), restarted after {self.etcd_down_s:g} s"
+        )

@@ -1,0 +1,345 @@
+"""The chaos run: a whole migration under faults, DESIGN.md's invariants checked at the end.
+
+Real processes on a private stack (``conftest.py``): the simulator (5 % pre-import
+failures, 2 % import failures, 429 above its concurrency limit, its double-start guard off
+so that a second start of a running repository is accepted and *flagged* instead of
+refused), the notification API, 3 workers under the test's supervisor, 2 schedulers and a
+3-member etcd cluster. While it runs a worker is SIGKILLed every few seconds, and once each,
+at seeded random times: a worker is SIGSTOPped past its lease TTL then SIGCONTed, RabbitMQ
+is restarted, the etcd leader is killed (then restarted), PostgreSQL is restarted.
+
+The same workload also runs without faults on the same stack, for the rate comparison.
+Bounded by default (300 repositories under faults, 100 without); ``--long``: 1,000 each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from migration.states import State
+from migration.store import Store, StoreError
+from service.launcher import LocalMigration, queue_depth
+from tests.chaos.conftest import PrivateStack
+from tests.chaos.harness import FaultInjector, FaultLog, WorkerSupervisor
+from tests.fixtures import database_url_for, seed_spread, wait_until
+from tests.invariants import (
+    TriggerAccount,
+    accepted_events,
+    account_triggers,
+    all_terminal,
+    replay_in_flight,
+    stale_accepted_writes,
+    throughput_per_minute,
+)
+
+CAPACITY = 10
+#: The simulator answers 429 above this many running imports (below the capacity, so the
+#: migrator's undo of a refused claim is exercised all along).
+REGISTRY_LIMIT = 8
+LEASE_TTL = 3.0
+WORKERS = 3
+SCHEDULERS = 2
+SEED = int(os.environ.get("CHAOS_SEED", "1207"))
+
+
+@contextmanager
+def _fresh_database(stack: PrivateStack) -> Iterator[str]:
+    """A new database on the private PostgreSQL, schema applied; dropped afterwards."""
+    admin_url = stack.env["MIGRATOR_DATABASE_URL"]
+    name = f"chaos_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = database_url_for(admin_url, name)
+    try:
+        with Store(url, max_size=2) as store:
+            store.upgrade()
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@dataclass
+class RunFigures:
+    """What one run measured."""
+
+    repositories: int
+    terminal: int
+    span_s: float
+    counts: dict[str, int]
+    report: dict[str, Any]
+    replay_most: int
+    over_capacity: list[Any]
+    claims: int
+    undone: int
+    longest_stall_s: float
+    stall_from: datetime | None
+    stale_writes: list[Any]
+    refused_writes: int
+    triggers: TriggerAccount
+    scheduler_gap_s: float
+    dead_letters: int
+    never_ran_lines: list[str]
+    faults: FaultLog | None = None
+    worker_restarts: int = 0
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+
+    @property
+    def per_minute(self) -> float:
+        return 60 * self.terminal / self.span_s if self.span_s else 0.0
+
+
+def _terminal_now(store: Store) -> bool:
+    try:
+        return all_terminal(store)
+    except (StoreError, psycopg.Error):
+        return False  # PostgreSQL is restarting: ask again
+
+
+def _refused_writes(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM migration_events WHERE NOT accepted").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _all_lines(run: LocalMigration) -> list[dict[str, Any]]:
+    names = ["api", *(f"worker-{i}" for i in range(WORKERS))]
+    names += [f"scheduler-{i}" for i in range(SCHEDULERS)]
+    return [line for name in names for line in run.log_events(name)]
+
+
+def _queued(run: LocalMigration, suffix: str) -> int:
+    """Messages ready in the run's queue (``""``), its delay (``.DQ``) or dead-letter queue."""
+    return queue_depth(run.env, run.env["MIGRATOR_QUEUE_NAME"] + suffix)
+
+
+def _mentions(lines: list[dict[str, Any]], ids: set[str], *, most: int = 5) -> list[str]:
+    """The log lines that mention the first ``most`` of ``ids``, for the failure report."""
+    wanted = sorted(ids)[:most]
+    return [
+        json.dumps(line)[:400]
+        for line in lines
+        if any(i in (line.get("message_id"), line.get("triggered_message_id")) for i in wanted)
+    ]
+
+
+def _longest_scheduler_gap(lines: list[dict[str, Any]]) -> float:
+    """Longest time between two scheduler triggers that got through the gate decision."""
+    times = sorted(
+        datetime.fromisoformat(str(line["timestamp"])).timestamp()
+        for line in lines
+        if line.get("source") == "scheduler"
+        and line.get("event") in ("enqueue_triggered", "enqueue_collapsed")
+    )
+    return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+
+def _migrate(
+    stack: PrivateStack, url: str, *, count: int, log_dir: Path, faults: bool
+) -> RunFigures:
+    """Seed ``count`` repositories and migrate them all; with faults when asked."""
+    with Store(url, max_size=2) as store:
+        seed_spread(store, count, seed=SEED)
+        store.update_settings(
+            capacity=CAPACITY, enqueue_interval=1, guard_interval=2, max_step_duration=8
+        )
+        run = LocalMigration(
+            env={**stack.env, "MIGRATOR_DATABASE_URL": url, "MIGRATOR_LOG_LEVEL": "info"},
+            log_dir=log_dir,
+            workers=WORKERS,
+            threads=4,
+            schedulers=SCHEDULERS,
+            lease_ttl=LEASE_TTL,
+            simulator_args=[
+                "--pre-import-seconds", "0.3", "1.0", "--import-seconds", "0.3", "1.0",
+                "--pre-import-failure-rate", "0.05", "--import-failure-rate", "0.02",
+                "--max-concurrent", str(REGISTRY_LIMIT), "--no-double-start-guard",
+                "--seed", str(SEED),
+            ],
+        )  # fmt: skip
+        locks = [threading.Lock() for _ in range(WORKERS)]
+        log = FaultLog()
+        supervisor = WorkerSupervisor(run, locks, log)
+        injector = FaultInjector(
+            run=run,
+            locks=locks,
+            etcd=stack.etcd,
+            restart_service=stack.restart,
+            log=log,
+            seed=SEED,
+            lease_ttl=LEASE_TTL,
+        )
+        run.start(timeout=120)
+        try:
+            supervisor.start()
+            log.started = time.monotonic()
+            if faults:
+                injector.start()
+            wait_until(
+                lambda: _terminal_now(store) and (not faults or injector.heavy_done.is_set()),
+                timeout=120 + count * (1.0 if faults else 0.5),
+                interval=1,
+                what=f"{count} repositories terminal",
+            )
+            if faults:
+                injector.stop()
+
+            # Triggers sent just before the end still run: wait for the queue to drain.
+            def drained() -> bool:
+                account = account_triggers(_all_lines(run))
+                return not account.never_ran and _queued(run, "") + _queued(run, ".DQ") == 0
+
+            with contextlib.suppress(AssertionError):  # reported with what never ran
+                wait_until(drained, timeout=30, interval=1, what="queue drained")
+            report = run.report()
+            dead_letters = _queued(run, ".XQ")
+        finally:
+            injector.stop()
+            supervisor.stop_restarting()
+            codes = run.stop(timeout=30)
+            supervisor.finish()
+            run.delete_queues()
+        lines = _all_lines(run)
+        counts = {str(state): n for state, n in store.counts_by_state().items() if n}
+    replay = replay_in_flight(accepted_events(url), capacity=CAPACITY)
+    terminal, span = throughput_per_minute(url)
+    return RunFigures(
+        repositories=count,
+        terminal=terminal,
+        span_s=span,
+        counts=counts,
+        report=report,
+        replay_most=replay.most,
+        over_capacity=replay.over_capacity,
+        claims=replay.claims,
+        undone=replay.undone,
+        longest_stall_s=replay.longest_stall_s,
+        stall_from=replay.stall_from,
+        stale_writes=stale_accepted_writes(url),
+        refused_writes=_refused_writes(url),
+        triggers=account_triggers(lines),
+        scheduler_gap_s=_longest_scheduler_gap(lines),
+        dead_letters=dead_letters,
+        never_ran_lines=_mentions(lines, account_triggers(lines).never_ran),
+        faults=log if faults else None,
+        worker_restarts=supervisor.restarts,
+        exit_codes=codes,
+    )
+
+
+def _print(title: str, figures: RunFigures) -> None:
+    report = figures.report
+    print(f"\n== {title}: {figures.repositories} repositories")
+    print(f"  states: {figures.counts}")
+    print(
+        f"  {figures.terminal} terminal in {figures.span_s:.1f} s:"
+        f" {figures.per_minute:.1f} repositories/minute"
+    )
+    print(
+        f"  in flight: max {figures.replay_most} (events replay), registry max"
+        f" {report['max_concurrent_imports']}, capacity {CAPACITY}; over capacity:"
+        f" {len(figures.over_capacity)}"
+    )
+    print(
+        f"  claims {figures.claims} ({figures.undone} undone after 429); registry answers"
+        f" {report['answers']}; outcomes {report['outcomes']}"
+    )
+    print(
+        f"  overlapping repositories: {report['overlapping_repositories']};"
+        f" stale accepted writes: {len(figures.stale_writes)};"
+        f" refused fenced writes: {figures.refused_writes}"
+    )
+    stall_at = figures.stall_from.isoformat(timespec="seconds") if figures.stall_from else "-"
+    print(
+        f"  longest stall (capacity free, no start): {figures.longest_stall_s:.2f} s at {stall_at}"
+    )
+    triggers = figures.triggers
+    by_source = {source: dict(outcomes) for source, outcomes in triggers.by_source.items()}
+    print(
+        f"  triggers by source: {by_source}; sent {len(triggers.triggered)}, ran"
+        f" {len(triggers.triggered & triggers.ran)}, never ran {len(triggers.never_ran)};"
+        f" longest gap between scheduler triggers {figures.scheduler_gap_s:.2f} s"
+    )
+    for line in figures.never_ran_lines:
+        print(f"    never ran: {line}")
+    print(f"  notifications: {report['notifications']}; dead letters: {figures.dead_letters}")
+    if figures.faults is not None:
+        kinds = dict(figures.faults.counts())
+        print(f"  faults injected: {kinds}; supervisor restarts: {figures.worker_restarts}")
+    print(f"  exit codes at stop: {figures.exit_codes}")
+
+
+def _violations(figures: RunFigures) -> dict[str, object]:
+    """Every invariant broken in the run (empty when all held)."""
+    found: dict[str, object] = {}
+    if figures.terminal != figures.repositories:
+        found["not terminal"] = figures.counts
+    if figures.report["overlapping_repositories"]:
+        found["two imports of one repository at once"] = figures.report["overlapping_starts"]
+    if figures.over_capacity:
+        found["over capacity (events replay)"] = [e.id for e in figures.over_capacity]
+    if figures.report["max_concurrent_imports"] > CAPACITY:
+        found["over capacity (registry)"] = figures.report["max_concurrent_imports"]
+    if figures.stale_writes:
+        found["stale token accepted"] = figures.stale_writes
+    if figures.triggers.never_ran:
+        found["triggered but never ran"] = sorted(figures.triggers.never_ran)
+    return found
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize(
+    ("count", "baseline_count"),
+    [(300, 100), pytest.param(1000, 1000, marks=pytest.mark.slow, id="1000-long")],
+    ids=str,
+)
+def test_chaos_run_keeps_the_invariants(
+    count: int, baseline_count: int, private_stack: PrivateStack, tmp_path: Path
+) -> None:
+    # CHAOS_LOG_DIR keeps the processes' logs after the run (pytest rotates tmp_path).
+    logs = Path(os.environ.get("CHAOS_LOG_DIR") or tmp_path) / f"chaos-{count}"
+    print(f"\nlogs in {logs}")
+    with _fresh_database(private_stack) as url:
+        calm = _migrate(
+            private_stack, url, count=baseline_count, log_dir=logs / "calm", faults=False
+        )
+    _print("without faults", calm)
+    with _fresh_database(private_stack) as url:
+        chaos = _migrate(private_stack, url, count=count, log_dir=logs / "chaos", faults=True)
+    _print("under faults", chaos)
+    assert chaos.faults is not None
+    print(
+        f"\n  rate under faults {chaos.per_minute:.1f}/min vs without {calm.per_minute:.1f}/min"
+        f" ({chaos.per_minute / calm.per_minute:.2f}x)"
+    )
+    kinds = chaos.faults.counts()
+    assert chaos.faults.errors == []
+    for kind in FaultInjector.HEAVY:
+        assert kinds[kind] == 1, kinds
+    assert kinds["worker_kill"] >= 3, kinds
+    assert _violations(calm) == {}
+    violations = _violations(chaos)
+    print(f"  invariant violations: {len(violations)} {violations if violations else ''}")
+    assert violations == {}
+    # Every eligible repository ended where its path says it must.
+    assert chaos.counts.keys() <= {str(State.IMPORT_DONE), str(State.IMPORT_SKIPPED)}
+    assert Counter(chaos.triggers.by_source.keys()) >= Counter({"scheduler": 1, "self": 1})
