@@ -254,11 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         ids = _common.add_repositories(
             url, (f"bench/pipeline/repo-{i}" for i in range(args.repositories))
         )
-        timer = OperationTimer(
-            store=store,
-            etcd_endpoints=env["MIGRATOR_ETCD_ENDPOINTS"],
-            broker_url=env["MIGRATOR_BROKER_URL"],
-        )
         run = LocalMigration(
             env={**env, "MIGRATOR_DATABASE_URL": url, "MIGRATOR_LOG_LEVEL": "info"},
             log_dir=Path(logs), workers=WORKERS, threads=THREADS, lease_ttl=10,
@@ -267,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         _common.note(f"starting {WORKERS} workers x {THREADS} threads...")
         run.start(timeout=120)
+        # After the children are started: no gRPC threads of ours while the launcher forks.
+        timer = OperationTimer(
+            store=store,
+            etcd_endpoints=env["MIGRATOR_ETCD_ENDPOINTS"],
+            broker_url=env["MIGRATOR_BROKER_URL"],
+        )
         try:
             idle = timer.measure(100)
             window = _common.LogWindow([run.log_path(f"worker-{i}") for i in range(WORKERS)])
