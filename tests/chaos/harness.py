@@ -136,6 +136,8 @@ class FaultInjector:
     :param kill_every: (min, max) seconds between worker kills.
     :param heavy_gap: (min, max) seconds between heavy faults; the first after ``heavy_gap[0]``.
     :param etcd_down_s: seconds the killed etcd leader stays down.
+    :param lease_holder: the index of a worker holding a repository lease now, if any: the
+        pause goes to it (a holder paused mid-step writes with a stale token on resuming).
     """
 
     HEAVY = ("worker_pause", "rabbitmq_restart", "etcd_leader_kill", "postgres_restart")
@@ -153,7 +155,9 @@ class FaultInjector:
         kill_every: tuple[float, float] = (2.0, 5.0),
         heavy_gap: tuple[float, float] = (6.0, 10.0),
         etcd_down_s: float = 3.0,
+        lease_holder: Callable[[], int | None] = lambda: None,
     ) -> None:
+        self.lease_holder = lease_holder
         self.run = run
         self.locks = locks
         self.etcd = etcd
@@ -199,7 +203,11 @@ class FaultInjector:
     def _kill_loop(self) -> None:
         rng = self._kill_random
         while not self._stop.wait(rng.uniform(*self.kill_every)):
-            index = rng.randrange(len(self.locks))
+            alive = self.run.alive()
+            running = [i for i in range(len(self.locks)) if alive[f"worker-{i}"]]
+            if not running:
+                continue
+            index = rng.choice(running)
             lock = self.locks[index]
             if not lock.acquire(blocking=False):
                 continue  # being restarted or paused: another time
@@ -225,14 +233,20 @@ class FaultInjector:
         self.heavy_done.set()
 
     def _worker_pause(self, rng: random.Random) -> str:
-        index = rng.randrange(len(self.locks))
+        deadline = time.monotonic() + 10
+        holder = self.lease_holder()
+        while holder is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            holder = self.lease_holder()
+        index = holder if holder is not None else rng.randrange(len(self.locks))
         with self.locks[index]:
             self.run.pause_worker(index)
             try:
                 time.sleep(self.lease_ttl + 2)  # past the TTL: its leases expire meanwhile
             finally:
                 self.run.resume_worker(index)
-        return f"worker-{index} SIGSTOP {self.lease_ttl + 2:g} s, SIGCONT"
+        what = "a lease holder" if holder is not None else "no lease held"
+        return f"worker-{index} ({what}) SIGSTOP {self.lease_ttl + 2:g} s, SIGCONT"
 
     def _rabbitmq_restart(self, _rng: random.Random) -> str:
         self.restart_service("rabbitmq")

@@ -33,6 +33,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from leases import EtcdClient, HolderInfo, LeaseError
+from migration.config import Config
+from migration.keys import leases_prefix
 from migration.states import State
 from migration.store import Store, StoreError
 from service.launcher import LocalMigration, queue_depth
@@ -94,7 +97,7 @@ class RunFigures:
     longest_stall_s: float
     stall_from: datetime | None
     stale_writes: list[Any]
-    refused_writes: int
+    refused_writes: dict[str, int]
     triggers: TriggerAccount
     scheduler_gap_s: float
     dead_letters: int
@@ -115,16 +118,33 @@ def _terminal_now(store: Store) -> bool:
         return False  # PostgreSQL is restarting: ask again
 
 
-def _refused_writes(url: str) -> int:
+def _refused_writes(url: str) -> dict[str, int]:
+    """Fenced writes refused, by reason (stale_token, state_changed)."""
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM migration_events WHERE NOT accepted").fetchone()
-    return int(row[0]) if row else 0
+        rows = conn.execute(
+            "SELECT detail->>'reason', count(*) FROM migration_events WHERE NOT accepted GROUP BY 1"
+        ).fetchall()
+    return {str(reason): int(n) for reason, n in rows}
 
 
 def _all_lines(run: LocalMigration) -> list[dict[str, Any]]:
     names = ["api", *(f"worker-{i}" for i in range(WORKERS))]
     names += [f"scheduler-{i}" for i in range(SCHEDULERS)]
     return [line for name in names for line in run.log_events(name)]
+
+
+def _lease_holder(run: LocalMigration, client: EtcdClient) -> int | None:
+    """A worker that holds a repository's lease now (mid-step), or None."""
+    prefix = leases_prefix(run.env["MIGRATOR_ETCD_PREFIX"])
+    try:
+        holders = [HolderInfo.from_json(kv.value) for kv in client.get_prefix(prefix)]
+    except LeaseError:
+        return None
+    for holder in holders:
+        index = run.worker_index_of(holder.pid)
+        if index is not None:
+            return index
+    return None
 
 
 def _queued(run: LocalMigration, suffix: str) -> int:
@@ -173,7 +193,7 @@ def _migrate(
                 "--pre-import-seconds", "0.3", "1.0", "--import-seconds", "0.3", "1.0",
                 "--pre-import-failure-rate", "0.05", "--import-failure-rate", "0.02",
                 "--max-concurrent", str(REGISTRY_LIMIT), "--no-double-start-guard",
-                "--seed", str(SEED),
+                "--seed", str(SEED), "--start-latency", "0.2",
             ],
         )  # fmt: skip
         locks = [threading.Lock() for _ in range(WORKERS)]
@@ -187,7 +207,9 @@ def _migrate(
             log=log,
             seed=SEED,
             lease_ttl=LEASE_TTL,
+            lease_holder=lambda: _lease_holder(run, etcd_client),
         )
+        etcd_client = Config.from_env(run.env).etcd_client()
         run.start(timeout=120)
         try:
             supervisor.start()
@@ -218,6 +240,7 @@ def _migrate(
             codes = run.stop(timeout=30)
             supervisor.finish()
             run.delete_queues()
+            etcd_client.close()
         lines = _all_lines(run)
         counts = {str(state): n for state, n in store.counts_by_state().items() if n}
     replay = replay_in_flight(accepted_events(url), capacity=CAPACITY)
