@@ -236,6 +236,22 @@ def schema_files() -> list[tuple[str, str]]:
     return [(name.removesuffix(".sql"), text) for name, text in files]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Author:
+    """Who makes a fenced write: the fence it carries and what the events log records with it.
+
+    :param token: the writer's fencing token (its lease key's create_revision).
+    :param actor: who writes (actor name).
+    :param message_id: the message being processed.
+    :param detail: extra JSON for the events log.
+    """
+
+    token: int
+    actor: str
+    message_id: str | None
+    detail: dict[str, Any] | None
+
+
 class Store:
     """The migration's PostgreSQL state. Thread-safe; one per process.
 
@@ -582,6 +598,7 @@ class Store:
         event = Event(event)
         if event not in CLAIM_EVENTS:
             raise ValueError(f"{event} does not enter an active state; use step()")
+        author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
         with self._connection() as conn, conn.transaction():
             settings_row = conn.execute(
                 "SELECT enabled, capacity, max_retries FROM migration_settings"
@@ -591,9 +608,8 @@ class Store:
             enabled, capacity, max_retries = settings_row
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event=event, token=token,
-                actor=actor, message_id=message_id, detail=detail,
-            )  # fmt: skip
+                conn, repo, expected_state=State(expected_state), event=event, author=author
+            )
             if refused is not None:
                 return refused
             transition = apply(
@@ -608,10 +624,7 @@ class Store:
             active = conn.execute(_COUNT_ACTIVE).fetchone()
             if active is None or active[0] >= capacity:
                 return StepResult(outcome=Outcome.AT_CAPACITY, repository=repo)
-            written = self._write(
-                conn, repo, transition, token=token, actor=actor, message_id=message_id,
-                detail=detail,
-            )  # fmt: skip
+            written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.CLAIMED, repository=written, transition=transition)
 
     def step(
@@ -642,12 +655,12 @@ class Store:
         event = Event(event)
         if event in CLAIM_EVENTS:
             raise ValueError(f"{event} enters an active state; use claim() (capacity check)")
+        author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
         with self._connection() as conn, conn.transaction():
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event=event, token=token,
-                actor=actor, message_id=message_id, detail=detail,
-            )  # fmt: skip
+                conn, repo, expected_state=State(expected_state), event=event, author=author
+            )
             if refused is not None:
                 return refused
             max_retries = 1
@@ -664,10 +677,7 @@ class Store:
                 aborted_in_state=repo.migration_aborted_in_state,
                 skip_reason=SkipReason(skip_reason) if skip_reason is not None else None,
             )
-            written = self._write(
-                conn, repo, transition, token=token, actor=actor, message_id=message_id,
-                detail=detail,
-            )  # fmt: skip
+            written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
 
     def undo_claim(
@@ -688,12 +698,12 @@ class Store:
         :param token: the caller's fencing token.
         :raises InvalidTransition: ``claimed_from -> expected_state`` is not a claim.
         """
+        author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
         with self._connection() as conn, conn.transaction():
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event="undo_claim",
-                token=token, actor=actor, message_id=message_id, detail=detail,
-            )  # fmt: skip
+                conn, repo, expected_state=State(expected_state), event="undo_claim", author=author
+            )
             if refused is not None:
                 return refused
             transition = undo_claim(
@@ -702,10 +712,7 @@ class Store:
                 retries_count=repo.migration_retries_count,
                 aborted_in_state=repo.migration_aborted_in_state,
             )
-            written = self._write(
-                conn, repo, transition, token=token, actor=actor, message_id=message_id,
-                detail=detail,
-            )  # fmt: skip
+            written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
 
     @staticmethod
@@ -725,12 +732,9 @@ class Store:
         *,
         expected_state: State,
         event: str,
-        token: int,
-        actor: str,
-        message_id: str | None,
-        detail: dict[str, Any] | None,
+        author: _Author,
     ) -> StepResult | None:
-        if repo.fencing_token > token:
+        if repo.fencing_token > author.token:
             outcome = Outcome.STALE_TOKEN
         elif repo.migration_state is not expected_state:
             outcome = Outcome.STATE_CHANGED
@@ -746,14 +750,14 @@ class Store:
             "INSERT INTO migration_events (repository_id, from_state, to_state, event, token,"
             " actor, message_id, detail, accepted)"
             " VALUES (%s, %s, NULL, %s, %s, %s, %s, %s, false)",
-            (repo.id, repo.migration_state.value, str(event), token, actor, message_id,
-             Jsonb({**(detail or {}), **why})),
+            (repo.id, repo.migration_state.value, str(event), author.token, author.actor,
+             author.message_id, Jsonb({**(author.detail or {}), **why})),
         )  # fmt: skip
         with self._refused_lock:
             self._refused += 1
         log.warning(
-            "fenced write refused", repository_id=repo.id, migration_event=str(event), token=token,
-            actor=actor, message_id=message_id, **why,
+            "fenced write refused", repository_id=repo.id, migration_event=str(event),
+            token=author.token, actor=author.actor, message_id=author.message_id, **why,
         )  # fmt: skip
         return StepResult(outcome=outcome, repository=repo)
 
@@ -762,11 +766,7 @@ class Store:
         conn: psycopg.Connection[Any],
         repo: Repository,
         transition: Transition,
-        *,
-        token: int,
-        actor: str,
-        message_id: str | None,
-        detail: dict[str, Any] | None,
+        author: _Author,
     ) -> Repository:
         arrival = (
             _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != "undo_claim" else None
@@ -792,7 +792,7 @@ class Store:
                 if transition.aborted_in_state
                 else None,
                 "reason": transition.skipped_reason.value if transition.skipped_reason else None,
-                "token": token,
+                "token": author.token,
                 "id": repo.id,
                 "from": transition.from_state.value,
             },
@@ -802,7 +802,8 @@ class Store:
             "INSERT INTO migration_events (repository_id, from_state, to_state, event, token,"
             " actor, message_id, detail, accepted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, true)",
             (repo.id, transition.from_state.value, transition.to_state.value,
-             str(transition.event), token, actor, message_id, Jsonb(detail or {})),
+             str(transition.event), author.token, author.actor, author.message_id,
+             Jsonb(author.detail or {})),
         )  # fmt: skip
         return written
 
