@@ -32,7 +32,7 @@ from rich.text import Text
 
 from migration.states import State
 from migration.store import Store
-from service.status import MigrationStatus
+from service.status import STATE_STYLE, MigrationStatus
 
 #: The root namespace the demo puts in the deny list.
 DENIED_NAMESPACE = "legacy-vault"
@@ -243,17 +243,6 @@ def progress_line(status: MigrationStatus, progress: Progress) -> str:
     )
 
 
-_STYLE = {
-    State.DEFAULT: "white",
-    State.PRE_IMPORTING: "cyan",
-    State.PRE_IMPORT_DONE: "cyan",
-    State.IMPORTING: "blue",
-    State.IMPORT_DONE: "green",
-    State.IMPORT_ABORTED: "yellow",
-    State.IMPORT_SKIPPED: "magenta",
-}
-
-
 def live_view(status: MigrationStatus, progress: Progress) -> RenderableType:
     """The live screen: a bar per state, rate, ETA, in flight vs capacity, leases held."""
     table = Table(show_edge=False, box=None, padding=(0, 1))
@@ -265,8 +254,8 @@ def live_view(status: MigrationStatus, progress: Progress) -> RenderableType:
         if state is State.DEFAULT:
             n -= status.excluded_by_deny_list
         bar = ProgressBar(total=max(status.total, 1), completed=n, width=40,
-                          complete_style=_STYLE[state])  # fmt: skip
-        table.add_row(Text(state.value, style=_STYLE[state]), bar, f"{n:,}")
+                          complete_style=STATE_STYLE[state])  # fmt: skip
+        table.add_row(Text(state.value, style=STATE_STYLE[state]), bar, f"{n:,}")
     if status.excluded_by_deny_list:
         table.add_row("excluded (deny list)", "", f"{status.excluded_by_deny_list:,}")
     in_flight = ProgressBar(total=max(status.capacity, 1), completed=status.in_flight, width=40)
@@ -333,7 +322,7 @@ def summary_table(outcome: Outcome) -> Table:
         if n or state in (State.IMPORT_DONE, State.IMPORT_SKIPPED):
             shown = n - (status.excluded_by_deny_list if state is State.DEFAULT else 0)
             if shown:
-                table.add_row(Text(state.value, style=_STYLE[state]), f"{shown:,}")
+                table.add_row(Text(state.value, style=STATE_STYLE[state]), f"{shown:,}")
     for reason, n in status.skipped_by_reason.items():
         table.add_row(f"  skipped: {reason}", f"{n:,}")
     table.add_row("excluded by deny list (never picked)", f"{status.excluded_by_deny_list:,}")

@@ -35,6 +35,16 @@ GATING_SETTINGS = (
     "lease_scope",
     "max_step_duration",
 )
+#: The colour (rich style) each state is shown in, by ``status`` and by the demo.
+STATE_STYLE = {
+    State.DEFAULT: "white",
+    State.PRE_IMPORTING: "cyan",
+    State.PRE_IMPORT_DONE: "cyan",
+    State.IMPORTING: "blue",
+    State.IMPORT_DONE: "green",
+    State.IMPORT_ABORTED: "yellow",
+    State.IMPORT_SKIPPED: "magenta",
+}
 _ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES))
 
 

@@ -16,17 +16,7 @@ from rich.text import Text
 from migration.config import Config
 from migration.states import State
 from service.cli import main
-from service.status import MigrationStatus, collect
-
-_STATE_STYLE = {
-    State.DEFAULT: "white",
-    State.PRE_IMPORTING: "cyan",
-    State.PRE_IMPORT_DONE: "cyan",
-    State.IMPORTING: "blue",
-    State.IMPORT_DONE: "green",
-    State.IMPORT_ABORTED: "yellow",
-    State.IMPORT_SKIPPED: "magenta",
-}
+from service.status import STATE_STYLE, MigrationStatus, collect
 
 
 def _fail(message: str) -> None:
@@ -55,7 +45,7 @@ def render(status: MigrationStatus) -> RenderableType:
     for state in State:
         n = status.counts[state.value]
         share = f"{100 * n / status.total:.1f}%" if status.total else "-"
-        states.add_row(Text(state.value, style=_STATE_STYLE[state]), f"{n:,}", share)
+        states.add_row(Text(state.value, style=STATE_STYLE[state]), f"{n:,}", share)
     states.add_row("total", f"{status.total:,}", "")
     for reason, n in status.skipped_by_reason.items():
         states.add_row(Text(f"  skipped: {reason}", style="magenta"), f"{n:,}", "")
