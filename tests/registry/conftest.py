@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from service.launcher import free_port
 from service.simulator import SimulatorConfig, SimulatorServer
 
 # Imports in these tests take a few tens of milliseconds unless a test says otherwise.
@@ -144,7 +145,4 @@ def garbage_url() -> Iterator[str]:
 @pytest.fixture
 def closed_port_url() -> str:
     """A loopback URL on a port that was free a moment ago (connections are refused)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
