@@ -27,8 +27,9 @@ class LeaseBusy(Exception):
 
 def _retry_when(retries: int, exception: BaseException) -> bool:
     # A busy lease is normal and short: retry it for a long while (a crashed holder's
-    # lease takes up to the TTL to expire). Anything else: a few times.
-    return retries < (120 if isinstance(exception, LeaseBusy) else 5)
+    # lease takes up to the TTL to expire; 240 retries of 0.5-1 s cover two minutes at
+    # least). Anything else: a few times.
+    return retries < (240 if isinstance(exception, LeaseBusy) else 5)
 
 
 @dramatiq.actor(
@@ -36,7 +37,11 @@ def _retry_when(retries: int, exception: BaseException) -> bool:
     queue_name=CONFIG.queue_name,
     retry_when=_retry_when,
     min_backoff=100,
-    max_backoff=2_000,
+    # At most 1 s between tries (Dramatiq waits half to all of it): once a crashed
+    # holder's lease expires the notification is applied within a second, so the
+    # repository moves again within TTL + 1 s (bench/recovery.py measured up to 2 s late
+    # with 2 s).
+    max_backoff=1_000,
 )
 def handle_registry_notification(path: str, status: str, detail: str = "") -> None:
     """Step the repository at ``path`` by the registry's ``status``, then trigger a run.
