@@ -104,11 +104,11 @@ def test_every_settings_field_but_updated_at_is_settable() -> None:
 
 
 def test_effective_pending_enqueues_defaults_to_capacity() -> None:
-    base = dict(
-        enabled=True, capacity=7, enqueue_waiting_time=0.0, created_before=None,
-        max_tags_count=0, max_retries=3, pre_import_timeout=1.0, import_timeout=1.0,
-        max_step_duration=1.0, root_namespace_deny_list=(), lease_scope="repository",
-        pending_enqueues=None, enqueue_interval=1.0, guard_interval=1.0,
-    )  # fmt: skip
+    base = {
+        "enabled": True, "capacity": 7, "enqueue_waiting_time": 0.0, "created_before": None,
+        "max_tags_count": 0, "max_retries": 3, "pre_import_timeout": 1.0, "import_timeout": 1.0,
+        "max_step_duration": 1.0, "root_namespace_deny_list": (), "lease_scope": "repository",
+        "pending_enqueues": None, "enqueue_interval": 1.0, "guard_interval": 1.0,
+    }  # fmt: skip
     assert Settings(**base).effective_pending_enqueues == 7  # type: ignore[arg-type]
     assert Settings(**{**base, "pending_enqueues": 2}).effective_pending_enqueues == 2  # type: ignore[arg-type]
