@@ -6,7 +6,6 @@ import signal
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
 
 import click
 import structlog
@@ -17,9 +16,6 @@ from migration.logging import configure as configure_logging
 from migration.store import StoreError
 from service.cli import main
 
-if TYPE_CHECKING:
-    from actors.runtime import Runtime
-
 log = structlog.get_logger(__name__)
 
 
@@ -28,22 +24,6 @@ def _stop_on_signals() -> threading.Event:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     return stop
-
-
-def _runtime_with_retry(
-    config: Config, stop: threading.Event, factory: type[Runtime]
-) -> Runtime | None:
-    """The runtime, retrying with backoff while a server is down (logged each time)."""
-
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            return factory(config)
-        except (StoreError, LeaseError) as error:
-            log.warning("server_unavailable_at_start", error=str(error), retry_in_s=delay)
-            stop.wait(delay)
-            delay = min(delay * 2, 10.0)
-    return None
 
 
 @main.command()
@@ -135,6 +115,7 @@ def scheduler(health_port: int, health_host: str) -> None:
     """
     from actors.runtime import Runtime  # noqa: PLC0415 - importing actors sets the broker
     from actors.scheduler import Scheduler  # noqa: PLC0415
+    from service.api import LazyRuntime, ServerChecks, rabbitmq_check  # noqa: PLC0415
 
     config = Config.from_env()
     configure_logging(config.log_level)
@@ -143,12 +124,14 @@ def scheduler(health_port: int, health_host: str) -> None:
     if health_port:
         server = ThreadingHTTPServer((health_host, health_port), _Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()
-    runtime = _runtime_with_retry(config, stop, Runtime)
-    if runtime is None:
-        return
-    log.info("scheduler_started")
+    runtime = LazyRuntime(lambda: Runtime(config))
+    checks = ServerChecks(config, runtime=runtime, broker_check=rabbitmq_check(config.broker_url))
     try:
-        Scheduler(runtime).run(stop)
+        # The API's start-up wait: one server_unavailable line per down server per retry,
+        # with backoff, until PostgreSQL, etcd and RabbitMQ all answer (or a stop signal).
+        if checks.wait_until_ready(stop):
+            log.info("scheduler_started")
+            Scheduler(runtime()).run(stop)
     finally:
         runtime.close()
         if server is not None:
