@@ -30,6 +30,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# After the path fix: the one parser of ``stack env`` output, tested in tests/test_stack.py.
+from tests.conftest import parse_stack_env  # noqa: E402
+
 # Where each service listens when its MIGRATOR_ variable is unset (the stack's fixed ports).
 DEFAULTS = {
     "MIGRATOR_ETCD_ENDPOINTS": "127.0.0.1:23790",
@@ -63,17 +66,6 @@ def _reachable(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def parse_stack_env(text: str) -> dict[str, str]:
-    """The ``export NAME=value`` lines of ``deploy/local/stack env`` as a dict."""
-    variables: dict[str, str] = {}
-    for line in text.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, _, value = words[1].partition("=")
-            variables[name] = value
-    return variables
 
 
 def ensure_stack(needed: Sequence[str], *, with_redis: bool) -> dict[str, str]:
