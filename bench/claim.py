@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         f"16 claimers (p50 {target['p50_ms']:.2f} ms; goal <= {GOAL_P99_MS:g} ms "
         f"{'met' if met else 'missed'})"
     )
-    path = support.write_json(
+    support.publish(
         "claim",
         {
             "benchmark": "claim",
@@ -262,8 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         },
     )
-    _common.note(f"wrote {path.relative_to(support.REPO_ROOT)}")
-    print(headline)
     return 0
 
 

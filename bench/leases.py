@@ -615,9 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goals,
         "headline": headline,
     }
-    path = support.write_json("leases", data)
-    print(f"bench: wrote {path.relative_to(support.REPO_ROOT)}", file=sys.stderr)
-    print(headline)
+    support.publish("leases", data)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 

@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ceiling:.0f}/s (goal {GOAL_SHARE:g}: {'met' if met else 'missed'}); "
         f"{per_s / cpu_ceiling:.2f} of the CPU ceiling {cpu_ceiling:.0f}/s"
     )
-    path = support.write_json(
+    support.publish(
         "pipeline",
         {
             "benchmark": "pipeline",
@@ -394,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         },
     )
-    _common.note(f"wrote {path.relative_to(support.REPO_ROOT)}")
-    print(headline)
     return 0
 
 

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"vs the reference's 30 min ({first['reference_over_delay']:.0f} x); "
         f"migration-wide stall at most {worst_stall:.2f} s (goal {STALL_GOAL_S:g} s)"
     )
-    path = support.write_json(
+    support.publish(
         "recovery",
         {
             "benchmark": "recovery",
@@ -378,8 +378,6 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         },
     )
-    _common.note(f"wrote {path.relative_to(support.REPO_ROOT)}")
-    print(headline)
     return 0
 
 

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if others:
         headline += " (" + ", ".join(f"{kills[t]:.1f} s at TTL {t}" for t in others) + ")"
     headline += f"; {closes[0]:.2f} s after graceful close"
-    path = support.write_json(
+    support.publish(
         "recovery_leases",
         {
             "benchmark": "recovery_leases",
@@ -257,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         },
     )
-    print(f"bench: wrote {path.relative_to(support.REPO_ROOT)}", file=sys.stderr)
-    print(headline)
     return 0 if all(g["all_within_ttl_plus_1s"] for g in summary) else 1
 
 

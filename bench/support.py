@@ -136,3 +136,19 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def publish(name: str, data: dict[str, Any]) -> Path:
+    """Write ``data`` as :func:`write_json` does, say where on stderr, print its headline.
+
+    The headline (``data["headline"]``) is the last line on stdout: tests/bench checks that
+    it begins with the headline number and equals the file's.
+
+    :param name: the benchmark's name, the file's stem.
+    :param data: the results, with a ``headline`` key.
+    :returns: the file's path.
+    """
+    path = write_json(name, data)
+    print(f"bench: wrote {path.relative_to(REPO_ROOT)}", file=sys.stderr, flush=True)
+    print(data["headline"])
+    return path

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(expected <= {start_bound['expected']['ratio']:.1f}, "
         f"issue goal {start_bound['issue_goal_ratio']:.1f})"
     )
-    path = support.write_json(
+    support.publish(
         "throughput",
         {
             "benchmark": "throughput",
@@ -409,8 +409,6 @@ def main(argv: list[str] | None = None) -> int:
             "headline": headline,
         },
     )
-    _common.note(f"wrote {path.relative_to(support.REPO_ROOT)}")
-    print(headline)
     return 0
 
 
