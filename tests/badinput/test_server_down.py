@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from migration.store import Store
 from tests.badinput.tcp_proxy import TcpProxy
+from tests.fixtures import wait_until
 from tests.servers import free_ports
 
 SERVERS = ["postgresql", "etcd", "rabbitmq"]
@@ -118,16 +118,6 @@ class Scenario:
         for name in (self.queue, f"{self.queue}.DQ", f"{self.queue}.XQ"):
             channel.queue_delete(name)
         connection.close()
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.2)
 
 
 @pytest.fixture
