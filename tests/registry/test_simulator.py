@@ -188,10 +188,11 @@ def test_slow_start_paths_answer_late_and_slow_decide_drops_a_gone_caller(
         began = time.monotonic()
         assert c.start_pre_import("g/slow-decide-other").started
         assert time.monotonic() - began >= 0.9
-        # other paths are not slowed.
+        # other paths are not slowed: well under the 1 s wait (0.9 s leaves a loaded
+        # machine room for one request and still tells the wait apart).
         began = time.monotonic()
         assert c.start_pre_import("g/plain").started
-        assert time.monotonic() - began < 0.5
+        assert time.monotonic() - began < 0.9
     report = simulator.report()
     assert report["answers"]["start_499"] == 1
     assert report["starts"]["g/slow-start-app"] == {"pre": 1, "final": 0}
