@@ -220,13 +220,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the kill timing")
     args = parser.parse_args(argv)
     args.trials = args.trials or (1 if args.quick else 3)
-    text = args.ttls or ("3" if args.quick else "3,10")
-    try:
-        args.ttl_list = [int(t) for t in text.split(",")]
-    except ValueError:
-        parser.error(f"--ttls must be comma-separated integers, not {text!r}")
-    if args.trials < 1 or any(t < 2 for t in args.ttl_list):
-        parser.error("--trials must be positive and --ttls at least 2")
+    if args.trials < 1:
+        parser.error("--trials must be positive")
+    args.ttl_list = support.parse_ttls(parser, args.ttls or ("3" if args.quick else "3,10"))
     return args
 
 

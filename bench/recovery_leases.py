@@ -150,13 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.trials = 2 if args.quick else 3
     if args.trials <= 0:
         parser.error("--trials must be positive")
-    text = args.ttls or ("3" if args.quick else "3,10")
-    try:
-        args.ttl_list = [int(t) for t in text.split(",")]
-    except ValueError:
-        parser.error(f"--ttls must be comma-separated integers, not {text!r}")
-    if any(t < 2 for t in args.ttl_list):
-        parser.error("--ttls must be at least 2 (etcd's minimum)")
+    args.ttl_list = support.parse_ttls(parser, args.ttls or ("3" if args.quick else "3,10"))
     return args
 
 

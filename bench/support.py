@@ -7,6 +7,7 @@ package) and puts the repository root in front.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -97,6 +98,22 @@ def ensure_stack(needed: Sequence[str], *, with_redis: bool) -> dict[str, str]:
         if not _reachable(*_host_port(name, values[name])):
             raise SystemExit(f"bench: {name}={values[name]} does not accept connections")
     return values
+
+
+def parse_ttls(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """A ``--ttls`` value (comma-separated seconds) as integers; a usage error unless each is
+    an integer of at least 2 (etcd's minimum TTL).
+
+    :param parser: the script's parser, whose ``error`` exits with status 2.
+    :param text: the option's value.
+    """
+    try:
+        ttls = [int(t) for t in text.split(",")]
+    except ValueError:
+        parser.error(f"--ttls must be comma-separated integers, not {text!r}")
+    if any(t < 2 for t in ttls):
+        parser.error("--ttls must be at least 2 (etcd's minimum)")
+    return ttls
 
 
 def etcd_endpoints(text: str) -> list[tuple[str, int]]:
