@@ -259,4 +259,6 @@ def test_unreachable_etcd_raises_typed_error_within_timeout() -> None:
         start = time.monotonic()
         with pytest.raises(EtcdUnavailable):
             dead.get("/anything")
-        assert time.monotonic() - start < 1.5
+        # Within the 1 s timeout; the extra second is for a loaded 2-core machine (a retry
+        # loop without a deadline would hang far longer).
+        assert time.monotonic() - start < 1 + 1
