@@ -11,7 +11,6 @@ import collections
 import math
 import threading
 import time
-from collections.abc import Callable
 
 import structlog
 
@@ -36,7 +35,6 @@ class Session:
         session gives up and reports lost (default: a fifth of the TTL, at least 0.5 s).
         Declaring loss before etcd expires the lease keeps the holder from believing in a
         key someone else may already have.
-    :param on_lost: called once, from the keep-alive thread, when the session is lost.
     """
 
     def __init__(
@@ -45,25 +43,19 @@ class Session:
         *,
         ttl: float = 10,
         margin: float | None = None,
-        on_lost: Callable[[Session], None] | None = None,
     ) -> None:
         if ttl < MIN_TTL:
             raise ValueError(f"session TTL must be at least {MIN_TTL} s, got {ttl}")
         self.client = client
         self.ttl = math.ceil(ttl)
         self.margin = max(0.5, self.ttl / 5) if margin is None else margin
-        self._on_lost = on_lost
         self._lost = threading.Event()
         self._closed = threading.Event()
         self._lost_reason = ""
-        self.lease_id, granted = client.grant(self.ttl)
-        self.granted_ttl = granted
+        self.lease_id, _ = client.grant(self.ttl)
         self._last_refresh = time.monotonic()
         self._stream: KeepAliveStream | None = None
-        # Send times of requests not yet answered: an answer proves the lease was alive
-        # when its request was sent, not when the answer came back.
-        self._sent: collections.deque[float] = collections.deque()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _stream and the lost check-and-set
         self._thread = threading.Thread(
             target=self._keep_alive, name=f"lease-keepalive-{self.lease_id:x}", daemon=True
         )
@@ -132,17 +124,14 @@ class Session:
     # -- keep-alive ---------------------------------------------------------------------
 
     def _mark_lost(self, reason: str, *, notify: bool = True) -> None:
-        if self._lost.is_set():
-            return
-        self._lost_reason = reason
-        self._lost.set()
+        # The reader and the keep-alive thread may both find the loss: the first one says why.
+        with self._lock:
+            if self._lost.is_set():
+                return
+            self._lost_reason = reason
+            self._lost.set()
         if notify:
             log.warning("lease_session_lost", lease_id=f"{self.lease_id:x}", reason=reason)
-            if self._on_lost is not None:
-                try:
-                    self._on_lost(self)
-                except Exception:  # a callback's bug must not kill the keep-alive thread
-                    log.exception("lease_session_on_lost_failed")
 
     def _keep_alive(self) -> None:
         interval = self.ttl / 3
@@ -159,9 +148,13 @@ class Session:
                         stream.close()
                         return
                     self._stream = stream
+                # Send times of this stream's unanswered requests, oldest first. Each stream
+                # has its own: a reader still draining a closed stream must never take the
+                # send time of a request made on the next one.
+                sent: collections.deque[float] = collections.deque()
                 reader = threading.Thread(
                     target=self._read,
-                    args=(stream,),
+                    args=(stream, sent),
                     name=f"{self._thread.name}-reader",
                     daemon=True,
                 )
@@ -169,7 +162,7 @@ class Session:
                 # Send every TTL/3 while the reader sees answers; a broken stream ends the
                 # reader, and we open a new one.
                 while reader.is_alive() and not self._closed.is_set():
-                    self._sent.append(time.monotonic())
+                    sent.append(time.monotonic())
                     stream.send()
                     self._closed.wait(
                         min(interval, max(0.05, deadline - self.seconds_since_refresh))
@@ -181,7 +174,6 @@ class Session:
                         break
                 stream.close()
                 reader.join(timeout=1)
-                self._sent.clear()
             if self._closed.is_set() or self._lost.is_set():
                 return
             if self.seconds_since_refresh > deadline:
@@ -189,12 +181,17 @@ class Session:
                 return
             self._closed.wait(min(0.2, interval))  # brief pause before reconnecting
 
-    def _read(self, stream: KeepAliveStream) -> None:
+    def _read(self, stream: KeepAliveStream, sent: collections.deque[float]) -> None:
+        """Take ``stream``'s answers; ``sent`` holds the send times of its requests."""
         try:
             for ttl in stream.responses():
                 if ttl <= 0:
                     self._mark_lost("etcd says the lease no longer exists")
                     return
-                self._last_refresh = self._sent.popleft() if self._sent else time.monotonic()
+                # Answers come in request order, and a request's send time is recorded
+                # before it is sent: an answer proves the lease alive when its request left,
+                # not when the answer came back.
+                if sent:
+                    self._last_refresh = sent.popleft()
         except EtcdUnavailable as error:
             log.debug("lease_keepalive_stream_broken", error=str(error))
