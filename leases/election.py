@@ -12,7 +12,7 @@ import threading
 import structlog
 
 from leases.errors import LeaseError
-from leases.hold import Hold, HolderInfo, try_acquire
+from leases.hold import Acquisition, Hold, HolderInfo, try_acquire
 from leases.session import Session
 
 log = structlog.get_logger(__name__)
@@ -47,6 +47,21 @@ class Election:
     def _candidacy(self) -> Hold | None:
         if self._hold is None or self._hold.released:
             acquisition = try_acquire(self.session, self.key, holder=self.holder)
+            if acquisition.hold is None and acquisition.holder_token is not None:
+                # The key names this session's lease, so only this session made it: a create
+                # whose answer was lost (etcd timed out after applying it), or a resign whose
+                # delete failed. It stands in line for us; ignoring it would leave it first
+                # in line, leading nobody, for as long as the session lives.
+                acquisition = Acquisition(
+                    Hold(
+                        client=self.session.client,
+                        session=self.session,
+                        key=self.key,
+                        token=acquisition.holder_token,
+                        holder=acquisition.holder or self.holder,
+                        lease_id=self.session.lease_id,
+                    )
+                )
             self._hold = acquisition.hold
         return self._hold
 
