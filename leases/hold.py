@@ -15,14 +15,13 @@ import os
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
 
 import structlog
 
 from leases.errors import LeaseError
-from leases.etcd import EtcdClient, KeyValue
+from leases.etcd import EtcdClient
 from leases.session import Session
 
 log = structlog.get_logger(__name__)
@@ -59,12 +58,7 @@ class HolderInfo:
             data = json.loads(raw)
             if not isinstance(data, Mapping):
                 raise TypeError
-            known = {
-                k: data[k]
-                for k in ("host", "pid", "actor", "message_id", "acquired_at")
-                if k in data
-            }
-            return cls(**known)
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
         except (ValueError, TypeError):
             return cls(host="?", pid=0, actor=raw[:200].decode(errors="replace"), acquired_at="?")
 
@@ -208,13 +202,3 @@ def acquired(
         return
     with acquisition.hold:
         yield acquisition
-
-
-def describe_key(kv: KeyValue) -> dict[str, Any]:
-    """A key as operators see it: key, token, lease and the holder's fields."""
-    return {
-        "key": kv.key,
-        "token": kv.create_revision,
-        "lease_id": f"{kv.lease_id:x}",
-        **asdict(HolderInfo.from_json(kv.value)),
-    }
