@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+from leases.errors import LeaseError
 from leases.etcd import EtcdClient
 from leases.hold import Acquisition, HolderInfo, _create
 
@@ -39,7 +41,14 @@ def take(
     released or the TTL runs out, even after this process exits.
     """
     lease_id, _ = client.grant(ttl)
-    acquisition = _create(client, None, lease_id, key, holder or HolderInfo(actor="operator"))
+    try:
+        acquisition = _create(client, None, lease_id, key, holder or HolderInfo(actor="operator"))
+    except LeaseError:
+        # The create may have been applied with its answer lost: revoking takes the key
+        # with it, so a take that failed never leaves the key blocking its work for ``ttl``.
+        with contextlib.suppress(LeaseError):
+            client.revoke(lease_id)
+        raise
     if not acquisition:
         client.revoke(lease_id)
     return acquisition
