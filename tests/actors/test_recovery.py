@@ -61,7 +61,8 @@ def test_sigkill_worker_mid_run_delays_only_its_repository(
             what="other repositories starting after the kill",
         )
 
-        # The killed holder's key goes with its lease after the TTL (3 s), not before.
+        # The killed holder's key goes with its lease within the TTL (3 s) + 2 s. (Not
+        # asserted: "not before"; the last keep-alive before the kill is unknown.)
         def victim_key_gone() -> bool:
             holder = dict(_held_by_enqueuer(client, prefix)).get(repository_id)
             return holder is None or holder.pid != victim_pid
