@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import dramatiq
@@ -18,10 +20,12 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.runtime import Runtime, get_runtime
-from leases import HolderInfo, LeaseError, Ticket, try_acquire
+from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
 from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
+from migration.settings import Settings
 from migration.states import State
+from migration.store import Repository
 
 log = structlog.get_logger(__name__)
 
@@ -112,7 +116,8 @@ class EnqueuerRun:
                 self.fields["lease_already_taken"] = True
                 return "lease_taken"
             with acquisition.hold as hold:
-                return self._work(settings, lambda _repo: hold)
+                # Every candidate is worked under the one global hold, released here.
+                return self._work(settings, lambda _repo: contextlib.nullcontext(hold))
         return self._work(
             settings,
             lambda repo: (
@@ -120,21 +125,26 @@ class EnqueuerRun:
             ),
         )
 
-    def _work(self, settings: Any, take: Any) -> str:
+    def _work(
+        self,
+        settings: Settings,
+        take: Callable[[Repository], AbstractContextManager[Hold] | None],
+    ) -> str:
+        """Step the first candidate whose lease ``take`` gets (None: busy)."""
         candidates = self.runtime.store.candidates(settings, limit=CANDIDATES_PER_RUN)
         if not candidates:
             self.fields["no_container_repository_found"] = True
             return "no_candidate"
-        tried = 0
-        for candidate in candidates:
-            tried += 1
+        for tried, candidate in enumerate(candidates, start=1):
             self.fields["candidates_tried"] = tried
-            hold = take(candidate)
-            if hold is None:
+            lease = take(candidate)
+            if lease is None:
                 self.fields["lease_already_taken"] = True
                 log.debug("lease_already_taken", container_repository_id=candidate.id)
                 continue
-            try:
+            # Leaving the block releases the repository's lease; a release that fails (etcd
+            # gone) is logged and the key expires with the session: the step is done either way.
+            with lease as hold:
                 # Re-read under the lease: the candidate list may be stale by now.
                 repository = self.runtime.store.get(candidate.id)
                 if repository is None or repository.migration_state not in (
@@ -143,9 +153,6 @@ class EnqueuerRun:
                 ):
                     continue
                 report = self._step(repository, settings, hold.token)
-            finally:
-                if hold.key != global_lease_key(self.runtime.config.etcd_prefix):
-                    hold.release()
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
                 continue
@@ -154,7 +161,7 @@ class EnqueuerRun:
         # Every candidate was busy or moved on: another run is on them; let it re-enqueue.
         return "all_candidates_busy"
 
-    def _step(self, repository: Any, settings: Any, token: int) -> StepReport:
+    def _step(self, repository: Repository, settings: Settings, token: int) -> StepReport:
         writer = Writer(token=token, actor=ACTOR, message_id=self.message_id)
         migrator = self.runtime.migrator
         if repository.migration_state is State.IMPORT_ABORTED:
