@@ -36,7 +36,7 @@ CANDIDATES_PER_RUN = 20
 _STOP = {StepOutcome.AT_CAPACITY, StepOutcome.DISABLED, StepOutcome.UNDONE}
 
 
-def trigger_enqueue(runtime: Runtime, *, source: str) -> bool:
+def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None = None) -> bool:
     """Send one ``enqueue_next_migration`` through the dedup gate.
 
     At most P runs wait in the queue (P = the ``pending_enqueues`` setting, default the
@@ -44,12 +44,14 @@ def trigger_enqueue(runtime: Runtime, *, source: str) -> bool:
 
     :param runtime: the process runtime (store for P, etcd for the gate).
     :param source: what triggered it (scheduler, self, notification, operator), logged.
+    :param settings: the settings the caller has just read, for P; None reads them.
     :returns: True when a message was sent, False when the trigger collapsed.
     """
     # One line per trigger (triggered, collapsed or failed): the chaos test matches each
     # triggered message id with the run that consumed it.
     try:
-        settings = runtime.store.settings()
+        if settings is None:
+            settings = runtime.store.settings()
         ticket = runtime.gate.enter(
             holder=HolderInfo(actor=f"trigger:{source}"), slots=settings.effective_pending_enqueues
         )
@@ -87,11 +89,13 @@ class EnqueuerRun:
         self.message_id = message_id
         self.fields: dict[str, Any] = {}
         self.re_enqueue = False
+        #: The settings this run read (None until it has), reused for its re-enqueue.
+        self.settings: Settings | None = None
 
     def execute(self) -> str:
         """Do the run; returns the job status for the log line."""
         store = self.runtime.store
-        settings = store.settings()
+        settings = self.settings = store.settings()
         self.fields["migration_enabled"] = settings.enabled
         if not settings.enabled:
             return "disabled"
@@ -220,4 +224,4 @@ def enqueue_next_migration(
             **fields,
         )
     if run.re_enqueue:
-        trigger_enqueue(runtime, source="self")
+        trigger_enqueue(runtime, source="self", settings=run.settings)

@@ -71,4 +71,4 @@ def guard_stale_migrations() -> None:
         if name not in (StepOutcome.IGNORED, "lease_already_taken")
     )
     if changed:
-        trigger_enqueue(runtime, source="guard")
+        trigger_enqueue(runtime, source="guard", settings=settings)

@@ -64,7 +64,7 @@ class Scheduler:
                     if now >= next_enqueue or now >= next_guard:
                         settings = self.runtime.store.settings()
                         if now >= next_enqueue:
-                            trigger_enqueue(self.runtime, source="scheduler")
+                            trigger_enqueue(self.runtime, source="scheduler", settings=settings)
                             self.published["enqueue"] += 1
                             next_enqueue = now + settings.enqueue_interval
                         if now >= next_guard:
