@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dramatiq
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -47,7 +46,3 @@ def make_broker(config: Config, *, prometheus: bool = False) -> RabbitmqBroker:
     # confirm_delivery: a publish returns only once RabbitMQ has the message, so the
     # notification API answers 202 only for a notification that cannot be lost.
     return RabbitmqBroker(url=config.broker_url, confirm_delivery=True, middleware=middleware)
-
-
-def current_broker() -> dramatiq.Broker:
-    return dramatiq.get_broker()
