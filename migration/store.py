@@ -42,6 +42,7 @@ from migration.settings import Settings
 from migration.states import (
     ACTIVE_STATES,
     CLAIM_EVENTS,
+    UNDO_CLAIM,
     Event,
     SkipReason,
     State,
@@ -119,6 +120,11 @@ class Outcome(StrEnum):
     STALE_TOKEN = "stale_token"  # noqa: S105 - refused (recorded): a newer token wrote the row
 
 
+def _json_values(row: dict[str, Any]) -> dict[str, object]:
+    """A row's values with timestamps as ISO 8601 text."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Repository:
     """A ``container_repositories`` row."""
@@ -153,9 +159,7 @@ class Repository:
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly values keyed by column."""
-        return {
-            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()
-        }
+        return _json_values(self.__dict__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,9 +180,7 @@ class MigrationEvent:
 
     def as_dict(self) -> dict[str, object]:
         """JSON-friendly values keyed by column."""
-        return {
-            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in self.__dict__.items()
-        }
+        return _json_values(self.__dict__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -702,7 +704,7 @@ class Store:
         with self._connection() as conn, conn.transaction():
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event="undo_claim", author=author
+                conn, repo, expected_state=State(expected_state), event=UNDO_CLAIM, author=author
             )
             if refused is not None:
                 return refused
@@ -768,8 +770,11 @@ class Store:
         transition: Transition,
         author: _Author,
     ) -> Repository:
+        # An undone claim returns to where it was without arriving anew: re-stamping
+        # migration_aborted_at or migration_pre_import_done_at would reorder the retries
+        # and restart the enqueue waiting time.
         arrival = (
-            _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != "undo_claim" else None
+            _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
         )
         stamp = sql.SQL(", {} = now()").format(sql.Identifier(arrival)) if arrival else sql.SQL("")
         # The WHERE repeats the fence: the row is locked, so it always matches; it is there
