@@ -160,7 +160,7 @@ class Config:
             database_url=_url(
                 env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")
             ),
-            etcd_endpoints=_endpoints(env, f"{PREFIX}ETCD_ENDPOINTS", "127.0.0.1:23790"),
+            etcd_endpoints=_endpoints(env, f"{PREFIX}ETCD_ENDPOINTS", d.etcd_endpoints_text),
             etcd_prefix=prefix or "/",
             etcd_ca_cert=_optional_pem(env, f"{PREFIX}ETCD_CA_CERT"),
             etcd_cert_cert=cert,
