@@ -164,6 +164,10 @@ def enqueue() -> None:
     except LeaseError as error:
         click.echo(f"registry-migrator: etcd: {error}", err=True)
         sys.exit(1)
+    except Exception as error:  # PostgreSQL or RabbitMQ failed: one line, not a traceback
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        click.echo(f"registry-migrator: enqueue failed: {first_line}", err=True)
+        sys.exit(1)
     finally:
         runtime.close()
     click.echo("enqueued one run" if sent else "collapsed: enough runs are already waiting")
