@@ -107,16 +107,14 @@ class EtcdClient:
         self.timeout = timeout
         # python-etcd3 formats its target as "host:port"; a gRPC "ipv4:"/"dns:" target with
         # every endpoint gives it the whole cluster in one channel.
+        options = list(_GRPC_OPTIONS)
         if len(self.endpoints) == 1:
             host, port = self.endpoints[0]
         else:
-            *head, (last_host, port) = self.endpoints
-            scheme = "ipv4:" if all(h.replace(".", "").isdigit() for h, _ in self.endpoints) else ""
-            if not scheme:
+            if not all(h.replace(".", "").isdigit() for h, _ in self.endpoints):
                 raise ValueError("several etcd endpoints must be IPv4 addresses")
-            host = scheme + ",".join(f"{h}:{p}" for h, p in head) + f",{last_host}"
-        options = list(_GRPC_OPTIONS)
-        if len(self.endpoints) > 1:
+            *head, (last_host, port) = self.endpoints
+            host = "ipv4:" + ",".join(f"{h}:{p}" for h, p in head) + f",{last_host}"
             # Keep a connection to every member: when one dies the others are ready at once
             # (pick_first would first have to notice and reconnect).
             options.append(("grpc.lb_policy_name", "round_robin"))
