@@ -51,6 +51,10 @@ def status_matches_state(status: RegistryImportStatus, state: State) -> bool:
     return state in _MATCHING_STATES.get(status, frozenset())
 
 
+class RegistryUnavailable(Exception):
+    """The registry could not confirm a status before acting on it; try again later."""
+
+
 class StepOutcome(StrEnum):
     """What one step did, for the run's log line and the caller's next move."""
 
@@ -262,12 +266,22 @@ class Migrator:
         writer: Writer,
         *,
         detail: str = "",
+        verify: bool = True,
     ) -> StepReport:
         """Apply what the registry reports (a notification, or the guard's status query).
 
         ``pre_import_complete`` → pre_import_done, then the final import starts;
         ``import_complete`` → import_done; ``*_failed`` / ``*_canceled`` → abort. A status
         that does not fit the repository's state changes nothing (IGNORED).
+
+        :param verify: ask the registry first whether ``status`` is still its current one.
+            A notification may arrive late or twice (the registry retries until one is
+            accepted), after a retry has already started the next attempt: acting on an old
+            ``pre_import_failed`` would abort the running attempt and start a second import
+            of the same repository. A notification whose status the registry no longer
+            reports is IGNORED. The guard, which has just read the status, passes False.
+        :raises RegistryUnavailable: ``verify`` and the registry's status could not be read
+            (the caller retries the notification later rather than act on it unchecked).
         """
         state = repository.migration_state
         if not status_matches_state(status, state):
@@ -276,6 +290,21 @@ class Migrator:
                 repository,
                 {"ignored_status": status.value, "state": state.value},
             )
+        if verify:
+            current = self.registry.status(repository.path)
+            if current.outcome is not StatusOutcome.FOUND:
+                raise RegistryUnavailable(
+                    f"cannot confirm {status.value} for {repository.path}: {current.outcome}"
+                    f" {current.detail}".rstrip()
+                )
+            if current.status is not status:
+                now = current.status.value if current.status else "unknown"
+                return StepReport(
+                    StepOutcome.IGNORED,
+                    repository,
+                    {"ignored_status": status.value, "state": state.value, "registry_status": now,
+                     "why": "stale notification: the registry reports another status now"},
+                )  # fmt: skip
         if status is RegistryImportStatus.PRE_IMPORT_COMPLETE:
             if state is State.PRE_IMPORTING:
                 stepped = self._step(
@@ -318,7 +347,7 @@ class Migrator:
             and status_matches_state(registry_status, state)
         ):
             report = self.on_registry_status(
-                repository, registry_status, writer, detail="found by the guard"
+                repository, registry_status, writer, detail="found by the guard", verify=False
             )
             report.fields.update(fields)
             return report

@@ -13,7 +13,13 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from migration.migrator import Migrator, StepOutcome, Writer, status_matches_state
+from migration.migrator import (
+    Migrator,
+    RegistryUnavailable,
+    StepOutcome,
+    Writer,
+    status_matches_state,
+)
 from migration.registry import RegistryClient, RegistryImportStatus
 from migration.states import SkipReason, State
 from migration.store import Store
@@ -199,12 +205,47 @@ def test_a_stale_holder_is_refused_after_a_newer_one_wrote(
     )
     # The old holder (its lease expired during a pause) wakes up and reports a failure.
     report = migrator.on_registry_status(
-        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, old
+        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, old, verify=False
     )
     assert report.outcome is StepOutcome.REFUSED
     assert current(store, repo_id).migration_state is State.PRE_IMPORTING
     refused = [e for e in store.events(repo_id) if not e.accepted]
     assert refused and refused[-1].detail["reason"] == "stale_token"
+
+
+def test_a_stale_notification_does_not_abort_the_running_attempt(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    """A late or repeated ``pre_import_failed`` of an earlier attempt arrives while the next
+    attempt runs: applying it would abort that attempt and start a second import."""
+    store = migrator.store
+    repo_id = add(store, "group/retried/image")
+    migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    report = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, tokens.writer()
+    )
+    assert report.outcome is StepOutcome.IGNORED
+    assert report.fields["registry_status"] == "pre_import_in_progress"
+    assert current(store, repo_id).migration_state is State.PRE_IMPORTING
+
+
+def test_a_notification_is_not_applied_unchecked_when_the_registry_is_down(
+    clean_store: Store, tokens: Tokens
+) -> None:
+    with RegistryClient("http://127.0.0.1:1", timeout=0.5, too_many_retries=0) as registry:
+        migrator = Migrator(clean_store, registry)
+        repo_id = add(clean_store, "group/unverified/image")
+        clean_store.claim(
+            repo_id, expected_state=State.DEFAULT, event="start_pre_import",
+            token=tokens.writer().token, actor="test", message_id=None,
+        )  # fmt: skip
+        with pytest.raises(RegistryUnavailable):
+            migrator.on_registry_status(
+                current(clean_store, repo_id),
+                RegistryImportStatus.PRE_IMPORT_FAILED,
+                tokens.writer(),
+            )
+    assert current(clean_store, repo_id).migration_state is State.PRE_IMPORTING
 
 
 def _age_step(database_url: str, repo_id: int, seconds: float) -> None:
