@@ -292,13 +292,13 @@ class Migrator:
             )
         if verify:
             current = self.registry.status(repository.path)
-            if current.outcome is not StatusOutcome.FOUND:
+            if current.outcome in (StatusOutcome.ERROR, StatusOutcome.UNAUTHORIZED):
                 raise RegistryUnavailable(
                     f"cannot confirm {status.value} for {repository.path}: {current.outcome}"
                     f" {current.detail}".rstrip()
                 )
             if current.status is not status:
-                now = current.status.value if current.status else "unknown"
+                now = current.status.value if current.status else current.outcome.value
                 return StepReport(
                     StepOutcome.IGNORED,
                     repository,

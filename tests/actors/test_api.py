@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from migration.registry import RegistryClient
 from migration.states import Event, State
 from migration.store import Store
 from service.launcher import LocalMigration
@@ -90,7 +91,12 @@ def test_notification_answers(api_run: LocalMigration, clean_store: Store) -> No
 def test_queued_notification_is_applied_by_a_worker(
     clean_store: Store, make_migration: Callable[..., LocalMigration]
 ) -> None:
-    """The 202'd notification is applied: pre_import_done, then the final import starts."""
+    """The 202'd notification is applied: pre_import_done, then the final import starts.
+
+    The pre-import really runs at the simulator, which sends the notification through the
+    API itself: the worker confirms a notification's status with the registry before it
+    acts, so a notification the registry never sent is not applied.
+    """
     repository_id = clean_store.add_repository("api-group/applied")
     assert clean_store.claim(
         repository_id,
@@ -103,8 +109,8 @@ def test_queued_notification_is_applied_by_a_worker(
     clean_store.update_settings(enabled=False)  # no enqueuer run may start anything else
     run = make_migration(workers=1, threads=2, scheduler=False, secret="s")
     run.start()
-    body = {**BODY, "path": "api-group/applied"}
-    assert _put(run, "api-group/applied", body, "s").status_code == 202
+    with RegistryClient(run.simulator_url) as registry:
+        assert registry.start_pre_import("api-group/applied").started
 
     wait_until(
         lambda: (
@@ -114,4 +120,8 @@ def test_queued_notification_is_applied_by_a_worker(
         timeout=30,
         what="the notification applied",
     )
-    assert run.report()["starts"]["api-group/applied"]["final"] == 1
+    report = run.report()
+    assert report["starts"]["api-group/applied"]["final"] == 1
+    assert report["notifications"]["sent"] >= 1
+    accepted = run.log_events("api", "notification_accepted")
+    assert any(e.get("container_repository_path") == "api-group/applied" for e in accepted)
