@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from actors.validation import argument_problem
+from migration.registry import RegistryClient, RegistryImportStatus
 from migration.store import Store
 from service.launcher import LocalMigration
 
@@ -230,6 +231,19 @@ def test_a_nul_in_the_detail_does_not_stop_the_step(
     """The registry's free-text detail is kept in the events log; NUL cannot be stored."""
     path = f"nul/detail-{uuid.uuid4().hex[:6]}"
     repository_id = store.add_repository(path)
+    # The import really ends at the registry: the worker confirms a notification's status
+    # with the registry before applying it.
+    with RegistryClient(worker.simulator_url) as registry:
+        for start, done in (
+            (registry.start_pre_import, RegistryImportStatus.PRE_IMPORT_COMPLETE),
+            (registry.start_import, RegistryImportStatus.IMPORT_COMPLETE),
+        ):
+            assert start(path).started
+            wait_for(
+                lambda done=done: registry.status(path).status is done,  # type: ignore[misc]
+                timeout=10,
+                what=f"the registry's {done.value}",
+            )
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
             "UPDATE container_repositories SET migration_state = 'importing' WHERE id = %s",
