@@ -68,6 +68,20 @@ def current(store: Store, repository_id: int):  # type: ignore[no-untyped-def]
     return repository
 
 
+def unreachable_registry() -> RegistryClient:
+    """A client of a registry that does not answer (a closed port), failing fast."""
+    return RegistryClient("http://127.0.0.1:1", timeout=0.5, too_many_retries=0)
+
+
+def claim_without_registry(store: Store, repo_id: int, tokens: Tokens) -> None:
+    """Claim as a worker does, then stop before the registry call (as if killed there)."""
+    claimed = store.claim(
+        repo_id, expected_state=State.DEFAULT, event="start_pre_import",
+        token=tokens.writer().token, actor="test", message_id=None,
+    )  # fmt: skip
+    assert claimed.ok
+
+
 def test_start_claims_and_starts_the_pre_import(
     migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
 ) -> None:
@@ -232,13 +246,10 @@ def test_a_stale_notification_does_not_abort_the_running_attempt(
 def test_a_notification_is_not_applied_unchecked_when_the_registry_is_down(
     clean_store: Store, tokens: Tokens
 ) -> None:
-    with RegistryClient("http://127.0.0.1:1", timeout=0.5, too_many_retries=0) as registry:
+    with unreachable_registry() as registry:
         migrator = Migrator(clean_store, registry)
         repo_id = add(clean_store, "group/unverified/image")
-        clean_store.claim(
-            repo_id, expected_state=State.DEFAULT, event="start_pre_import",
-            token=tokens.writer().token, actor="test", message_id=None,
-        )  # fmt: skip
+        claim_without_registry(clean_store, repo_id, tokens)
         with pytest.raises(RegistryUnavailable):
             migrator.on_registry_status(
                 current(clean_store, repo_id),
@@ -293,11 +304,7 @@ def test_guard_aborts_a_claim_the_registry_never_heard_of(
     """A worker killed between its claim and its registry call leaves such a repository."""
     store = migrator.store
     repo_id = add(store, "group/orphan/image")
-    claimed = store.claim(
-        repo_id, expected_state=State.DEFAULT, event="start_pre_import",
-        token=tokens.writer().token, actor="killed-worker", message_id=None,
-    )  # fmt: skip
-    assert claimed.ok
+    claim_without_registry(store, repo_id, tokens)
     _age_step(database_url, repo_id, 600)
     report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
     assert report.outcome is StepOutcome.ABORTED
@@ -307,13 +314,10 @@ def test_guard_aborts_a_claim_the_registry_never_heard_of(
 def test_guard_leaves_things_alone_when_the_registry_is_unreachable(
     clean_store: Store, tokens: Tokens
 ) -> None:
-    with RegistryClient("http://127.0.0.1:1", timeout=0.5, too_many_retries=0) as registry:
+    with unreachable_registry() as registry:
         migrator = Migrator(clean_store, registry)
         repo_id = add(clean_store, "group/unknown/image")
-        clean_store.claim(
-            repo_id, expected_state=State.DEFAULT, event="start_pre_import",
-            token=tokens.writer().token, actor="test", message_id=None,
-        )  # fmt: skip
+        claim_without_registry(clean_store, repo_id, tokens)
         report = migrator.reconcile_stale(
             current(clean_store, repo_id), clean_store.settings(), tokens.writer()
         )
