@@ -98,4 +98,13 @@ class ArgumentCheck(Middleware):
             to="dead-letter queue",
         )
         message.fail()
+        if args is None or kwargs is None:
+            # Dramatiq logs the skipped message with str(message), which iterates args and
+            # calls kwargs.items(): a body with other shapes made that log call raise (a
+            # "Logging error" traceback). Only the in-memory copy changes: RabbitMQ
+            # dead-letters the original delivery, body untouched.
+            message._message = message._message.copy(
+                args=(f"<malformed args: {message.args!r:.80}>",),
+                kwargs={"malformed_kwargs": f"{message.kwargs!r:.80}"},
+            )
         raise SkipMessage(problem)
