@@ -178,6 +178,10 @@ CASES: dict[str, tuple[Callable[[QueueClient], object], str]] = {
         lambda q: q.message("handle_registry_notification", {"path": "a/b"}),
         DEAD,
     ),
+    "notification: kwargs a list": (
+        lambda q: q.message("handle_registry_notification", ["a/b", "import_complete"], ["x"]),
+        DEAD,
+    ),
     "enqueuer: token a string": (
         lambda q: q.message("enqueue_next_migration", ["/gate/0", "seven", "test"]),
         DEAD,
@@ -221,6 +225,7 @@ def test_a_bad_message_is_dead_lettered_or_dropped_once(
     time.sleep(0.3)  # a retry would show up by now (min backoff 100 ms)
     new_lines = worker_log(worker)[log_before:]
     assert "Retrying message" not in new_lines, new_lines
+    assert "Logging error" not in new_lines, new_lines
     assert queue.dead_letters() == dead_before + (1 if expected == DEAD else 0)
     assert worker.alive()["worker-0"], "the worker died"
 
