@@ -24,16 +24,21 @@ from leases.errors import EtcdUnavailable
 T = TypeVar("T")
 
 # gRPC backs off reconnecting up to 120 s by default; a restarted etcd must be seen in
-# about a second, and a dead member of a cluster left for the next one quickly. Pings find
-# a dead connection; etcd answers pings more often than every 5 s
-# (--grpc-keepalive-min-time) with GOAWAY "too_many_pings", so ping every 10 s.
+# about a second, and a dead member of a cluster left for the next one quickly.
+# Keep-alive pings find a dead connection under a long-lived call (a Session's keep-alive
+# stream). etcd's server enforces: pings at most every --grpc-keepalive-min-time (5 s), and
+# none at all on a connection without an open call (PermitWithoutStream false); three
+# offending pings and it closes the connection with GOAWAY "too_many_pings" (seen every
+# ~30 s on an idle client that pinged without calls). So: ping every 10 s, only while a call
+# is open; a call on an idle connection has its own deadline. No limit on pings without
+# data: a quiet stream must still be pinged (etcd allows it while the stream is open).
 _GRPC_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 2000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
