@@ -61,24 +61,28 @@ PY_SPY = Path(sys.executable).with_name("py-spy")
 
 # Operations per unit of work, read off the code (actors/, migration/, leases/gate.py):
 # pg = PostgreSQL round trips (a transaction's BEGIN and COMMIT count), etcd = requests,
-# rmq = publishes with confirm. A trigger is settings (pg 1) + gate enter (etcd: range,
-# lease grant, create = 3) + publish (rmq 1); a gate leave is one etcd delete.
-_TRIGGER = {"pg": 1, "etcd": 3, "rmq": 1}
+# rmq = publishes with confirm. Triggers are counted from the logs (enqueue_triggered,
+# enqueue_collapsed), not assumed per run or notification: a trigger reads the settings
+# (pg 1) and the gate's markers (etcd range 1); a sent one also creates a marker on the
+# gate's shared lease (etcd 1) and publishes (rmq 1). The gate grants a new lease per
+# process every GATE_LEASE_WINDOW seconds at most (etcd 1 each, counted per second).
+_TRIGGER_SENT = {"pg": 1, "etcd": 2, "rmq": 1}
+_TRIGGER_COLLAPSED = {"pg": 1, "etcd": 1, "rmq": 0}
+GATE_LEASE_WINDOW = 30  # half of actors.runtime.GATE_TTL
 _CLAIM_TXN = 7  # BEGIN, settings FOR UPDATE, row FOR UPDATE, count, UPDATE, INSERT, COMMIT
 _STEP_TXN = 5  # BEGIN, row FOR UPDATE, UPDATE, INSERT, COMMIT
 OPERATIONS: dict[str, dict[str, int]] = {
     # enqueuer run that started a repository: gate leave, settings, in_flight, candidates
-    # (aborted + default), lease acquire, get, claim, registry start, release, trigger.
-    "run_started": {"pg": 1 + 1 + 2 + 1 + _CLAIM_TXN + _TRIGGER["pg"],
-                    "etcd": 1 + 2 + _TRIGGER["etcd"], "rmq": _TRIGGER["rmq"]},
+    # (aborted + default), lease acquire, get, claim, registry start, release.
+    "run_started": {"pg": 1 + 1 + 2 + 1 + _CLAIM_TXN, "etcd": 1 + 2, "rmq": 0},
     "run_at_capacity": {"pg": 2, "etcd": 1, "rmq": 0},
     "run_other": {"pg": 4, "etcd": 1, "rmq": 0},  # no candidate / every candidate busy
-    # API: get_by_path, publish. Actor: get_by_path, acquire, get, step(s), release, trigger.
-    "notification_pre_import_complete": {"pg": 1 + 1 + 1 + 2 * _STEP_TXN + _TRIGGER["pg"],
-                                         "etcd": 2 + _TRIGGER["etcd"],
-                                         "rmq": 1 + _TRIGGER["rmq"]},
-    "notification_import_complete": {"pg": 1 + 1 + 1 + _STEP_TXN + _TRIGGER["pg"],
-                                     "etcd": 2 + _TRIGGER["etcd"], "rmq": 1 + _TRIGGER["rmq"]},
+    # API: get_by_path, publish. Actor: get_by_path, acquire, get, step(s), release.
+    "notification_pre_import_complete": {"pg": 1 + 1 + 1 + 2 * _STEP_TXN, "etcd": 2, "rmq": 1},
+    "notification_import_complete": {"pg": 1 + 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
+    "trigger_sent": _TRIGGER_SENT,
+    "trigger_collapsed": _TRIGGER_COLLAPSED,
+    "gate_lease_grant": {"pg": 0, "etcd": 1, "rmq": 0},
 }  # fmt: skip
 
 
@@ -270,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             idle = timer.measure(100)
-            window = _common.LogWindow([run.log_path(f"worker-{i}") for i in range(WORKERS)])
+            # The scheduler's log too: its periodic triggers cost what the others do.
+            window = _common.LogWindow(
+                [run.log_path(f"worker-{i}") for i in range(WORKERS)]
+                + [run.log_path("scheduler-0")]
+            )
             pids = [p for i in range(WORKERS) for p in run.worker_group(i)]
             pids += [p for name in ("api", "simulator", "scheduler-0") for p in _pids(run, name)]
             cpu_before = cpu_seconds(pids)
@@ -299,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
                 spy.wait(timeout=expected_s + 30)
             runs = window.lines("enqueue_next_migration")
             notifications = window.lines("registry_notification_handled")
+            triggers = {
+                "trigger_sent": len(window.lines("enqueue_triggered")),
+                "trigger_collapsed": len(window.lines("enqueue_collapsed")),
+            }
         finally:
             run.stop(timeout=30)
             run.delete_queues()
@@ -316,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds[kind or "run_other"] += n
     for line in notifications:
         kinds[f"notification_{line.get('registry_status')}"] += 1
+    kinds.update(triggers)
+    # At most one grant per worker process per window (and one at its first trigger).
+    kinds["gate_lease_grant"] = WORKERS * (1 + int(seconds // GATE_LEASE_WINDOW))
     per_repository = {
         op: sum(OPERATIONS.get(kind, {}).get(op, 0) * n for kind, n in kinds.items()) / count
         for op in ("pg", "etcd", "rmq")
