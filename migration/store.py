@@ -10,6 +10,8 @@ Two kinds of writes move a repository:
   (``SELECT ... FOR UPDATE``), so claims, and only claims, are serialized; under that lock
   it counts the active repositories and refuses past the capacity. Every other write can
   only keep or lower that count, so the capacity is a hard bound however many run at once.
+  The locked part is one server-side call (``migration_fenced_write``, schema 0002), so the
+  lock is held for the server's work only, not across client round trips.
 - :meth:`Store.step` for every later event, and :meth:`Store.undo_claim`. Both are fenced
   like a claim: the write names the state it expects and the caller's fencing token, and is
   refused when the state differs or a newer token has written the row. A refusal changes
@@ -27,13 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import kwargs_row
+from psycopg.rows import dict_row, kwargs_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -44,6 +46,7 @@ from migration.states import (
     CLAIM_EVENTS,
     UNDO_CLAIM,
     Event,
+    InvalidTransition,
     SkipReason,
     State,
     Transition,
@@ -88,6 +91,24 @@ _SELECT_STALE = (
     " ORDER BY last_step_at LIMIT %(limit)s"
 )
 assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
+# The row a one-call write computes its transition from, read without a lock, with the
+# max_retries setting (an abort needs it) in the same round trip.
+_READ_FOR_WRITE = (
+    "SELECT r.*, (SELECT max_retries FROM migration_settings WHERE id = 1)"
+    " AS settings_max_retries FROM container_repositories r WHERE r.id = %s"
+)
+# Schema 0002's function; every argument is cast so that the call resolves whatever types
+# the driver sends.
+_FENCED_WRITE = (
+    "SELECT w.outcome, (w.repository).* FROM migration_fenced_write(%(id)s::bigint,"
+    " %(claim)s::boolean, %(from)s::text, %(from_retries)s::integer,"
+    " %(from_aborted_in)s::text, %(token)s::bigint, %(to)s::text, %(retries)s::integer,"
+    " %(aborted_in)s::text, %(reason)s::text, %(arrival)s::text, %(event)s::text,"
+    " %(actor)s::text, %(message_id)s::text, %(detail)s::jsonb) AS w"
+)
+
+#: How :class:`Store` makes fenced writes (see :attr:`Store.write_path`).
+WritePath = Literal["function", "locked"]
 
 
 class StoreError(Exception):
@@ -118,6 +139,11 @@ class Outcome(StrEnum):
     AT_CAPACITY = "at_capacity"  # claim refused: capacity repositories are in flight
     STATE_CHANGED = "state_changed"  # refused (recorded): the state is not the expected one
     STALE_TOKEN = "stale_token"  # noqa: S105 - refused (recorded): a newer token wrote the row
+
+
+def _value(member: StrEnum | None) -> str | None:
+    """An optional enum member as the text stored in its column."""
+    return member.value if member is not None else None
 
 
 def _json_values(row: dict[str, Any]) -> dict[str, object]:
@@ -288,6 +314,11 @@ class Store:
         )
         self._refused = 0
         self._refused_lock = threading.Lock()
+        #: ``"function"``: claims and steps are one call to ``migration_fenced_write``
+        #: after an unlocked read, with the locked transaction as the fallback (any
+        #: mismatch, a refusal, a schema before 0002). ``"locked"``: the locked
+        #: transaction only (the path before 0002; tests and bench/claim.py compare them).
+        self.write_path: WritePath = "function"
 
     def close(self) -> None:
         """Close every connection."""
@@ -583,9 +614,12 @@ class Store:
     ) -> StepResult:
         """Move a repository into an active state, within the capacity.
 
-        One short transaction: lock the settings row (serializes claims), lock the
-        repository row, check the token and the expected state (a refusal is recorded),
-        then enabled and capacity, then write the transition and an event.
+        Under the settings-row lock (serializes claims): lock the repository row, check
+        the token and the expected state (a refusal is recorded), then enabled and
+        capacity, then write the transition and an event. With :attr:`write_path`
+        ``"function"`` the locked part is one call to ``migration_fenced_write`` (see
+        ``migration/schema/0002_fenced_write_function.sql``), so the lock is held for the
+        server's work only; anything unexpected takes the locked transaction.
 
         :param repository_id: the repository.
         :param expected_state: the state the caller saw (``default`` or ``import_aborted``).
@@ -601,6 +635,27 @@ class Store:
         if event not in CLAIM_EVENTS:
             raise ValueError(f"{event} does not enter an active state; use step()")
         author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
+        expected = State(expected_state)
+        if self.write_path == "function":
+            done = self._write_in_one_call(
+                repository_id, expected_state=expected, author=author, claim=True,
+                transition_of=lambda repo, max_retries: apply(
+                    repo.migration_state, event, retries_count=repo.migration_retries_count,
+                    max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
+                ),
+                refusal_event=event,
+            )  # fmt: skip
+            if done is not None:
+                return done
+        return self._claim_locked(
+            repository_id, expected_state=expected, event=event, author=author
+        )
+
+    def _claim_locked(
+        self, repository_id: int, *, expected_state: State, event: Event, author: _Author
+    ) -> StepResult:
+        # Five round trips under the settings lock: the path before schema 0002, and the
+        # fallback of the one-call path.
         with self._connection() as conn, conn.transaction():
             settings_row = conn.execute(
                 "SELECT enabled, capacity, max_retries FROM migration_settings"
@@ -610,7 +665,7 @@ class Store:
             enabled, capacity, max_retries = settings_row
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event=event, author=author
+                conn, repo, expected_state=expected_state, event=event, author=author
             )
             if refused is not None:
                 return refused
@@ -658,10 +713,24 @@ class Store:
         if event in CLAIM_EVENTS:
             raise ValueError(f"{event} enters an active state; use claim() (capacity check)")
         author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
+        expected = State(expected_state)
+        reason = SkipReason(skip_reason) if skip_reason is not None else None
+        if self.write_path == "function":
+            done = self._write_in_one_call(
+                repository_id, expected_state=expected, author=author, claim=False,
+                transition_of=lambda repo, max_retries: apply(
+                    repo.migration_state, event, retries_count=repo.migration_retries_count,
+                    max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
+                    skip_reason=reason,
+                ),
+                refusal_event=None,
+            )  # fmt: skip
+            if done is not None:
+                return done
         with self._connection() as conn, conn.transaction():
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event=event, author=author
+                conn, repo, expected_state=expected, event=event, author=author
             )
             if refused is not None:
                 return refused
@@ -677,7 +746,7 @@ class Store:
                 retries_count=repo.migration_retries_count,
                 max_retries=max_retries,
                 aborted_in_state=repo.migration_aborted_in_state,
-                skip_reason=SkipReason(skip_reason) if skip_reason is not None else None,
+                skip_reason=reason,
             )
             written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
@@ -701,21 +770,113 @@ class Store:
         :raises InvalidTransition: ``claimed_from -> expected_state`` is not a claim.
         """
         author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
+        expected = State(expected_state)
+        back_to = State(claimed_from)
+        if self.write_path == "function":
+            done = self._write_in_one_call(
+                repository_id, expected_state=expected, author=author, claim=False,
+                transition_of=lambda repo, _max_retries: undo_claim(
+                    repo.migration_state, claimed_from=back_to,
+                    retries_count=repo.migration_retries_count,
+                    aborted_in_state=repo.migration_aborted_in_state,
+                ),
+                refusal_event=None,
+            )  # fmt: skip
+            if done is not None:
+                return done
         with self._connection() as conn, conn.transaction():
             repo = self._lock_row(conn, repository_id)
             refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=State(expected_state), event=UNDO_CLAIM, author=author
+                conn, repo, expected_state=expected, event=UNDO_CLAIM, author=author
             )
             if refused is not None:
                 return refused
             transition = undo_claim(
                 repo.migration_state,
-                claimed_from=State(claimed_from),
+                claimed_from=back_to,
                 retries_count=repo.migration_retries_count,
                 aborted_in_state=repo.migration_aborted_in_state,
             )
             written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
+
+    def _write_in_one_call(
+        self,
+        repository_id: int,
+        *,
+        expected_state: State,
+        author: _Author,
+        claim: bool,
+        transition_of: Callable[[Repository, int], Transition],
+        refusal_event: Event | None,
+    ) -> StepResult | None:
+        """A fenced write as one unlocked read and one ``migration_fenced_write`` call.
+
+        Returns None whenever the locked transaction must decide instead: no such row, a
+        transition the state machine refuses (it raises there, as always), the row changed
+        between the read and the call, or the function is missing (schema before 0002).
+
+        :param transition_of: the transition from a row and the ``max_retries`` setting.
+        :param refusal_event: for a claim, the event: a claim the read shows fenced out is
+            refused under the repository row's lock alone (a refusal changes no count, so
+            it does not queue for the settings lock). None: the caller's locked path,
+            which locks only the row, records the refusal.
+        """
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            row = cur.execute(_READ_FOR_WRITE, (repository_id,)).fetchone()
+            if row is None:
+                return None
+            max_retries = int(row.pop("settings_max_retries") or 1)
+            repo = Repository.from_row(**row)
+            if repo.fencing_token > author.token or repo.migration_state is not expected_state:
+                if refusal_event is None:
+                    return None
+                with conn.transaction():
+                    locked = self._lock_row(conn, repository_id)
+                    return self._refuse_if_fenced_out(
+                        conn, locked, expected_state=expected_state, event=refusal_event,
+                        author=author,
+                    )  # fmt: skip
+            try:
+                transition = transition_of(repo, max_retries)
+            except InvalidTransition:
+                return None
+            # An undone claim returns to where it was without arriving anew (see _write).
+            arrival = (
+                _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
+            )
+            try:
+                written = cur.execute(
+                    _FENCED_WRITE,
+                    {
+                        "id": repo.id,
+                        "claim": claim,
+                        "from": transition.from_state.value,
+                        "from_retries": repo.migration_retries_count,
+                        "from_aborted_in": _value(repo.migration_aborted_in_state),
+                        "token": author.token,
+                        "to": transition.to_state.value,
+                        "retries": transition.retries_count,
+                        "aborted_in": _value(transition.aborted_in_state),
+                        "reason": _value(transition.skipped_reason),
+                        "arrival": arrival,
+                        "event": str(transition.event),
+                        "actor": author.actor,
+                        "message_id": author.message_id,
+                        "detail": Jsonb(author.detail or {}),
+                    },
+                ).fetchone()
+            except psycopg.errors.UndefinedFunction:
+                return None  # the schema is before 0002: the locked path works on any
+        assert written is not None
+        outcome = written.pop("outcome")
+        if outcome == "mismatch":
+            return None
+        result = Repository.from_row(**written)
+        if outcome in ("claimed", "stepped"):
+            return StepResult(outcome=Outcome(outcome), repository=result, transition=transition)
+        return StepResult(outcome=Outcome(outcome), repository=result)
 
     @staticmethod
     def _lock_row(conn: psycopg.Connection[Any], repository_id: int) -> Repository:
