@@ -19,6 +19,7 @@ import etcd3
 import etcd3.etcdrpc as rpc
 import grpc
 
+from leases import _wire
 from leases.errors import EtcdUnavailable
 
 T = TypeVar("T")
@@ -73,9 +74,21 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 def _kv(kv: Any) -> KeyValue:
+    """A ``KeyValue`` from a parsed ``mvccpb.KeyValue`` message."""
     return KeyValue(
         key=kv.key.decode(),
         value=bytes(kv.value),
+        create_revision=kv.create_revision,
+        mod_revision=kv.mod_revision,
+        lease_id=kv.lease,
+    )
+
+
+def _wire_kv(kv: _wire.WireKeyValue) -> KeyValue:
+    """A ``KeyValue`` from one decoded by :mod:`leases._wire`."""
+    return KeyValue(
+        key=kv.key.decode(),
+        value=kv.value,
         create_revision=kv.create_revision,
         mod_revision=kv.mod_revision,
         lease_id=kv.lease,
@@ -138,6 +151,17 @@ class EtcdClient:
         except grpc.RpcError as error:
             raise EtcdUnavailable(f"etcd authentication failed: {_describe(error)}") from error
         self._kv = self._client.kvstub
+        # The transactions sent on every hold (create, delete-if-created-at, fenced put) go
+        # as bytes encoded by leases._wire and come back decoded by it: protobuf 3.20 is
+        # pure Python here, and building, serializing and parsing those nested messages was
+        # most of a hold's client CPU. Same method, channel, metadata and deadlines as the
+        # stub's Txn; a malformed answer (ValueError in the decoder) fails the call as
+        # grpc.RpcError INTERNAL, as a protobuf DecodeError does.
+        self._txn = self._client.channel.unary_unary(
+            "/etcdserverpb.KV/Txn",
+            request_serializer=None,  # the request is already bytes
+            response_deserializer=_wire.decode_txn_response,
+        )
         self._lease = self._client.leasestub
         self._user = user
         self._password = password
@@ -166,6 +190,17 @@ class EtcdClient:
             return self._with_fresh_token(call)
         except grpc.RpcError as error:
             raise EtcdUnavailable(f"etcd {what} failed: {_describe(error)}") from error
+
+    def _send_txn(self, what: str, request: bytes) -> _wire.TxnReply:
+        """Send a ``TxnRequest`` encoded by :mod:`leases._wire`; its decoded answer.
+
+        :param what: the operation, for the error message.
+        :param request: the encoded request.
+        """
+        reply: _wire.TxnReply = self._call(
+            what, lambda: self._txn(request, self.timeout, **self._auth)
+        )
+        return reply
 
     def _with_fresh_token(self, call: Callable[[], T]) -> T:
         """``call()``; once more with a new token when etcd says the token expired.
@@ -260,19 +295,14 @@ class EtcdClient:
         Either way the answer carries the key as it stands after the transaction: ours with
         its fresh create revision, or the current holder's.
         """
-        raw = key.encode()
-        compare = rpc.Compare(
-            key=raw, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0
-        )
-        put = rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value, lease=lease_id))
-        read = rpc.RequestOp(request_range=rpc.RangeRequest(key=raw))
-        request = rpc.TxnRequest(compare=[compare], success=[put], failure=[read])
-        response = self._call("create", lambda: self._kv.Txn(request, self.timeout, **self._auth))
-        if response.succeeded:
+        # compare create_revision(key) == 0; success: put on the lease; failure: read the key.
+        request = _wire.create_txn(key.encode(), value, lease_id)
+        reply = self._send_txn("create", request)
+        if reply.succeeded:
             # The put is the transaction's only write, so the revision the transaction made is
             # the key's create revision (etcd's Go Mutex reads its token the same way): no
             # read-back, whose request and answer cost more to build and parse than they tell.
-            revision = response.header.revision
+            revision = reply.revision
             created = KeyValue(
                 key=key,
                 value=bytes(value),
@@ -281,39 +311,24 @@ class EtcdClient:
                 lease_id=lease_id,
             )
             return CreateResult(created=True, current=created)
-        kvs = response.responses[-1].response_range.kvs if response.responses else []
-        return CreateResult(created=False, current=_kv(kvs[0]) if kvs else None)
+        kvs = reply.range_kvs
+        return CreateResult(created=False, current=_wire_kv(kvs[0]) if kvs else None)
 
     def delete_if_created_at(self, key: str, create_revision: int) -> bool:
         """Delete ``key`` only while it is still the incarnation created at ``create_revision``."""
-        raw = key.encode()
-        compare = rpc.Compare(
-            key=raw,
-            target=rpc.Compare.CREATE,
-            result=rpc.Compare.EQUAL,
-            create_revision=create_revision,
-        )
-        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=raw))
-        request = rpc.TxnRequest(compare=[compare], success=[delete])
-        response = self._call("delete", lambda: self._kv.Txn(request, self.timeout, **self._auth))
-        return bool(response.succeeded)
+        request = _wire.delete_if_created_at_txn(key.encode(), create_revision)
+        reply = self._send_txn("delete", request)
+        return reply.succeeded
 
     def put_if_created_at(
         self, guard_key: str, create_revision: int, key: str, value: bytes
     ) -> bool:
         """Put ``key`` only while ``guard_key`` is still the incarnation ``create_revision``."""
-        compare = rpc.Compare(
-            key=guard_key.encode(),
-            target=rpc.Compare.CREATE,
-            result=rpc.Compare.EQUAL,
-            create_revision=create_revision,
+        request = _wire.put_if_created_at_txn(
+            guard_key.encode(), create_revision, key.encode(), value
         )
-        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value))
-        request = rpc.TxnRequest(compare=[compare], success=[put])
-        response = self._call(
-            "fenced put", lambda: self._kv.Txn(request, self.timeout, **self._auth)
-        )
-        return bool(response.succeeded)
+        reply = self._send_txn("fenced put", request)
+        return reply.succeeded
 
     def delete(self, key: str) -> bool:
         """Delete ``key`` whoever holds it; True when it existed."""
