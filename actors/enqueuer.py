@@ -24,7 +24,7 @@ from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
 from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
 from migration.settings import Settings
-from migration.states import State
+from migration.states import ACTIVE_STATES, State
 from migration.store import Repository
 
 log = structlog.get_logger(__name__)
@@ -34,6 +34,23 @@ ACTOR = "enqueue_next_migration"
 CANDIDATES_PER_RUN = 20
 #: Outcomes after which the run stops re-enqueueing itself.
 _STOP = {StepOutcome.AT_CAPACITY, StepOutcome.DISABLED, StepOutcome.UNDONE}
+
+
+def frees_capacity(report: StepReport) -> bool:
+    """Whether a step by a notification or the guard can let an enqueuer run start another
+    repository, i.e. is worth a trigger.
+
+    Only a repository that leaves the active states (done, skipped, aborted: an aborted one
+    is also waiting for its retry) frees a slot of the capacity. A step that keeps it active
+    (pre_import_complete -> final import started) changes nothing a run could act on: its
+    trigger would only make an ``at_capacity`` or ``no_candidate`` run. A refused step
+    reports the row as it is now; when someone else has moved it out of the active states,
+    the trigger is kept (rare, and cheap next to losing one).
+    """
+    return (
+        report.outcome is not StepOutcome.IGNORED
+        and report.repository.migration_state not in ACTIVE_STATES
+    )
 
 
 def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None = None) -> bool:
@@ -91,6 +108,8 @@ class EnqueuerRun:
         self.re_enqueue = False
         #: The settings this run read (None until it has), reused for its re-enqueue.
         self.settings: Settings | None = None
+        #: Repositories in flight when this run looked (before its claim).
+        self.in_flight = 0
 
     def execute(self) -> str:
         """Do the run; returns the job status for the log line."""
@@ -99,7 +118,7 @@ class EnqueuerRun:
         self.fields["migration_enabled"] = settings.enabled
         if not settings.enabled:
             return "disabled"
-        in_flight = store.in_flight()
+        in_flight = self.in_flight = store.in_flight()
         below = in_flight < settings.capacity
         self.fields.update(
             below_capacity=below, max_capacity_setting=settings.capacity, in_flight=in_flight
@@ -160,10 +179,34 @@ class EnqueuerRun:
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
                 continue
-            self.re_enqueue = report.outcome not in _STOP
+            self.re_enqueue = report.outcome not in _STOP and not self._filled_last_slot(
+                report, settings
+            )
             return report.outcome.value
         # Every candidate was busy or moved on: another run is on them; let it re-enqueue.
         return "all_candidates_busy"
+
+    def _filled_last_slot(self, report: StepReport, settings: Settings) -> bool:
+        """Whether this run's start took the last free slot it saw: then its re-enqueue
+        could only make an ``at_capacity`` run, and it sends none.
+
+        Why no free slot is left without a run (invariant 6): capacity is freed only by a
+        repository leaving the active states, and each such step (notification, guard)
+        triggers a run *after* its commit. That trigger either sends a message or collapses
+        into a pending one whose run has not yet left the gate, so either way a run reads
+        the in-flight count after the slot was freed. That holds for a completion between
+        our in-flight read and our claim too: its run reads after it, whether or not we
+        re-enqueue. Our own read being stale only errs the safe way (others' claims since
+        then: our count is too low, we re-enqueue; the claim itself re-checks capacity
+        under the settings row lock, invariant 3). A capacity raised by the operator comes
+        without a trigger either way: the scheduler's periodic trigger picks it up, as it
+        does after any ``at_capacity`` run.
+        """
+        return (
+            report.outcome is StepOutcome.STARTED
+            and report.repository.migration_state in ACTIVE_STATES
+            and self.in_flight + 1 >= settings.capacity
+        )
 
     def _step(self, repository: Repository, settings: Settings, token: int) -> StepReport:
         writer = Writer(token=token, actor=ACTOR, message_id=self.message_id)

@@ -14,11 +14,11 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
-from actors.enqueuer import trigger_enqueue
+from actors.enqueuer import frees_capacity, trigger_enqueue
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
 from migration.keys import repository_lease_key
-from migration.migrator import StepOutcome, Writer
+from migration.migrator import Writer
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +35,7 @@ def guard_stale_migrations() -> None:
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message is not None else None
     outcomes: Counter[str] = Counter()
+    freed = 0  # steps out of the active states: only they let a run start another
     ids: dict[str, list[int]] = {}
     session = runtime.session() if stale else None
     for repository in stale:
@@ -53,6 +54,7 @@ def guard_stale_migrations() -> None:
                     current, settings, Writer(token=hold.token, actor=ACTOR, message_id=message_id)
                 )
             outcome = report.outcome.value
+            freed += frees_capacity(report)
             log.info(
                 "stale_migration_reconciled",
                 container_repository_id=repository.id,
@@ -65,10 +67,5 @@ def guard_stale_migrations() -> None:
         outcomes[outcome] += 1
         ids.setdefault(outcome, []).append(repository.id)
     log.info("guard_stale_migrations", stale_count=len(stale), outcomes=dict(outcomes), ids=ids)
-    changed = sum(
-        n
-        for name, n in outcomes.items()
-        if name not in (StepOutcome.IGNORED, "lease_already_taken")
-    )
-    if changed:
+    if freed:
         trigger_enqueue(runtime, source="guard", settings=settings)

@@ -9,11 +9,11 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
-from actors.enqueuer import trigger_enqueue
+from actors.enqueuer import frees_capacity, trigger_enqueue
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
 from migration.keys import repository_lease_key
-from migration.migrator import StepOutcome, Writer
+from migration.migrator import Writer
 from migration.registry import RegistryImportStatus
 
 log = structlog.get_logger(__name__)
@@ -88,14 +88,18 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
             Writer(token=hold.token, actor=ACTOR, message_id=message_id),
             detail=detail,
         )
+    # Only a step out of the active states frees capacity; the run of a trigger after, say,
+    # pre_import_complete -> final import started would find nothing more to do than before.
+    freed = frees_capacity(report)
     log.info(
         "registry_notification_handled",
         container_repository_id=repository.id,
         container_repository_migration_state=report.repository.migration_state.value,
         step_outcome=report.outcome.value,
         fencing_token=hold.token,
+        freed_capacity=freed,
         **fields,
         **report.fields,
     )
-    if report.outcome is not StepOutcome.IGNORED:
+    if freed:
         trigger_enqueue(runtime, source="notification")
