@@ -202,7 +202,11 @@ def _fields(buf: bytes) -> list[tuple[int, int, int, int]]:
     out: list[tuple[int, int, int, int]] = []
     pos, end = 0, len(buf)
     while pos < end:
-        key, pos = _read_varint(buf, pos)
+        key = buf[pos]
+        if key < 0x80:  # a one-byte tag (every field number below 16): no call
+            pos += 1
+        else:
+            key, pos = _read_varint(buf, pos)
         field, wire_type = key >> 3, key & 7
         if field == 0:
             raise ValueError("field number 0")
