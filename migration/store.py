@@ -723,7 +723,7 @@ class Store:
                     max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
                     skip_reason=reason,
                 ),
-                refusal_event=None,
+                refusal_event=event,
             )  # fmt: skip
             if done is not None:
                 return done
@@ -780,7 +780,7 @@ class Store:
                     retries_count=repo.migration_retries_count,
                     aborted_in_state=repo.migration_aborted_in_state,
                 ),
-                refusal_event=None,
+                refusal_event=UNDO_CLAIM,
             )  # fmt: skip
             if done is not None:
                 return done
@@ -808,7 +808,7 @@ class Store:
         author: _Author,
         claim: bool,
         transition_of: Callable[[Repository, int], Transition],
-        refusal_event: Event | None,
+        refusal_event: str,
     ) -> StepResult | None:
         """A fenced write as one unlocked read and one ``migration_fenced_write`` call.
 
@@ -817,10 +817,11 @@ class Store:
         between the read and the call, or the function is missing (schema before 0002).
 
         :param transition_of: the transition from a row and the ``max_retries`` setting.
-        :param refusal_event: for a claim, the event: a claim the read shows fenced out is
-            refused under the repository row's lock alone (a refusal changes no count, so
-            it does not queue for the settings lock). None: the caller's locked path,
-            which locks only the row, records the refusal.
+        :param refusal_event: the event name a refusal records. A write the read shows
+            fenced out is refused under the repository row's lock alone, on the same
+            connection, as the step's locked path does (a refusal changes no count, so a
+            claim's does not queue for the settings lock either); when the locked row is
+            no longer fenced out, None (the locked path decides).
         """
         with self._connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
@@ -830,8 +831,6 @@ class Store:
             max_retries = int(row.pop("settings_max_retries") or 1)
             repo = Repository.from_row(**row)
             if repo.fencing_token > author.token or repo.migration_state is not expected_state:
-                if refusal_event is None:
-                    return None
                 with conn.transaction():
                     locked = self._lock_row(conn, repository_id)
                     return self._refuse_if_fenced_out(

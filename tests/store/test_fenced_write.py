@@ -163,7 +163,7 @@ def test_common_writes_do_not_take_the_locked_path(database_url: str, store: Sto
                             event=Event.FINISH_PRE_IMPORT, **kw)  # fmt: skip
         assert stepped.outcome is Outcome.STEPPED
         assert stepped.repository.migration_pre_import_done_at is not None
-        # A refused step is recorded by the locked path (here: the assertion it reached it).
+        # A refused step is recorded under the row lock (here: the assertion it was taken).
         with pytest.raises(AssertionError, match="locked path"):
             fast.step(rid, expected_state=State.PRE_IMPORTING, event=Event.FINISH_PRE_IMPORT, **kw)
     assert [e.event for e in store.events(rid)] == [
