@@ -59,16 +59,17 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
     At most P runs wait in the queue (P = the ``pending_enqueues`` setting, default the
     capacity); a trigger that finds P waiting collapses into them.
 
-    :param runtime: the process runtime (store for P, etcd for the gate).
+    :param runtime: the process runtime (settings for P, etcd for the gate).
     :param source: what triggered it (scheduler, self, notification, operator), logged.
-    :param settings: the settings the caller has just read, for P; None reads them.
+    :param settings: the settings the caller has just read, for P; None takes the
+        process's live settings (at most a second old).
     :returns: True when a message was sent, False when the trigger collapsed.
     """
     # One line per trigger (triggered, collapsed or failed): the chaos test matches each
     # triggered message id with the run that consumed it.
     try:
         if settings is None:
-            settings = runtime.store.settings()
+            settings = runtime.live_settings.get()
         ticket = runtime.gate.enter(
             holder=HolderInfo(actor=f"trigger:{source}"), slots=settings.effective_pending_enqueues
         )
@@ -114,7 +115,9 @@ class EnqueuerRun:
     def execute(self) -> str:
         """Do the run; returns the job status for the log line."""
         store = self.runtime.store
-        settings = self.settings = store.settings()
+        # At most a second old: a pause reaches the claim at once (it re-reads ``enabled``
+        # and the capacity under the row lock), a resume reaches the runs within a second.
+        settings = self.settings = self.runtime.live_settings.get()
         self.fields["migration_enabled"] = settings.enabled
         if not settings.enabled:
             return "disabled"

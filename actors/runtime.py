@@ -18,6 +18,7 @@ import structlog
 from dramatiq.middleware import Middleware
 
 from actors.config import CONFIG
+from actors.live_settings import LiveSettings
 from leases import DedupGate, EtcdClient, Session
 from migration.config import Config
 from migration.keys import enqueue_gate_name
@@ -29,6 +30,8 @@ log = structlog.get_logger(__name__)
 
 #: Seconds a gate marker lives when its message never starts (lost, or stuck in a queue).
 GATE_TTL = 60
+#: Seconds the runs and triggers of a process reuse the settings they read.
+SETTINGS_MAX_AGE = 1.0
 
 
 class Runtime:
@@ -48,6 +51,8 @@ class Runtime:
             self.store.close()
             raise
         self.migrator = Migrator(self.store, self.registry)
+        #: The settings for enqueuer runs and triggers (at most SETTINGS_MAX_AGE old).
+        self.live_settings = LiveSettings(self.store.settings, max_age=SETTINGS_MAX_AGE)
         self.gate = DedupGate(
             self.etcd, enqueue_gate_name(config.etcd_prefix), slots=1, ttl=GATE_TTL
         )

@@ -62,27 +62,31 @@ PY_SPY = Path(sys.executable).with_name("py-spy")
 # Operations per unit of work, read off the code (actors/, migration/, leases/gate.py):
 # pg = PostgreSQL round trips (a transaction's BEGIN and COMMIT count), etcd = requests,
 # rmq = publishes with confirm. Triggers are counted from the logs (enqueue_triggered,
-# enqueue_collapsed), not assumed per run or notification: a trigger reads the settings
-# (pg 1) and the gate's markers (etcd range 1); a sent one also creates a marker on the
-# gate's shared lease (etcd 1) and publishes (rmq 1). The gate grants a new lease per
-# process every GATE_LEASE_WINDOW seconds at most (etcd 1 each, counted per second).
-_TRIGGER_SENT = {"pg": 1, "etcd": 2, "rmq": 1}
-_TRIGGER_COLLAPSED = {"pg": 1, "etcd": 1, "rmq": 0}
+# enqueue_collapsed), not assumed per run or notification: a trigger reads the gate's
+# markers (etcd range 1); a sent one also creates a marker on the gate's shared lease
+# (etcd 1) and publishes (rmq 1). The gate grants a new lease per process every
+# GATE_LEASE_WINDOW seconds at most (etcd 1 each). Runs and triggers take the settings from
+# a per-process copy read at most every SETTINGS_MAX_AGE seconds (pg 1 each, counted as if
+# every worker process read them that often during the whole run: an upper bound).
+_TRIGGER_SENT = {"pg": 0, "etcd": 2, "rmq": 1}
+_TRIGGER_COLLAPSED = {"pg": 0, "etcd": 1, "rmq": 0}
 GATE_LEASE_WINDOW = 30  # half of actors.runtime.GATE_TTL
+SETTINGS_MAX_AGE = 1.0  # actors.runtime.SETTINGS_MAX_AGE
 _CLAIM_TXN = 7  # BEGIN, settings FOR UPDATE, row FOR UPDATE, count, UPDATE, INSERT, COMMIT
 _STEP_TXN = 5  # BEGIN, row FOR UPDATE, UPDATE, INSERT, COMMIT
 OPERATIONS: dict[str, dict[str, int]] = {
-    # enqueuer run that started a repository: gate leave, settings, in_flight, candidates
+    # enqueuer run that started a repository: gate leave, in_flight, candidates
     # (aborted + default), lease acquire, get, claim, registry start, release.
-    "run_started": {"pg": 1 + 1 + 2 + 1 + _CLAIM_TXN, "etcd": 1 + 2, "rmq": 0},
-    "run_at_capacity": {"pg": 2, "etcd": 1, "rmq": 0},
-    "run_other": {"pg": 4, "etcd": 1, "rmq": 0},  # no candidate / every candidate busy
+    "run_started": {"pg": 1 + 2 + 1 + _CLAIM_TXN, "etcd": 1 + 2, "rmq": 0},
+    "run_at_capacity": {"pg": 1, "etcd": 1, "rmq": 0},
+    "run_other": {"pg": 3, "etcd": 1, "rmq": 0},  # no candidate / every candidate busy
     # API: get_by_path, publish. Actor: get_by_path, acquire, get, step(s), release.
     "notification_pre_import_complete": {"pg": 1 + 1 + 1 + 2 * _STEP_TXN, "etcd": 2, "rmq": 1},
     "notification_import_complete": {"pg": 1 + 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
     "trigger_sent": _TRIGGER_SENT,
     "trigger_collapsed": _TRIGGER_COLLAPSED,
     "gate_lease_grant": {"pg": 0, "etcd": 1, "rmq": 0},
+    "settings_read": {"pg": 1, "etcd": 0, "rmq": 0},
 }  # fmt: skip
 
 
@@ -331,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds.update(triggers)
     # At most one grant per worker process per window (and one at its first trigger).
     kinds["gate_lease_grant"] = WORKERS * (1 + int(seconds // GATE_LEASE_WINDOW))
+    kinds["settings_read"] = WORKERS * (1 + int(seconds // SETTINGS_MAX_AGE))
     per_repository = {
         op: sum(OPERATIONS.get(kind, {}).get(op, 0) * n for kind, n in kinds.items()) / count
         for op in ("pg", "etcd", "rmq")
