@@ -4,16 +4,19 @@ The same scripted history of claims, steps, undos and refusals runs on the locke
 the function path, and must leave the same rows and the same events; the function path must
 answer the common writes without the locked transaction; the function itself writes nothing
 when the row no longer holds what the transition was computed from; and a database before
-0002 (no function) still gets every write through the locked path.
+0002 (no function) still gets every write through the locked path, and upgrading one adds
+the function.
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from migration.states import ACTIVE_STATES, Event, InvalidTransition, SkipReason, State
 from migration.store import (
@@ -24,6 +27,7 @@ from migration.store import (
     Store,
     schema_files,
 )
+from tests.store.conftest import database_url_for
 
 ACTOR = "fenced-write-test"
 # Columns that differ between two runs of the same history whatever the path.
@@ -224,3 +228,32 @@ def test_the_function_counts_the_same_active_states() -> None:
     counted = re.search(r"count\(\*\).*?IN \(([^)]*)\)", text, re.DOTALL)
     assert counted is not None
     assert set(re.findall(r"'(\w+)'", counted.group(1))) == {s.value for s in ACTIVE_STATES}
+
+
+def test_upgrade_from_0001_adds_the_function(database_url: str) -> None:
+    # A database the previous release made: schema 0001 only, with a claimed repository.
+    name = f"test_old_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    old_url = database_url_for(database_url, name)
+    try:
+        first_version, first_sql = schema_files()[0]
+        with psycopg.connect(old_url, autocommit=True) as conn:
+            conn.execute(first_sql.encode())
+            conn.execute(
+                "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (first_version,))
+        with _NoLockedPath(old_url, max_size=2) as store:
+            rid = store.add_repository("old/schema/one")
+            assert store.upgrade() == [v for v, _ in schema_files()[1:]]
+            assert store.upgrade() == []
+            claimed = store.claim(rid, expected_state=State.DEFAULT, event=Event.START_PRE_IMPORT,
+                                  token=1, actor=ACTOR, message_id=None)  # fmt: skip
+            assert claimed.outcome is Outcome.CLAIMED
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
