@@ -1,8 +1,8 @@
 """Per-key etcd leases with fencing tokens: a small library usable on its own.
 
 - :class:`Session`: one TTL lease per process, kept alive on one stream in the background.
-- :func:`try_acquire` / :func:`acquired`: hold a key on the session; the key's
-  create_revision is the fencing token.
+- :func:`try_acquire` / :func:`acquired` / :func:`acquire_within`: hold a key on the
+  session; the key's create_revision is the fencing token.
 - :class:`Election`: one leader among replicas.
 - :class:`DedupGate`: at most P pending markers per name, each on a TTL lease.
 - :mod:`leases.admin`: list, take for a while, release.
@@ -15,7 +15,7 @@ from leases.election import Election
 from leases.errors import EtcdUnavailable, LeaseError, SessionLost
 from leases.etcd import EtcdClient
 from leases.gate import DedupGate, Ticket
-from leases.hold import Acquisition, Hold, HolderInfo, acquired, try_acquire
+from leases.hold import Acquisition, Hold, HolderInfo, acquire_within, acquired, try_acquire
 from leases.session import Session
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Session",
     "SessionLost",
     "Ticket",
+    "acquire_within",
     "acquired",
     "list_held",
     "release",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -168,6 +169,32 @@ def try_acquire(
     """
     session.check()
     return _create(session.client, session, session.lease_id, key, holder or HolderInfo())
+
+
+def acquire_within(
+    session: Session,
+    key: str,
+    *,
+    timeout: float,
+    holder: HolderInfo | None = None,
+    poll: float = 0.2,
+) -> Acquisition:
+    """:func:`try_acquire` again every ``poll`` seconds until it succeeds or ``timeout`` passes.
+
+    For waiting out a holder that is known to be gone (its lease expires within its TTL):
+    the key is taken at most ``poll`` seconds after etcd deletes it.
+
+    :param timeout: seconds to keep trying; the last answer is returned when they pass.
+    :param poll: seconds between tries.
+    :raises SessionLost: the session is lost or closed.
+    :raises EtcdUnavailable: etcd could not be reached within the client's timeout.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        acquisition = try_acquire(session, key, holder=holder)
+        if acquisition or time.monotonic() + poll > deadline:
+            return acquisition
+        time.sleep(poll)
 
 
 def _create(
