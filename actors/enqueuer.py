@@ -19,6 +19,7 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
+from actors.reconcile import recover_interrupted_delivery
 from actors.runtime import Runtime, get_runtime
 from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
 from migration.keys import global_lease_key, repository_lease_key
@@ -34,23 +35,6 @@ ACTOR = "enqueue_next_migration"
 CANDIDATES_PER_RUN = 20
 #: Outcomes after which the run stops re-enqueueing itself.
 _STOP = {StepOutcome.AT_CAPACITY, StepOutcome.DISABLED, StepOutcome.UNDONE}
-
-
-def frees_capacity(report: StepReport) -> bool:
-    """Whether a step by a notification or the guard can let an enqueuer run start another
-    repository, i.e. is worth a trigger.
-
-    Only a repository that leaves the active states (done, skipped, aborted: an aborted one
-    is also waiting for its retry) frees a slot of the capacity. A step that keeps it active
-    (pre_import_complete -> final import started) changes nothing a run could act on: its
-    trigger would only make an ``at_capacity`` or ``no_candidate`` run. A refused step
-    reports the row as it is now; when someone else has moved it out of the active states,
-    the trigger is kept (rare, and cheap next to losing one).
-    """
-    return (
-        report.outcome is not StepOutcome.IGNORED
-        and report.repository.migration_state not in ACTIVE_STATES
-    )
 
 
 def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None = None) -> bool:
@@ -255,6 +239,9 @@ def enqueue_next_migration(
         runtime = get_runtime()
         if ticket_key is not None and ticket_token is not None:
             runtime.gate.leave(Ticket(str(ticket_key), int(ticket_token)))
+        # A redelivery (the worker of the first delivery died): what that delivery claimed
+        # is reconciled first, an aborted one then comes first among this run's candidates.
+        recover_interrupted_delivery(runtime, CurrentMessage.get_current_message(), actor=ACTOR)
         run = EnqueuerRun(runtime, message_id=_message_id())
         fields = run.fields
         status = run.execute()

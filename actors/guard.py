@@ -1,8 +1,11 @@
 """``guard_stale_migrations``: the reference's GuardWorker.
 
 Finds active repositories whose last step is older than ``max_step_duration`` — a lost
-notification, a worker killed between its claim and its registry call, an import that
-hangs — and reconciles each with the registry's status, under its lease.
+notification, an import that hangs, a worker killed between its claim and its registry call
+whose message was not redelivered (a node lost without closing its connection: RabbitMQ
+redelivers only after the heartbeat timeout) — and reconciles each with the registry's
+status, under its lease. A killed worker's message is usually redelivered at once and
+reconciles its repository itself (``actors.reconcile``); the guard is the net under that.
 """
 
 from __future__ import annotations
@@ -14,11 +17,9 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
-from actors.enqueuer import frees_capacity, trigger_enqueue
+from actors.enqueuer import trigger_enqueue
+from actors.reconcile import outcome_of, reconcile_under_lease
 from actors.runtime import get_runtime
-from leases import HolderInfo, try_acquire
-from migration.keys import repository_lease_key
-from migration.migrator import Writer
 
 log = structlog.get_logger(__name__)
 
@@ -37,32 +38,21 @@ def guard_stale_migrations() -> None:
     outcomes: Counter[str] = Counter()
     freed = 0  # steps out of the active states: only they let a run start another
     ids: dict[str, list[int]] = {}
-    session = runtime.session() if stale else None
     for repository in stale:
-        assert session is not None
-        key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
-        acquisition = try_acquire(
-            session, key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
+        result = reconcile_under_lease(
+            runtime, repository, settings, actor=ACTOR, message_id=message_id
         )
-        if acquisition.hold is None:
-            outcome = "lease_already_taken"
-        else:
-            with acquisition.hold as hold:
-                current = runtime.store.get(repository.id)
-                assert current is not None
-                report = runtime.migrator.reconcile_stale(
-                    current, settings, Writer(token=hold.token, actor=ACTOR, message_id=message_id)
-                )
-            outcome = report.outcome.value
-            freed += frees_capacity(report)
+        outcome = outcome_of(result)
+        if not isinstance(result, str):
+            freed += result.frees_capacity
             log.info(
                 "stale_migration_reconciled",
                 container_repository_id=repository.id,
                 container_repository_path=repository.path,
                 from_state=repository.migration_state.value,
-                container_repository_migration_state=report.repository.migration_state.value,
+                container_repository_migration_state=result.repository.migration_state.value,
                 step_outcome=outcome,
-                **report.fields,
+                **result.fields,
             )
         outcomes[outcome] += 1
         ids.setdefault(outcome, []).append(repository.id)

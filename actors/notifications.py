@@ -9,12 +9,14 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
-from actors.enqueuer import frees_capacity, trigger_enqueue
+from actors.enqueuer import trigger_enqueue
+from actors.reconcile import recover_interrupted_delivery
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
 from migration.keys import repository_lease_key
-from migration.migrator import Writer
+from migration.migrator import StepOutcome, Writer
 from migration.registry import RegistryImportStatus
+from migration.states import ACTIVE_STATES
 
 log = structlog.get_logger(__name__)
 
@@ -23,6 +25,14 @@ ACTOR = "handle_registry_notification"
 
 class LeaseBusy(Exception):
     """The repository's lease is held (the enqueuer is still finishing it): retry soon."""
+
+
+def _delivered_before(message: Any) -> bool:
+    """Whether an earlier delivery of this message may have run: a Dramatiq retry, or a
+    RabbitMQ redelivery (its consumer's connection dropped before the ack)."""
+    if message is None:
+        return False
+    return bool(getattr(message, "redelivered", False) or message.options.get("retries", 0))
 
 
 def _retry_when(retries: int, exception: BaseException) -> bool:
@@ -66,6 +76,7 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
         return
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message is not None else None
+    recovered = recover_interrupted_delivery(runtime, message, actor=ACTOR)
     key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
     acquisition = try_acquire(
         runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
@@ -90,7 +101,17 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
         )
     # Only a step out of the active states frees capacity; the run of a trigger after, say,
     # pre_import_complete -> final import started would find nothing more to do than before.
-    freed = frees_capacity(report)
+    # A second delivery of this message finds its step done (IGNORED) when the first one
+    # committed it and then failed to trigger (RabbitMQ down): it triggers in its place.
+    freed = (
+        report.frees_capacity
+        or recovered > 0
+        or (
+            _delivered_before(message)
+            and report.outcome is StepOutcome.IGNORED
+            and report.repository.migration_state not in ACTIVE_STATES
+        )
+    )
     log.info(
         "registry_notification_handled",
         container_repository_id=repository.id,

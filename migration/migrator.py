@@ -28,7 +28,7 @@ from migration.registry import (
     StatusOutcome,
 )
 from migration.settings import Settings
-from migration.states import Event, SkipReason, State, allowed_retry
+from migration.states import ACTIVE_STATES, Event, SkipReason, State, allowed_retry
 from migration.store import Outcome, Repository, StepResult, Store
 
 log = structlog.get_logger(__name__)
@@ -85,6 +85,22 @@ class StepReport:
     outcome: StepOutcome
     repository: Repository
     fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def frees_capacity(self) -> bool:
+        """Whether this step can let an enqueuer run start another repository.
+
+        Only a repository that leaves the active states (done, skipped, aborted: an aborted
+        one is also waiting for its retry) frees a slot of the capacity. A step that keeps
+        it active (pre_import_complete -> final import started) changes nothing a run could
+        act on: a trigger after it would only make an ``at_capacity`` or ``no_candidate``
+        run. A refused step reports the row as it is now; when someone else has moved it
+        out of the active states, it counts (rare, and cheap next to a lost trigger).
+        """
+        return (
+            self.outcome is not StepOutcome.IGNORED
+            and self.repository.migration_state not in ACTIVE_STATES
+        )
 
 
 @dataclass(frozen=True)

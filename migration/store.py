@@ -91,6 +91,13 @@ _SELECT_STALE = (
     " ORDER BY last_step_at LIMIT %(limit)s"
 )
 assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
+# Active repositories whose latest accepted write came from one message: what a delivery of
+# that message left behind (partial index on the active states, then each one's last event).
+_SELECT_LAST_WRITTEN_BY = (
+    f"SELECT r.* FROM container_repositories r WHERE r.migration_state IN {_ACTIVE_SQL}"  # noqa: S608
+    " AND (SELECT e.message_id FROM migration_events e WHERE e.repository_id = r.id"
+    " AND e.accepted ORDER BY e.id DESC LIMIT 1) = %(message_id)s ORDER BY r.id"
+)
 # The row a one-call write computes its transition from, read without a lock, with the
 # max_retries setting (an abort needs it) in the same round trip.
 _READ_FOR_WRITE = (
@@ -593,6 +600,15 @@ class Store:
             _SELECT_STALE,
             {"age": settings.max_step_duration, "limit": limit},
         )
+
+    def active_last_written_by(self, message_id: str) -> list[Repository]:
+        """Active repositories whose latest accepted write was made by ``message_id``.
+
+        A message redelivered after its worker died finds here the repositories its first
+        delivery left in an active state, possibly before the registry call that should
+        have followed.
+        """
+        return self._many(_SELECT_LAST_WRITTEN_BY, {"message_id": message_id})
 
     # -- fenced writes ----------------------------------------------------------------------
 

@@ -7,15 +7,22 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
+import httpx
 import pytest
 
 from leases import EtcdClient, HolderInfo
 from migration.config import Config
 from migration.keys import leases_prefix
 from migration.states import State
-from migration.store import Store
+from migration.store import MigrationEvent, Store
 from service.launcher import LocalMigration
-from tests.actors.conftest import all_terminal, seed_spread, stale_accepted_writes, wait_until
+from tests.actors.conftest import (
+    TERMINAL,
+    all_terminal,
+    seed_spread,
+    stale_accepted_writes,
+    wait_until,
+)
 
 
 def _held_by_enqueuer(client: EtcdClient, prefix: str) -> list[tuple[int, HolderInfo]]:
@@ -81,6 +88,66 @@ def test_sigkill_worker_mid_run_delays_only_its_repository(
     assert report["max_concurrent_imports"] <= 6
     assert stale_accepted_writes(database_url) == []
     print(f"victim {repository_id}: lease gone {expired_after:.1f} s after the kill")
+
+
+def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
+    clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
+) -> None:
+    """Killed between its claim and the registry's start: nothing runs at the registry and no
+    notification will come. The redelivered message reconciles the repository as soon as the
+    dead worker's lease expires (TTL + a poll), not when the guard finds it stale."""
+    ttl = 3
+    clean_store.update_settings(
+        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300
+    )
+    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
+    run.start()
+    # The registry waits 3 s before deciding a slow-decide start, and starts nothing when
+    # its caller is gone by then.
+    httpx.post(
+        f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": 3}
+    ).raise_for_status()
+    victim_id = clean_store.add_repository("crash/slow-decide-victim")
+    prefix = run.env["MIGRATOR_ETCD_PREFIX"]
+    with Config.from_env(run.env).etcd_client() as client:
+
+        def victim_in_its_start_call() -> tuple[int] | None:
+            repository = clean_store.get(victim_id)
+            if repository is None or repository.migration_state is not State.PRE_IMPORTING:
+                return None
+            holder = dict(_held_by_enqueuer(client, prefix)).get(victim_id)
+            index = None if holder is None else run.worker_index_of(holder.pid)
+            return None if index is None else (index,)  # worker 0 must count as found
+
+        (index,) = wait_until(victim_in_its_start_call, timeout=60, interval=0.02, what="the claim")
+        time.sleep(0.5)  # well inside the 3 s start call
+        run.kill_worker(index, signal.SIGKILL)
+        killed_at = time.time()
+
+    def accepted_events() -> list[MigrationEvent]:
+        return [e for e in clean_store.events(victim_id) if e.accepted]
+
+    # The guard would need max_step_duration (300 s): only the redelivery can be this quick.
+    wait_until(lambda: len(accepted_events()) >= 2, timeout=ttl + 4, interval=0.05, what="a step")
+    claim, step = accepted_events()[:2]
+    assert claim.event == "start_pre_import", claim
+    assert (step.event, step.actor) == ("abort_import", "enqueue_next_migration"), step
+    recovered_after = step.at.timestamp() - killed_at
+    assert recovered_after <= ttl + 1.5, recovered_after
+    # Retried and finished by the survivor.
+    httpx.post(
+        f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": 0}
+    ).raise_for_status()
+    wait_until(
+        lambda: (r := clean_store.get(victim_id)) is not None and r.migration_state in TERMINAL,
+        timeout=60,
+        interval=0.2,
+        what="the victim terminal",
+    )
+    report = run.report()
+    assert report["overlapping_repositories"] == []
+    assert stale_accepted_writes(database_url) == []
+    print(f"victim {victim_id}: stepped {recovered_after:.1f} s after the kill (TTL {ttl})")
 
 
 def _run_intervals(lines: list[dict[str, object]]) -> list[tuple[float, float]]:

@@ -1,0 +1,119 @@
+"""Reconcile a repository with the registry, under its lease.
+
+Two callers: the guard (a repository that has not moved for ``max_step_duration``) and the
+recovery of an interrupted delivery. A worker killed between its claim and its registry
+call leaves the repository active with nothing running at the registry, so no
+notification will ever come, and the guard would find it only after ``max_step_duration``
+(minutes). But RabbitMQ redelivers the message that worker was processing as soon as its
+connection drops (at once for a killed process). The redelivered copy looks up the
+repositories whose latest write was its own first delivery's, waits for the dead worker's
+lease to expire (at most the TTL), and reconciles each with the registry: the repository
+moves again within TTL + a poll, as invariant 4 asks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from actors.runtime import Runtime
+from leases import HolderInfo, acquire_within, try_acquire
+from migration.keys import repository_lease_key
+from migration.migrator import StepReport, Writer
+from migration.settings import Settings
+from migration.states import ACTIVE_STATES
+from migration.store import Repository
+
+log = structlog.get_logger(__name__)
+
+#: What a reconcile that could not act reports instead of a step outcome.
+LEASE_TAKEN = "lease_already_taken"
+MOVED_ON = "moved_on"
+
+
+def reconcile_under_lease(
+    runtime: Runtime,
+    repository: Repository,
+    settings: Settings,
+    *,
+    actor: str,
+    message_id: str | None,
+    wait: float = 0.0,
+) -> StepReport | str:
+    """Take the repository's lease and reconcile it with the registry's status.
+
+    :param repository: the repository as the caller found it (re-read under the lease).
+    :param settings: the migration settings (timeouts, max_retries).
+    :param actor: who writes, for the lease's holder and the events log.
+    :param message_id: the message being processed.
+    :param wait: seconds to wait for a busy lease (0: one try).
+    :returns: the step's report, or :data:`LEASE_TAKEN` / :data:`MOVED_ON` (no longer
+        active) when there was nothing to do.
+    """
+    key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
+    holder = HolderInfo(actor=actor, message_id=message_id)
+    session = runtime.session()
+    acquisition = (
+        acquire_within(session, key, timeout=wait, holder=holder)
+        if wait > 0
+        else try_acquire(session, key, holder=holder)
+    )
+    if acquisition.hold is None:
+        return LEASE_TAKEN
+    with acquisition.hold as hold:
+        current = runtime.store.get(repository.id)
+        if current is None or current.migration_state not in ACTIVE_STATES:
+            return MOVED_ON
+        return runtime.migrator.reconcile_stale(
+            current, settings, Writer(token=hold.token, actor=actor, message_id=message_id)
+        )
+
+
+def outcome_of(result: StepReport | str) -> str:
+    """The outcome name of a :func:`reconcile_under_lease` result, for logs and counts."""
+    return result if isinstance(result, str) else result.outcome.value
+
+
+def frees_capacity(result: StepReport | str) -> bool:
+    """Whether the reconcile's step freed a slot of the capacity (worth a trigger)."""
+    return not isinstance(result, str) and result.frees_capacity
+
+
+def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) -> int:
+    """After a redelivery, reconcile what this message's earlier delivery left active.
+
+    Does nothing (no query) for a message delivered the first time. A redelivery whose
+    earlier delivery is still running (a connection lost, not a worker) finds the lease
+    held and gives up after the wait: that delivery finishes its own step.
+
+    :param message: Dramatiq's current message (RabbitMQ's carries ``redelivered``).
+    :param actor: the actor processing it.
+    :returns: how many slots of the capacity the recovery freed (worth a trigger).
+    """
+    if message is None or not getattr(message, "redelivered", False):
+        return 0
+    message_id = str(message.message_id)
+    left = runtime.store.active_last_written_by(message_id)
+    if not left:
+        return 0
+    settings = runtime.live_settings.get()
+    # A killed holder's key is gone within the TTL of its last keep-alive; one more second
+    # covers etcd's expiry sweep.
+    wait = runtime.config.lease_ttl + 1.0
+    freed = 0
+    for repository in left:
+        result = reconcile_under_lease(
+            runtime, repository, settings, actor=actor, message_id=message_id, wait=wait
+        )
+        fields = result.fields if not isinstance(result, str) else {}
+        log.warning(
+            "interrupted_step_reconciled",
+            container_repository_id=repository.id,
+            container_repository_path=repository.path,
+            from_state=repository.migration_state.value,
+            step_outcome=outcome_of(result),
+            **fields,
+        )
+        freed += frees_capacity(result)
+    return freed
