@@ -2,93 +2,80 @@
 
 from __future__ import annotations
 
+import json
 import os
-import threading
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from types import ModuleType
+from collections.abc import Callable
+from pathlib import Path
 
 import pika
-import pytest
 
-from migration.config import Config
 from migration.store import Store
 from service.launcher import LocalMigration, queue_depth
 from tests.actors.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _queue_depth(broker_url: str, queue: str) -> int:
     return queue_depth({"MIGRATOR_BROKER_URL": broker_url}, queue)
 
 
-@pytest.fixture(scope="module")
-def actors_here(stack: dict[str, str]) -> Iterator[ModuleType]:
-    """The ``actors`` package imported in this process, on a queue of its own.
-
-    The queue name is read when ``actors`` is first imported: this fixture sets it first.
-    """
-    queue = f"test_actors_{uuid.uuid4().hex[:10]}"
-    os.environ.update(MIGRATOR_QUEUE_NAME=queue, MIGRATOR_PROMETHEUS="0")
-    import actors  # configures the broker from the environment just set
-
-    if actors.CONFIG.queue_name != queue:
-        pytest.skip("actors was imported earlier in this process with another queue")
-    yield actors
-    actors.broker.close()
-    connection = pika.BlockingConnection(pika.URLParameters(actors.CONFIG.broker_url))
-    try:
-        channel = connection.channel()
-        for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-            channel.queue_delete(queue=name)
-    finally:
-        connection.close()
+def _burst(env: dict[str, str], count: int, threads: int) -> dict[str, int]:
+    """``count`` triggers from ``threads`` threads in a fresh process (see trigger_burst)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.actors.trigger_burst", str(count), str(threads)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def test_burst_of_1000_triggers_leaves_at_most_p_queued(
-    actors_here: ModuleType, clean_store: Store, database_url: str
+    migration_env: dict[str, str], clean_store: Store
 ) -> None:
-    from actors.enqueuer import trigger_enqueue
-    from actors.runtime import Runtime
-
+    queue = f"test_actors_{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        **migration_env,
+        "MIGRATOR_QUEUE_NAME": queue,
+        "MIGRATOR_PROMETHEUS": "0",
+        "MIGRATOR_ETCD_PREFIX": f"/test-{uuid.uuid4().hex[:8]}",
+        "MIGRATOR_LOG_LEVEL": "warning",
+    }
     clean_store.update_settings(capacity=5)  # P = capacity (pending_enqueues unset)
-    config = Config.from_env(
-        {
-            **os.environ,
-            "MIGRATOR_DATABASE_URL": database_url,
-            "MIGRATOR_ETCD_PREFIX": f"/test-{uuid.uuid4().hex[:8]}",
-        }
-    )
-    queue = actors_here.CONFIG.queue_name
-    assert _queue_depth(config.broker_url, queue) == 0
-    runtime = Runtime(config, pool_size=24)
-    sent: list[bool] = []
-    lock = threading.Lock()
-
-    def fire(count: int) -> None:
-        for _ in range(count):
-            result = trigger_enqueue(runtime, source="test")
-            with lock:
-                sent.append(result)
-
+    broker_url = env["MIGRATOR_BROKER_URL"]
+    assert _queue_depth(broker_url, queue) == 0
     try:
-        threads = [threading.Thread(target=fire, args=(50,)) for _ in range(20)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=120)
-        assert len(sent) == 1000
+        burst = _burst(env, 1000, 20)
+        assert burst["attempts"] == 1000
         # No worker consumes this queue: what was sent is still there.
-        assert sum(sent) == 5
-        assert _queue_depth(config.broker_url, queue) == 5
-        assert runtime.gate.pending() == 5
+        assert burst["sent"] == 5
+        assert burst["pending"] == 5
+        assert _queue_depth(broker_url, queue) == 5
 
-        # A smaller P applies at once (live setting); the pending 5 still block new sends.
+        # A smaller P applies to the next triggers (live setting); the pending 5 still block.
         clean_store.update_settings(pending_enqueues=2)
-        assert trigger_enqueue(runtime, source="test") is False
-        assert _queue_depth(config.broker_url, queue) == 5
+        again = _burst(env, 1, 1)
+        assert again == {"attempts": 1, "sent": 0, "pending": 5}
+        assert _queue_depth(broker_url, queue) == 5
     finally:
-        runtime.close()
+        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        try:
+            channel = connection.channel()
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(queue=name)
+        finally:
+            connection.close()
 
 
 def test_scheduler_failover_within_ttl(
