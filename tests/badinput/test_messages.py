@@ -67,6 +67,24 @@ class QueueClient:
         self.connection = pika.BlockingConnection(pika.URLParameters(url))
         self.channel = self.connection.channel()
 
+    def wait_declared(self, *, timeout: float) -> None:
+        """Wait until the worker has declared the queue and its dead-letter queue.
+
+        Before that, a publish to the queue is dropped and a passive declare of the
+        dead-letter queue closes the channel (404): every later case would then fail with
+        "Channel is closed" (seen on a loaded machine, where the worker is slow to consume).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                for name in (self.queue, f"{self.queue}.XQ"):
+                    self.channel.queue_declare(name, passive=True)
+                return
+            except pika.exceptions.ChannelClosedByBroker:
+                assert time.monotonic() < deadline, f"{self.queue} not declared in {timeout} s"
+                time.sleep(0.2)
+                self.channel = self.connection.channel()
+
     def publish(self, body: bytes) -> None:
         self.channel.basic_publish(
             exchange="",
@@ -128,6 +146,7 @@ def worker(
 @pytest.fixture(scope="module")
 def queue(worker: LocalMigration, stack: dict[str, str]) -> Iterator[QueueClient]:
     client = QueueClient(stack["MIGRATOR_BROKER_URL"], worker.env["MIGRATOR_QUEUE_NAME"])
+    client.wait_declared(timeout=60)
     yield client
     client.connection.close()
 
