@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import statistics
 import sys
 import threading
@@ -200,3 +201,17 @@ def _cell(value: object) -> str:
 def note(text: str) -> None:
     """A progress line on stderr (the table and headline go to stdout)."""
     print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` (seconds; exited ones count 0)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks

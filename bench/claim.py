@@ -87,20 +87,6 @@ class Measured:
     cpu_server: float = 0.0  # seconds of its PostgreSQL backends
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of ``pids`` (seconds; gone ones count 0)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
     ticks = os.sysconf("SC_CLK_TCK")
@@ -146,12 +132,12 @@ def claimer_process(
             measured = Measured()
             barrier.wait()
             if index < command["claimers"]:
-                client_began, server_began = time.process_time(), cpu_seconds(backends)
+                client_began, server_began = time.process_time(), _common.cpu_seconds(backends)
                 deadline = time.perf_counter() + command["seconds"]
                 while time.perf_counter() < deadline:
                     _operation(store, settings, side, index, measured)
                 measured.cpu_client = time.process_time() - client_began
-                measured.cpu_server = cpu_seconds(backends) - server_began
+                measured.cpu_server = _common.cpu_seconds(backends) - server_began
             results.send(asdict(measured))
 
 

@@ -151,20 +151,6 @@ class OperationTimer:
         self.etcd.close()
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of ``pids`` (seconds; exited ones count 0)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
-
-
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
     """Start py-spy on ``pid`` for ``seconds`` (raw collapsed stacks into ``out``)."""
     if not PY_SPY.exists():
@@ -289,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             pids = [p for i in range(WORKERS) for p in run.worker_group(i)]
             pids += [p for name in ("api", "simulator", "scheduler-0") for p in _pids(run, name)]
-            cpu_before = cpu_seconds(pids)
+            cpu_before = _common.cpu_seconds(pids)
             worker_child = max(run.worker_group(0))  # the forked process runs the actors
             spy_out = Path(logs) / "profile.txt"
             expected_s = max(3.0, args.repositories / 40)
@@ -309,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 what="every repository terminal",
                 interval=0.2,
             )
-            cpu_used = cpu_seconds(pids) - cpu_before
+            cpu_used = _common.cpu_seconds(pids) - cpu_before
             sampler.join(timeout=60)
             if spy is not None:
                 spy.wait(timeout=expected_s + 30)
