@@ -9,11 +9,20 @@ restarted etcd is used again as soon as it answers.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+# Before gRPC is imported (etcd3 imports it): no gRPC fork handlers. They run in every fork()
+# child, and with a Session's keep-alive thread inside a gRPC call they sometimes aborted
+# the child (SIGABRT, "epoll_wait error: Bad file descriptor") before it could exec: seen
+# when a benchmark holding a session started a worker (2 of 60 forks in a loop). Nothing
+# here uses a channel across a fork: children exec, or open their own client after it
+# (actors.runtime). A value set by the operator still wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import etcd3
 import etcd3.etcdrpc as rpc
