@@ -258,6 +258,54 @@ def summarize(rows: list[dict[str, Any]], baselines: dict[int, float]) -> list[d
     return summary
 
 
+def run_trials(
+    args: argparse.Namespace,
+    *,
+    env: dict[str, str],
+    url: str,
+    store: Store,
+    etcd: EtcdClient,
+    ttl: int,
+    rng: random.Random,
+    rows: list[dict[str, Any]],
+    log_dir: Path,
+) -> float:
+    """One local migration at ``ttl``: its trials appended to ``rows``; the baseline stall."""
+    run = LocalMigration(
+        env={**env, "MIGRATOR_DATABASE_URL": url, "MIGRATOR_LOG_LEVEL": "info"},
+        log_dir=log_dir, workers=2, threads=4, lease_ttl=ttl,
+        simulator_args=["--pre-import-seconds", "0.3", "0.8", "--import-seconds", "0.3",
+                        "0.8", "--start-latency", "0.02", "--log-level", "warning"],
+    )  # fmt: skip
+    _common.note(f"TTL {ttl}: starting 2 workers...")
+    run.start(timeout=120)
+    try:
+        httpx.post(
+            f"{run.simulator_url}/simulator/config",
+            json={"slow_start_seconds": SLOW_START_S},
+            timeout=10,
+        ).raise_for_status()
+        trials = Trials(run=run, store=store, database_url=url, etcd=etcd, ttl=ttl)
+        trials.top_up(200)
+        time.sleep(2)  # the stream reaches its steady state
+        baseline = trials.baseline_stall(3.0 if args.quick else 5.0)
+        for number in range(args.trials):
+            for case in CASES:
+                trials.top_up(30 + 15 * ttl)
+                last = number == args.trials - 1 and case == list(CASES)[-1]
+                row = trials.trial(case, number, rng, restart=not last)
+                rows.append(row)
+                _common.note(
+                    f"TTL {ttl} {case} #{number}: delay {row['delay_s']:.2f} s "
+                    f"({row['next_event']} by {row['next_actor']}), "
+                    f"stall {row['stall_s']:.2f} s"
+                )
+    finally:
+        run.stop(timeout=30)
+        run.delete_queues()
+    return baseline
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     support.quiet_logs()
@@ -268,49 +316,25 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     baselines: dict[int, float] = {}
     etcd = EtcdClient(support.etcd_endpoints(env["MIGRATOR_ETCD_ENDPOINTS"]), timeout=5)
-    with (
-        _common.fresh_database(env["MIGRATOR_DATABASE_URL"], label="recovery") as url,
-        Store(url, max_size=4) as store,
-        tempfile.TemporaryDirectory(prefix="bench-recovery-") as logs,
-    ):
-        store.update_settings(
-            enabled=True, capacity=CAPACITY, enqueue_waiting_time=0, max_tags_count=0,
-            enqueue_interval=0.5, guard_interval=GUARD_INTERVAL,
-            max_step_duration=MAX_STEP_DURATION, pre_import_timeout=60, import_timeout=60,
-        )  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as logs:
         for ttl in args.ttl_list:
-            run = LocalMigration(
-                env={**env, "MIGRATOR_DATABASE_URL": url, "MIGRATOR_LOG_LEVEL": "info"},
-                log_dir=Path(logs) / f"ttl{ttl}", workers=2, threads=4, lease_ttl=ttl,
-                simulator_args=["--pre-import-seconds", "0.3", "0.8", "--import-seconds", "0.3",
-                                "0.8", "--start-latency", "0.02", "--log-level", "warning"],
-            )  # fmt: skip
-            _common.note(f"TTL {ttl}: starting 2 workers...")
-            run.start(timeout=120)
-            try:
-                httpx.post(
-                    f"{run.simulator_url}/simulator/config",
-                    json={"slow_start_seconds": SLOW_START_S},
-                    timeout=10,
-                ).raise_for_status()
-                trials = Trials(run=run, store=store, database_url=url, etcd=etcd, ttl=ttl)
-                trials.top_up(200)
-                time.sleep(2)  # the stream reaches its steady state
-                baselines[ttl] = trials.baseline_stall(3.0 if args.quick else 5.0)
-                for number in range(args.trials):
-                    for case in CASES:
-                        trials.top_up(30 + 15 * ttl)
-                        last = number == args.trials - 1 and case == list(CASES)[-1]
-                        row = trials.trial(case, number, rng, restart=not last)
-                        rows.append(row)
-                        _common.note(
-                            f"TTL {ttl} {case} #{number}: delay {row['delay_s']:.2f} s "
-                            f"({row['next_event']} by {row['next_actor']}), "
-                            f"stall {row['stall_s']:.2f} s"
-                        )
-            finally:
-                run.stop(timeout=30)
-                run.delete_queues()
+            # A database per TTL: the previous run's simulator took its running imports with
+            # it, and with max_step_duration at 300 s those repositories would fill the
+            # capacity of the next run for five minutes.
+            with (
+                _common.fresh_database(env["MIGRATOR_DATABASE_URL"], label="recovery") as url,
+                Store(url, max_size=4) as store,
+            ):
+                store.update_settings(
+                    enabled=True, capacity=CAPACITY, enqueue_waiting_time=0, max_tags_count=0,
+                    enqueue_interval=0.5, guard_interval=GUARD_INTERVAL,
+                    max_step_duration=MAX_STEP_DURATION, pre_import_timeout=60,
+                    import_timeout=60,
+                )  # fmt: skip
+                baselines[ttl] = run_trials(
+                    args, env=env, url=url, store=store, etcd=etcd, ttl=ttl, rng=rng, rows=rows,
+                    log_dir=Path(logs) / f"ttl{ttl}",
+                )  # fmt: skip
     etcd.close()
     summary = summarize(rows, baselines)
     print(
