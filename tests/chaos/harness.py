@@ -113,8 +113,16 @@ class WorkerSupervisor(threading.Thread):
         self._exit.wait()  # keep the restarted workers' parent thread alive until stopped
 
     def stop_restarting(self) -> None:
-        """No more restarts (before the run is stopped)."""
+        """No more restarts (before the run is stopped); waits for one in progress.
+
+        A restart still waiting for its worker to be ready when the run is stopped saw the
+        worker exit with SIGTERM and logged it as a failed restart (the --long run failed
+        so, with every invariant holding).
+        """
         self._restarting.clear()
+        for lock in self.locks:
+            with lock:
+                pass
 
     def finish(self) -> None:
         """Let the thread end (after the run is stopped)."""
