@@ -10,7 +10,7 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.enqueuer import trigger_enqueue
-from actors.reconcile import recover_interrupted_delivery
+from actors.reconcile import recover_interrupted_delivery, redelivered
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
 from migration.keys import repository_lease_key
@@ -32,7 +32,7 @@ def _delivered_before(message: Any) -> bool:
     RabbitMQ redelivery (its consumer's connection dropped before the ack)."""
     if message is None:
         return False
-    return bool(getattr(message, "redelivered", False) or message.options.get("retries", 0))
+    return redelivered(message) or bool(message.options.get("retries", 0))
 
 
 def _retry_when(retries: int, exception: BaseException) -> bool:

@@ -75,9 +75,10 @@ def outcome_of(result: StepReport | str) -> str:
     return result if isinstance(result, str) else result.outcome.value
 
 
-def frees_capacity(result: StepReport | str) -> bool:
-    """Whether the reconcile's step freed a slot of the capacity (worth a trigger)."""
-    return not isinstance(result, str) and result.frees_capacity
+def redelivered(message: Any) -> bool:
+    """Whether RabbitMQ delivers ``message`` again: its earlier consumer's connection
+    dropped before the ack (a killed worker), so that delivery may have run in part."""
+    return bool(getattr(message, "redelivered", False))
 
 
 def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) -> int:
@@ -91,7 +92,7 @@ def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) 
     :param actor: the actor processing it.
     :returns: how many slots of the capacity the recovery freed (worth a trigger).
     """
-    if message is None or not getattr(message, "redelivered", False):
+    if not redelivered(message):
         return 0
     message_id = str(message.message_id)
     left = runtime.store.active_last_written_by(message_id)
@@ -115,5 +116,5 @@ def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) 
             step_outcome=outcome_of(result),
             **fields,
         )
-        freed += frees_capacity(result)
+        freed += not isinstance(result, str) and result.frees_capacity
     return freed

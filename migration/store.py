@@ -72,6 +72,18 @@ _ARRIVAL_COLUMN: dict[State, str] = {
     State.IMPORT_ABORTED: "migration_aborted_at",
     State.IMPORT_SKIPPED: "migration_skipped_at",
 }
+
+
+def _arrival_column(transition: Transition) -> str | None:
+    """The timestamp column a transition stamps, if any.
+
+    An undone claim returns to where it was without arriving anew: re-stamping
+    migration_aborted_at or migration_pre_import_done_at would reorder the retries and
+    restart the enqueue waiting time.
+    """
+    return _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
+
+
 _ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
 # Counting these reads the partial index container_repositories_active.
 _COUNT_ACTIVE = (
@@ -857,10 +869,6 @@ class Store:
                 transition = transition_of(repo, max_retries)
             except InvalidTransition:
                 return None
-            # An undone claim returns to where it was without arriving anew (see _write).
-            arrival = (
-                _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
-            )
             try:
                 written = cur.execute(
                     _FENCED_WRITE,
@@ -875,7 +883,7 @@ class Store:
                         "retries": transition.retries_count,
                         "aborted_in": _value(transition.aborted_in_state),
                         "reason": _value(transition.skipped_reason),
-                        "arrival": arrival,
+                        "arrival": _arrival_column(transition),
                         "event": str(transition.event),
                         "actor": author.actor,
                         "message_id": author.message_id,
@@ -946,12 +954,7 @@ class Store:
         transition: Transition,
         author: _Author,
     ) -> Repository:
-        # An undone claim returns to where it was without arriving anew: re-stamping
-        # migration_aborted_at or migration_pre_import_done_at would reorder the retries
-        # and restart the enqueue waiting time.
-        arrival = (
-            _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
-        )
+        arrival = _arrival_column(transition)
         stamp = sql.SQL(", {} = now()").format(sql.Identifier(arrival)) if arrival else sql.SQL("")
         # The WHERE repeats the fence: the row is locked, so it always matches; it is there
         # so that this statement alone can never write over a newer token.
