@@ -398,8 +398,8 @@ class RegistryClient:
         self.too_many_retries = too_many_retries
         self.backoff = backoff
         self.timeout = timeout
-        #: Called after every call with (call, fault class, error kind, detail); see
-        #: migration.registry_health. Must not raise.
+        #: Called after every call with (call, fault class, error kind, what went wrong: the
+        #: HTTP status and the detail); see migration.registry_health. Must not raise.
         self.observer: Callable[[str, FaultClass, ErrorKind | None, str], None] | None = None
         headers = {"Accept": "application/json"}
         if token:
@@ -492,7 +492,7 @@ class RegistryClient:
             if outcome is not ImportOutcome.TOO_MANY_IMPORTS or attempts > self.too_many_retries:
                 break
             time.sleep(self._retry_delay(attempts))
-        self._count(call, result.fault_class, result.error_kind, result.detail)
+        self._count(call, result.fault_class, result.error_kind, result.detail, result.http_status)
         log.debug(
             "registry_start",
             path=path,
@@ -518,7 +518,9 @@ class RegistryClient:
         :param path: the repository path, ``root/.../name``.
         """
         result = self._status(path)
-        self._count("status", result.fault_class, result.error_kind, result.detail)
+        self._count(
+            "status", result.fault_class, result.error_kind, result.detail, result.http_status
+        )
         return result
 
     def _status(self, path: str) -> StatusResult:
@@ -606,7 +608,9 @@ class RegistryClient:
                 http_status=code,
                 error_kind=kind,
             )
-        self._count("cancel", result.fault_class, result.error_kind, result.detail)
+        self._count(
+            "cancel", result.fault_class, result.error_kind, result.detail, result.http_status
+        )
         log.debug(
             "registry_cancel",
             path=path,
@@ -636,7 +640,7 @@ class RegistryClient:
             kind = ErrorKind.BAD_ANSWER if code == 200 else _kind_of_status(code)
             result = ProbeResult(ok=False, detail=detail, http_status=code, error_kind=kind)
         fault = FaultClass.OK if result.ok else FaultClass.REGISTRY
-        self._count("probe", fault, result.error_kind, result.detail)
+        self._count("probe", fault, result.error_kind, result.detail, result.http_status)
         return result
 
     # -- transport -------------------------------------------------------------------------
@@ -661,11 +665,17 @@ class RegistryClient:
         return response
 
     def _count(
-        self, call: str, fault_class: FaultClass, kind: ErrorKind | None, detail: str
+        self,
+        call: str,
+        fault_class: FaultClass,
+        kind: ErrorKind | None,
+        detail: str,
+        http_status: int | None,
     ) -> None:
         metrics.REGISTRY_CALLS.labels(call, fault_class.value).inc()
         if self.observer is not None:
-            self.observer(call, fault_class, kind, detail)
+            said = f"{http_status} {detail}" if http_status is not None else detail
+            self.observer(call, fault_class, kind, said)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

@@ -15,9 +15,9 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from leases import EtcdUnavailable, HeldKey, LeaseError, list_held
+from leases import EtcdUnavailable, HeldKey, LeaseError, SharedBreaker, list_held
 from migration.config import Config
-from migration.keys import leases_prefix
+from migration.keys import leases_prefix, registry_breaker_name
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, TERMINAL_STATES, State
 
@@ -26,6 +26,7 @@ THROUGHPUT_WINDOWS = (1, 5, 15)
 #: The settings that decide whether a run starts work, shown by ``status``.
 GATING_SETTINGS = (
     "enabled",
+    "paused_reason",
     "capacity",
     "enqueue_waiting_time",
     "created_before",
@@ -71,6 +72,28 @@ class OldestActive:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BackingOff:
+    """A repository waiting out a registry backoff (invariant 7): why, and until when."""
+
+    repository_id: int
+    path: str
+    state: str
+    failures: int
+    not_before: str
+    last_error: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breaker:
+    """The shared registry breaker as etcd holds it."""
+
+    state: str  # closed, open, half_open
+    reason: str
+    window_s: float
+    remaining_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Lease:
     """A held lease key, flattened for JSON."""
 
@@ -103,6 +126,9 @@ class MigrationStatus:
     :param settings: the gating settings (:data:`GATING_SETTINGS`).
     :param leases: held lease keys; None when etcd could not be read.
     :param leases_error: why the leases are missing, else None.
+    :param backing_off_count: repositories waiting out a registry backoff.
+    :param backing_off: the next ones due (at most 10), with their last registry error.
+    :param registry_breaker: the shared registry breaker; None when etcd could not be read.
     """
 
     taken_at: str
@@ -121,6 +147,9 @@ class MigrationStatus:
     settings: dict[str, Any]
     leases: list[Lease] | None = None
     leases_error: str | None = None
+    backing_off_count: int = 0
+    backing_off: list[BackingOff] = field(default_factory=list)
+    registry_breaker: Breaker | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -201,6 +230,12 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         " ORDER BY e.id DESC LIMIT %(recent)s",
         {"recent": recent},
     ).fetchall()
+    backing_off = cur.execute(
+        "SELECT id, path, migration_state, registry_failures, registry_not_before,"
+        " registry_last_error, count(*) OVER () AS total FROM container_repositories"
+        " WHERE registry_not_before > %(now)s ORDER BY registry_not_before LIMIT 10",
+        {"now": now},
+    ).fetchall()
     waited = True
     if settings.enqueue_waiting_time > 0:
         passed = cur.execute(
@@ -222,19 +257,32 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         "oldest": oldest,
         "ends": ends,
         "waited": waited,
+        "backing_off": backing_off,
     }
 
 
-def _read_leases(config: Config) -> tuple[list[Lease] | None, str | None]:
+def _read_etcd(config: Config) -> tuple[list[Lease] | None, str | None, Breaker | None]:
     try:
         with config.etcd_client(timeout=3.0) as client:
             held: list[HeldKey] = list_held(client, leases_prefix(config.etcd_prefix))
+            breaker = SharedBreaker(client, registry_breaker_name(config.etcd_prefix)).state()
     except (EtcdUnavailable, LeaseError) as error:
-        return None, f"etcd unreachable at {config.etcd_endpoints_text}: {error}"
-    return [
+        return None, f"etcd unreachable at {config.etcd_endpoints_text}: {error}", None
+    leases = [
         Lease(key=h.key, token=h.token, ttl_remaining=h.ttl_remaining, holder=asdict(h.holder))
         for h in held
-    ], None
+    ]
+    state = "open" if breaker.open else "half_open" if breaker.half_open else "closed"
+    return (
+        leases,
+        None,
+        Breaker(
+            state=state,
+            reason=breaker.reason,
+            window_s=breaker.window,
+            remaining_s=round(breaker.remaining, 1),
+        ),
+    )
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -291,7 +339,19 @@ def collect(config: Config, *, recent: int = 10, leases: bool = True) -> Migrati
         ],
         waiting_time_passed=db["waited"],
         settings={k: v for k, v in settings.as_dict().items() if k in GATING_SETTINGS},
+        backing_off_count=int(db["backing_off"][0]["total"]) if db["backing_off"] else 0,
+        backing_off=[
+            BackingOff(
+                repository_id=int(row["id"]),
+                path=row["path"],
+                state=row["migration_state"],
+                failures=int(row["registry_failures"]),
+                not_before=row["registry_not_before"].isoformat(),
+                last_error=row["registry_last_error"],
+            )
+            for row in db["backing_off"]
+        ],
     )
     if leases:
-        status.leases, status.leases_error = _read_leases(config)
+        status.leases, status.leases_error, status.registry_breaker = _read_etcd(config)
     return status

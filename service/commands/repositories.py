@@ -146,6 +146,11 @@ def show(ident: str, as_json: bool, event_limit: int) -> None:
                + (f" (aborted in {repo.migration_aborted_in_state})"
                   if repo.migration_aborted_in_state else ""))  # fmt: skip
     click.echo(f"  tags             {repo.tags_count}")
+    if repo.registry_failures:
+        due = repo.registry_not_before.isoformat() if repo.registry_not_before else "now"
+        click.echo(f"  backing off      {repo.registry_failures} registry fault(s) in a row;"
+                   f" not picked before {due}")  # fmt: skip
+        click.echo(f"  last registry error {repo.registry_last_error}")
     click.echo(f"  fencing token    {repo.fencing_token}")
     if lease is not None:
         click.echo(f"  lease held by    {lease['describe']} (token {lease['token']}, "

@@ -139,6 +139,24 @@ def scheduler(health_port: int, health_host: str) -> None:
         log.info("scheduler_stopped")
 
 
+def send_one_run() -> bool:
+    """Send one enqueuer run through the dedup gate; True when sent, False when collapsed.
+
+    :raises StoreError: PostgreSQL cannot be reached.
+    :raises LeaseError: etcd cannot be reached (``str`` names it).
+    """
+    from actors.enqueuer import trigger_enqueue  # noqa: PLC0415
+    from actors.runtime import Runtime  # noqa: PLC0415
+
+    runtime = Runtime(Config.from_env())
+    try:
+        return trigger_enqueue(runtime, source="operator")
+    except LeaseError as error:
+        raise LeaseError(f"etcd: {error}") from error
+    finally:
+        runtime.close()
+
+
 @main.command()
 def enqueue() -> None:
     """Send one enqueue_next_migration run through the dedup gate (like perform_async).
@@ -150,24 +168,13 @@ def enqueue() -> None:
     Example:
       registry-migrator enqueue
     """
-    from actors.enqueuer import trigger_enqueue  # noqa: PLC0415
-    from actors.runtime import Runtime  # noqa: PLC0415
-
-    config = Config.from_env()
     try:
-        runtime = Runtime(config)
+        sent = send_one_run()
     except (StoreError, LeaseError) as error:
         click.echo(f"registry-migrator: {error}", err=True)
-        sys.exit(1)
-    try:
-        sent = trigger_enqueue(runtime, source="operator")
-    except LeaseError as error:
-        click.echo(f"registry-migrator: etcd: {error}", err=True)
         sys.exit(1)
     except Exception as error:  # PostgreSQL or RabbitMQ failed: one line, not a traceback
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         click.echo(f"registry-migrator: enqueue failed: {first_line}", err=True)
         sys.exit(1)
-    finally:
-        runtime.close()
     click.echo("enqueued one run" if sent else "collapsed: enough runs are already waiting")

@@ -86,12 +86,26 @@ def pause() -> None:
 
 @main.command()
 def resume() -> None:
-    """Start new migrations again. Sets enabled=true.
+    """Start new migrations again. Sets enabled=true, clears a pause the system made (the
+    registry refused our token: fix MIGRATOR_REGISTRY_TOKEN first), and sends one run.
 
     \b
     Example:
       registry-migrator resume
     """
     with open_store() as store:
+        before = store.settings()
         store.update_settings(enabled=True)
-    click.echo("resumed")
+    if before.paused_reason:
+        click.echo(f"resumed (it was paused by the system: {before.paused_reason})")
+    else:
+        click.echo("resumed")
+    # Start now rather than at the scheduler's next period (up to enqueue_interval).
+    from service.commands.run import send_one_run  # noqa: PLC0415 - only resume needs it
+
+    try:
+        sent = send_one_run()
+    except Exception as error:  # the scheduler's next period starts it anyway
+        click.echo(f"(no run sent now: {error}; the scheduler sends the next one)")
+        return
+    click.echo("enqueued one run" if sent else "runs are already waiting")

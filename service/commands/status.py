@@ -80,6 +80,23 @@ def render(status: MigrationStatus) -> RenderableType:
         flow.add_row("leases held", Text(status.leases_error or "?", style="red"))
     else:
         flow.add_row("leases held", str(len(status.leases)))
+    breaker = status.registry_breaker
+    if breaker is not None:
+        shown = breaker.state.replace("_", "-")
+        if breaker.state != "closed":
+            shown += (
+                f" ({breaker.remaining_s:g} s left of {breaker.window_s:g} s: {breaker.reason})"
+            )
+        flow.add_row(
+            "registry breaker", Text(shown, style="" if breaker.state == "closed" else "bold red")
+        )
+    flow.add_row(
+        "backing off",
+        Text(
+            f"{status.backing_off_count} (registry faults; not picked before their time)",
+            style="yellow" if status.backing_off_count else "",
+        ),
+    )
     flow.add_row("waiting time passed", str(status.waiting_time_passed).lower())
     flow.add_row("snapshot at", status.taken_at)
 
@@ -88,7 +105,9 @@ def render(status: MigrationStatus) -> RenderableType:
     gates.add_column("value")
     for key, value in status.settings.items():
         shown = ",".join(value) if isinstance(value, list) else value
-        style = "bold red" if key == "enabled" and value is False else ""
+        style = (
+            "bold red" if key in ("enabled", "paused_reason") and value not in (True, None) else ""
+        )
         gates.add_row(key, Text("none" if shown in (None, "") else str(shown), style=style))
 
     ends = Table(title="latest aborts and skips", title_justify="left", show_edge=False)
@@ -101,6 +120,15 @@ def render(status: MigrationStatus) -> RenderableType:
     parts: list[RenderableType] = [states, flow, gates]
     if status.recent_ends:
         parts.append(ends)
+    if status.backing_off:
+        waiting = Table(title="backing off (registry faults)", title_justify="left",
+                        show_edge=False)  # fmt: skip
+        for column in ("repository", "state", "faults", "not before", "last error"):
+            waiting.add_column(column)
+        for b in status.backing_off:
+            waiting.add_row(f"{b.path} ({b.repository_id})", b.state, str(b.failures),
+                            b.not_before[:19], (b.last_error or "")[:70])  # fmt: skip
+        parts.append(waiting)
     if status.leases:
         held = Table(title="leases", title_justify="left", show_edge=False)
         for column in ("key", "token", "ttl", "holder"):
