@@ -109,7 +109,7 @@ def test_a_refused_token_pauses_the_migration_until_resume(
     opened: list[float] = []
     with SimulatorServer() as simulator:
         simulator.configure(token="the-right-one")
-        health, registry = health_for(breaker, clean_store, simulator.url, opened)
+        _health, registry = health_for(breaker, clean_store, simulator.url, opened)
         registry.start_pre_import("group/a")
         settings = clean_store.settings()
         assert settings.enabled is False
