@@ -14,7 +14,8 @@ asyncio event loop (Starlette on uvicorn):
 Paths decide some answers, by substring: ``native`` → 200 (already imported), ``missing`` →
 404, ``fail-once`` / ``fail-always`` → the first / every pre-import fails,
 ``fail-import-once`` / ``fail-import-always`` → the same for the final import,
-``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's.
+``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's,
+``unknown-status`` → a status read answers 200 with a status outside the API's list.
 
 Test hooks (no token needed): ``GET /simulator/report``, ``GET|POST /simulator/config``
 (change knobs at runtime), ``POST /simulator/reset``.
@@ -73,6 +74,7 @@ FAIL_IMPORT_ONCE_MARKER = "fail-import-once"
 FAIL_IMPORT_ALWAYS_MARKER = "fail-import-always"
 SERVER_ERROR_MARKER = "server-error"
 GARBAGE_MARKER = "garbage"
+UNKNOWN_STATUS_MARKER = "unknown-status"
 SLOW_START_MARKER = "slow-start"
 SLOW_DECIDE_MARKER = "slow-decide"
 
@@ -655,6 +657,9 @@ def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> S
             code = 502 if request.method == "PUT" else 200
             return PlainTextResponse("<html><body>oops</body></html>", status_code=code,
                                      media_type="text/html")  # fmt: skip
+        if request.method == "GET" and UNKNOWN_STATUS_MARKER in path:
+            return JSONResponse({"name": _name(path), "path": path, "status": "import_paused",
+                                 "detail": "a status this API does not define"})  # fmt: skip
         if request.method == "GET":
             answer = registry.status(path)
         elif request.method == "DELETE":

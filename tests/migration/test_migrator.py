@@ -440,3 +440,36 @@ def test_guard_leaves_things_alone_when_the_registry_is_unreachable(
         )
     assert report.outcome is StepOutcome.IGNORED
     assert current(clean_store, repo_id).migration_state is State.PRE_IMPORTING
+
+
+def test_guard_cancels_and_aborts_a_repository_whose_status_it_does_not_know(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    """A 200 with a status outside the API's list is the repository's, not the registry's:
+    the guard cancels and aborts it, as the reference does, instead of keeping its slot."""
+    store = migrator.store
+    repo_id = add(store, "group/unknown-status/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ABORTED
+    assert report.fields["registry_status"] == "unknown_status"
+    assert "canceled" in report.fields
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORT_ABORTED, 1)
+    assert _events(database_url, repo_id)[-1][2]["cause"] == "registry_state_mismatch"
+    cancels = [e for e in simulator.report(events=True)["events"] if e.get("action") == "cancel"]
+    assert cancels, "the guard did not cancel before aborting"
+
+
+def test_guard_postpones_when_the_registry_answers_5xx(
+    migrator: Migrator, tokens: Tokens, database_url: str
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/server-error/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.IGNORED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 0)
