@@ -7,8 +7,8 @@ steps in a lease and a Dramatiq message; tests can drive them directly.
 
 The outcome mapping follows the reference (GitLab's ContainerRepository, 2022), by the fault
 class of each answer (``migration/registry.py`` has the table; invariant 7): a start that
-the registry accepted waits for its notification; "already imported" means the repository
-is native and is skipped as ``native_import``; not found is skipped; a failed pre-import
+the registry accepted waits for its notification; "already imported" (native) and "not
+found" need no more work: done, with the reason recorded (``finish_import_as``); a failed pre-import
 aborts (a retry is charged); "too many imports" and "already running" are not failures; a
 fault of the registry (unreachable, timeout, 5xx, 401/403, an answer that is not the API's)
 undoes the claim, charges nothing and backs the repository off. A start whose outcome is
@@ -297,6 +297,16 @@ class Migrator:
         if repository.registry_failures:
             self.store.clear_backoff(repository.id)
 
+    def _finish_as(
+        self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
+    ) -> StepReport:
+        """Done with a reason: native, or unknown to the registry (the reference's
+        finish_import_as); nothing more to do for it."""
+        result = self._step(
+            repository, Event.FINISH_IMPORT_AS, writer, skip_reason=reason, detail={"why": why}
+        )
+        return self._report(result, StepOutcome.FINISHED, finish_reason=reason.value)
+
     def _skip(
         self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
     ) -> StepReport:
@@ -339,9 +349,11 @@ class Migrator:
             case ImportOutcome.STARTED:
                 return StepReport(StepOutcome.STARTED, repository, fields)
             case ImportOutcome.ALREADY_IMPORTED:
-                report = self._skip(repository, writer, SkipReason.NATIVE_IMPORT, answer.detail)
+                report = self._finish_as(
+                    repository, writer, SkipReason.NATIVE_IMPORT, answer.detail
+                )
             case ImportOutcome.NOT_FOUND:
-                report = self._skip(repository, writer, SkipReason.NOT_FOUND, answer.detail)
+                report = self._finish_as(repository, writer, SkipReason.NOT_FOUND, answer.detail)
             case ImportOutcome.TOO_MANY_IMPORTS:
                 undone = self._undo(
                     repository, claimed_from, writer, "registry: too many imports",
@@ -409,7 +421,9 @@ class Migrator:
         registry_status = status.status.value if status.status else status.outcome.value
         if status.outcome is StatusOutcome.FOUND:
             if status.status is RegistryImportStatus.NATIVE:
-                return self._skip(repository, writer, SkipReason.NATIVE_IMPORT, "registry: native")
+                return self._finish_as(
+                    repository, writer, SkipReason.NATIVE_IMPORT, "registry: native"
+                )
             if status.status is RegistryImportStatus.IMPORT_COMPLETE:
                 result = self._step(
                     repository,
@@ -558,7 +572,7 @@ class Migrator:
             State.PRE_IMPORTING: (
                 RegistryImportStatus.PRE_IMPORT_IN_PROGRESS,
                 repository.migration_pre_import_started_at,
-                settings.pre_import_timeout,
+                settings.pre_import_timeout_for(repository.tags_count),
             ),
             State.IMPORTING: (
                 RegistryImportStatus.IMPORT_IN_PROGRESS,

@@ -12,6 +12,9 @@ check. The allowed transitions::
     start_import       pre_import_done                            -> importing
     finish_import      importing                                  -> import_done
     already_migrated   default | import_aborted                   -> import_done
+    finish_import_as   any state but import_done, import_skipped  -> import_done (reason:
+                       native_import or not_found: the registry holds it already, or does
+                       not know it; nothing left to do, as the reference's finish_import_as)
     abort_import       pre_importing | pre_import_done | importing -> import_aborted
                        (retries_count + 1; when that reaches max_retries: import_skipped,
                        reason too_many_retries)
@@ -56,6 +59,7 @@ class Event(StrEnum):
     START_IMPORT = "start_import"
     FINISH_IMPORT = "finish_import"
     ALREADY_MIGRATED = "already_migrated"
+    FINISH_IMPORT_AS = "finish_import_as"
     ABORT_IMPORT = "abort_import"
     SKIP_IMPORT = "skip_import"
     RETRY_PRE_IMPORT = "retry_pre_import"
@@ -74,6 +78,11 @@ class SkipReason(StrEnum):
     MIGRATION_CANCELED = "migration_canceled"
     ROOT_NAMESPACE_IN_DENY_LIST = "root_namespace_in_deny_list"
 
+
+#: The reasons an import_done repository may carry (:data:`Event.FINISH_IMPORT_AS`).
+DONE_REASONS: frozenset[SkipReason] = frozenset({SkipReason.NATIVE_IMPORT, SkipReason.NOT_FOUND})
+#: Events that take a reason (``skip_reason``); every other event refuses one.
+_REASONED_EVENTS: frozenset[Event] = frozenset({Event.SKIP_IMPORT, Event.FINISH_IMPORT_AS})
 
 #: States that count against the capacity setting (a migration is in flight).
 ACTIVE_STATES: frozenset[State] = frozenset(
@@ -187,11 +196,11 @@ def apply(
     :raises InvalidTransition: the pair is not allowed.
     """
     state, event = State(state), Event(event)
-    if (skip_reason is not None) != (event is Event.SKIP_IMPORT):
+    if (skip_reason is not None) != (event in _REASONED_EVENTS):
         why = (
-            "skip_import needs a skip reason"
+            f"{event} needs a skip reason"
             if skip_reason is None
-            else "only skip_import takes a skip reason"
+            else "only skip_import and finish_import_as take a reason"
         )
         raise InvalidTransition(state, event, why)
 
@@ -228,11 +237,15 @@ def apply(
                 reason=SkipReason.TOO_MANY_RETRIES,
             )
         return to(State.IMPORT_ABORTED, retries=retries, aborted_in=state)
-    if event is Event.SKIP_IMPORT:
+    if event is Event.SKIP_IMPORT or event is Event.FINISH_IMPORT_AS:
         if state in TERMINAL_STATES:
             raise InvalidTransition(state, event, "the migration has already ended")
         assert skip_reason is not None
-        return to(State.IMPORT_SKIPPED, reason=SkipReason(skip_reason))
+        if event is Event.SKIP_IMPORT:
+            return to(State.IMPORT_SKIPPED, reason=SkipReason(skip_reason))
+        if SkipReason(skip_reason) not in DONE_REASONS:
+            raise InvalidTransition(state, event, f"{skip_reason} is not a reason to be done")
+        return to(State.IMPORT_DONE, reason=SkipReason(skip_reason))
     # retry_pre_import / retry_import
     if state is not State.IMPORT_ABORTED:
         raise InvalidTransition(state, event, "only an aborted migration is retried")

@@ -89,18 +89,26 @@ _ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
 _COUNT_ACTIVE = (
     f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
 )
-# Reads the expression index container_repositories_last_step_done.
-_WAITING_TIME_PASSED = (
+# The finished states whose latest step starts the enqueue waiting time (the reference's
+# recently_done_migration_step); the partial expression index container_repositories_
+# last_step_done (schema 0004) has the same literals.
+_FINISHED_SQL = "('pre_import_done', 'import_done', 'import_aborted', 'import_skipped')"
+#: True when the waiting time (%(wait)s seconds) has passed at %(now)s; shared with status.
+WAITING_TIME_PASSED_SQL = (
     # max() of an indexed expression is one step down the index, whatever the plan; an
     # EXISTS with a range condition can be planned as a scan under a generic plan.
-    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
+    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"  # noqa: S608 - constants only
     " migration_aborted_at, migration_skipped_at))"
-    " <= now() - make_interval(secs => %(wait)s), true) FROM container_repositories"
+    " <= coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(wait)s), true)"
+    " AS passed FROM container_repositories"
+    f" WHERE migration_state IN {_FINISHED_SQL}"
 )
+# An active row with no last_step_at (written outside the project, e.g. imported from
+# GitLab's tables) is stale too, and first: the reference counts nil as stale.
 _SELECT_STALE = (
     f"SELECT * FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608
-    " AND last_step_at < now() - make_interval(secs => %(age)s)"
-    " ORDER BY last_step_at LIMIT %(limit)s"
+    " AND (last_step_at IS NULL OR last_step_at < now() - make_interval(secs => %(age)s))"
+    " ORDER BY last_step_at NULLS FIRST LIMIT %(limit)s"
 )
 assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
 # Active repositories whose latest accepted write came from one message: what a delivery of
@@ -665,14 +673,16 @@ class Store:
     def waiting_time_passed(self, settings: Settings) -> bool:
         """True when ``enqueue_waiting_time`` has passed since the last finished step.
 
-        A finished step is a pre-import done, an import done, an abort or a skip (the
-        reference's "last import step done at").
+        A finished step is a pre-import done, an import done, an abort or a skip, of a
+        repository still in that finished state (the reference's "last import step done at"
+        of its recently_done_migration_step).
         """
         if settings.enqueue_waiting_time <= 0:
             return True
         with self._connection() as conn:
             row = conn.execute(
-                _WAITING_TIME_PASSED, {"wait": settings.enqueue_waiting_time}
+                WAITING_TIME_PASSED_SQL,
+                {"now": None, "wait": settings.enqueue_waiting_time},  # the server's now()
             ).fetchone()
         return bool(row and row[0])
 

@@ -20,6 +20,7 @@ from migration.config import Config
 from migration.keys import leases_prefix, registry_breaker_name
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, TERMINAL_STATES, State
+from migration.store import WAITING_TIME_PASSED_SQL
 
 #: The windows (minutes) of the throughput figures.
 THROUGHPUT_WINDOWS = (1, 5, 15)
@@ -36,6 +37,8 @@ GATING_SETTINGS = (
     "lease_scope",
     "max_step_duration",
 )
+#: How ``status`` and the demo name the reasons of repositories done without an import.
+DONE_REASON_LABEL = {"native_import": "done (native)", "not_found": "done (not found)"}
 #: The colour (rich style) each state is shown in, by ``status`` and by the demo.
 STATE_STYLE = {
     State.DEFAULT: "white",
@@ -111,6 +114,8 @@ class MigrationStatus:
     :param total: repositories in the table.
     :param counts: repositories per state (every state present).
     :param skipped_by_reason: ``import_skipped`` repositories per skip reason.
+    :param done_by_reason: ``import_done`` repositories that needed no import, per reason
+        (``native_import``: the registry held it already; ``not_found``: it did not know it).
     :param excluded_by_deny_list: repositories in ``default`` or ``import_aborted`` whose
         root namespace is denied: runs never pick them, so they stay where they are.
     :param excluded_by_cutoff: repositories in ``default`` created at or after
@@ -135,6 +140,7 @@ class MigrationStatus:
     total: int
     counts: dict[str, int]
     skipped_by_reason: dict[str, int]
+    done_by_reason: dict[str, int]
     excluded_by_deny_list: int
     excluded_by_cutoff: int
     eligible_remaining: int
@@ -183,14 +189,14 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         "SELECT migration_state AS state, count(*) AS n FROM container_repositories GROUP BY 1"
     ):
         counts[row["state"]] = int(row["n"])
-    skipped = {
-        row["reason"]: int(row["n"])
-        for row in cur.execute(
-            "SELECT migration_skipped_reason AS reason, count(*) AS n"
-            " FROM container_repositories WHERE migration_state = 'import_skipped'"
-            " GROUP BY 1 ORDER BY 2 DESC"
-        )
-    }
+    skipped: dict[str, int] = {}
+    done: dict[str, int] = {}
+    for row in cur.execute(
+        "SELECT migration_state AS state, migration_skipped_reason AS reason, count(*) AS n"
+        " FROM container_repositories WHERE migration_skipped_reason IS NOT NULL"
+        " GROUP BY 1, 2 ORDER BY 3 DESC"
+    ):
+        (skipped if row["state"] == State.IMPORT_SKIPPED else done)[row["reason"]] = int(row["n"])
     deny = list(settings.root_namespace_deny_list)
     excluded = cur.execute(
         "SELECT count(*) FILTER (WHERE root_namespace = ANY(%(deny)s::text[])) AS denied,"
@@ -239,11 +245,7 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
     waited = True
     if settings.enqueue_waiting_time > 0:
         passed = cur.execute(
-            "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
-            " migration_aborted_at, migration_skipped_at))"
-            " <= %(now)s - make_interval(secs => %(wait)s), true) AS passed"
-            " FROM container_repositories",
-            {"now": now, "wait": settings.enqueue_waiting_time},
+            WAITING_TIME_PASSED_SQL, {"now": now, "wait": settings.enqueue_waiting_time}
         ).fetchone()
         waited = bool(passed and passed["passed"])
     return {
@@ -251,6 +253,7 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         "now": now,
         "counts": counts,
         "skipped": skipped,
+        "done_by_reason": done,
         "denied": int(excluded["denied"]),
         "cut": int(excluded["cut"]),
         "done": {m: int(done_rows[f"w{m}"]) for m in THROUGHPUT_WINDOWS},
@@ -312,6 +315,7 @@ def collect(config: Config, *, recent: int = 10, leases: bool = True) -> Migrati
         total=total,
         counts=counts,
         skipped_by_reason=db["skipped"],
+        done_by_reason=db["done_by_reason"],
         excluded_by_deny_list=db["denied"],
         excluded_by_cutoff=db["cut"],
         eligible_remaining=total - terminal - db["denied"] - db["cut"],

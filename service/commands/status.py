@@ -16,7 +16,7 @@ from rich.text import Text
 from migration.config import Config
 from migration.states import State
 from service.cli import main
-from service.status import STATE_STYLE, MigrationStatus, collect
+from service.status import DONE_REASON_LABEL, STATE_STYLE, MigrationStatus, collect
 
 
 def _fail(message: str) -> None:
@@ -47,6 +47,9 @@ def render(status: MigrationStatus) -> RenderableType:
         share = f"{100 * n / status.total:.1f}%" if status.total else "-"
         states.add_row(Text(state.value, style=STATE_STYLE[state]), f"{n:,}", share)
     states.add_row("total", f"{status.total:,}", "")
+    for reason, n in status.done_by_reason.items():
+        label = DONE_REASON_LABEL.get(reason, f"done ({reason})")
+        states.add_row(Text(f"  {label}", style="green"), f"{n:,}", "")
     for reason, n in status.skipped_by_reason.items():
         states.add_row(Text(f"  skipped: {reason}", style="magenta"), f"{n:,}", "")
     if status.excluded_by_deny_list:

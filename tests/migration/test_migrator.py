@@ -102,16 +102,19 @@ def test_start_claims_and_starts_the_pre_import(
         ("group/missing-app/image", SkipReason.NOT_FOUND),
     ],
 )
-def test_start_skips_native_and_missing(
+def test_start_finishes_native_and_missing_as_done_with_the_reason(
     migrator: Migrator, tokens: Tokens, path: str, reason: SkipReason
 ) -> None:
+    """As the reference's finish_import_as: no more work, so done, the reason recorded."""
     store = migrator.store
     repo_id = add(store, path)
     report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
-    assert report.outcome is StepOutcome.SKIPPED
+    assert report.outcome is StepOutcome.FINISHED
+    assert report.fields["finish_reason"] == reason.value
     row = current(store, repo_id)
-    assert row.migration_state is State.IMPORT_SKIPPED
+    assert row.migration_state is State.IMPORT_DONE
     assert row.migration_skipped_reason is reason
+    assert row.migration_import_done_at is not None
     assert store.in_flight() == 0
 
 
