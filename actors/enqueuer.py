@@ -146,7 +146,10 @@ class EnqueuerRun:
         in_flight = self.in_flight = store.in_flight()
         below = in_flight < settings.capacity
         self.fields.update(
-            below_capacity=below, max_capacity_setting=settings.capacity, in_flight=in_flight
+            below_capacity=below,
+            max_capacity_setting=settings.capacity,
+            in_flight=in_flight,
+            current_waiting_time_setting=settings.enqueue_waiting_time,
         )
         if not below:
             return "at_capacity"
@@ -200,6 +203,8 @@ class EnqueuerRun:
                     State.IMPORT_ABORTED,
                 ):
                     continue
+                # Named before the step: a step that raises still says what it worked on.
+                self._name(repository, hold.token)
                 report = self._step(repository, settings, hold.token)
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
@@ -239,6 +244,17 @@ class EnqueuerRun:
         if repository.migration_state is State.IMPORT_ABORTED:
             return migrator.retry(repository, writer)
         return migrator.start(repository, settings, writer)
+
+    def _name(self, repository: Repository, token: int) -> None:
+        """The repository this run works on, as the reference's log names it."""
+        self.fields.update(
+            container_repository_id=repository.id,
+            container_repository_path=repository.path,
+            container_repository_migration_state=repository.migration_state.value,
+            # The reference's import_type: "retry" for an aborted repository, else "next".
+            import_type="retry" if repository.migration_state is State.IMPORT_ABORTED else "next",
+            fencing_token=token,
+        )
 
     def _record(self, report: StepReport, token: int) -> None:
         repository = report.repository

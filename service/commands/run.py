@@ -139,16 +139,17 @@ def scheduler(health_port: int, health_host: str) -> None:
         log.info("scheduler_stopped")
 
 
-def send_one_run() -> bool:
+def send_one_run(config: Config) -> bool:
     """Send one enqueuer run through the dedup gate; True when sent, False when collapsed.
 
+    :param config: the process configuration (read first: a bad one exits 2 on its own).
     :raises StoreError: PostgreSQL cannot be reached.
     :raises LeaseError: etcd cannot be reached (``str`` names it).
     """
     from actors.enqueuer import trigger_enqueue  # noqa: PLC0415
     from actors.runtime import Runtime  # noqa: PLC0415
 
-    runtime = Runtime(Config.from_env())
+    runtime = Runtime(config)
     try:
         return trigger_enqueue(runtime, source="operator")
     except LeaseError as error:
@@ -168,8 +169,9 @@ def enqueue() -> None:
     Example:
       registry-migrator enqueue
     """
+    config = Config.from_env()
     try:
-        sent = send_one_run()
+        sent = send_one_run(config)
     except (StoreError, LeaseError) as error:
         click.echo(f"registry-migrator: {error}", err=True)
         sys.exit(1)

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from migration.config import Config
 from migration.settings import Settings, SettingsError, parse_assignments
 from service.cli import main
 from service.commands.db import fail, open_store
@@ -104,7 +105,7 @@ def resume() -> None:
     from service.commands.run import send_one_run  # noqa: PLC0415 - only resume needs it
 
     try:
-        sent = send_one_run()
+        sent = send_one_run(Config.from_env())
     except Exception as error:  # the scheduler's next period starts it anyway
         click.echo(f"(no run sent now: {error}; the scheduler sends the next one)")
         return

@@ -145,6 +145,10 @@ BAD_SETTINGS: dict[str, list[str]] = {
     "pending_enqueues": ["0", "lots"],
     "enqueue_interval": ["0", "-2"],
     "guard_interval": ["0", "often"],
+    "registry_breaker_max_window": ["0", "-5", "a minute"],
+    "registry_backoff_max": ["0", "nan"],
+    "pre_import_timeout_per_tag": ["-0.5", "some"],
+    "pre_import_timeout_max": ["0", "-1", "big"],
 }
 
 
@@ -156,6 +160,7 @@ BAD_ASSIGNMENTS = [
     *[[f"{key}={value}"] for key, values in BAD_SETTINGS.items() for value in values],
     ["no_such_setting=1"],
     ["updated_at=2024-01-01T00:00:00Z"],
+    ["paused_reason=whatever"],  # the system's to write; resume clears it
     ["capacity"],
     ["=5"],
     ["capacity=5", "capacity=6"],
