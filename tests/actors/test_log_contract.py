@@ -65,7 +65,11 @@ def test_every_kind_of_enqueuer_line_keeps_the_contract(
             " FOR EACH ROW EXECUTE FUNCTION boom()"
         )
     clean_store.update_settings(capacity=4, enqueue_interval=1, enqueue_waiting_time=0)
-    run = make_migration(workers=2, threads=2, simulator_args=["--time-scale", "0.2"])
+    run = make_migration(
+        workers=2,
+        threads=2,
+        simulator_args=["--pre-import-seconds", "0.1", "0.3", "--import-seconds", "0.1", "0.3"],
+    )
     run.start()
     kinds: dict[str, dict[str, object]] = {
         "next": {"import_type": "next", "job_status": "started"},
