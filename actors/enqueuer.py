@@ -40,6 +40,7 @@ _STOP = {
     StepOutcome.DISABLED,
     StepOutcome.UNDONE,
     StepOutcome.REGISTRY_FAULT,
+    StepOutcome.LEASE_AT_RISK,  # this process's session is in trouble: let others run
 }
 #: Seconds after the breaker's window that its wake-up run comes (the key's lease expiry
 #: is etcd's to time, within about a second).
@@ -205,7 +206,7 @@ class EnqueuerRun:
                     continue
                 # Named before the step: a step that raises still says what it worked on.
                 self._name(repository, hold.token)
-                report = self._step(repository, settings, hold.token)
+                report = self._step(repository, settings, hold)
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
                 continue
@@ -238,8 +239,8 @@ class EnqueuerRun:
             and self.in_flight + 1 >= settings.capacity
         )
 
-    def _step(self, repository: Repository, settings: Settings, token: int) -> StepReport:
-        writer = Writer(token=token, actor=ACTOR, message_id=self.message_id)
+    def _step(self, repository: Repository, settings: Settings, hold: Hold) -> StepReport:
+        writer = Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
         migrator = self.runtime.migrator
         if repository.migration_state is State.IMPORT_ABORTED:
             return migrator.retry(repository, writer)

@@ -41,9 +41,10 @@ def _delivered_before(message: Any) -> bool:
 REGISTRY_RETRIES = 1_000
 
 
-class RegistryNotReady(dramatiq.Retry):
-    """The registry cannot be used now (breaker open, status unreadable, start failed):
-    retry the notification later, without a traceback in the log (it is no error of ours).
+class TryLater(dramatiq.Retry):
+    """The notification cannot be applied now (the registry's breaker is open, its status
+    unreadable, the next start failed; or our lease is at risk): retry it later, without a
+    traceback in the log (it is no error of ours).
 
     :param why: one line, logged.
     :param after: seconds to wait (jittered up to half again).
@@ -58,7 +59,7 @@ def _retry_when(retries: int, exception: BaseException) -> bool:
     # lease takes up to the TTL to expire; 240 retries of 0.5-1 s cover two minutes at
     # least). A registry that cannot answer is not the notification's fault either: retry
     # it as long as an outage may last (invariant 7). Anything else: a few times.
-    if isinstance(exception, RegistryNotReady):
+    if isinstance(exception, TryLater):
         return retries < REGISTRY_RETRIES
     return retries < (240 if isinstance(exception, LeaseBusy) else 5)
 
@@ -104,7 +105,7 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     if breaker is not None:
         # Nothing to confirm the notification with: wait out the window (invariant 7).
         log.info("notification_deferred", why="registry breaker open", **fields)
-        raise RegistryNotReady(
+        raise TryLater(
             f"registry breaker open: {breaker.reason}", after=max(breaker.remaining, 2.0)
         )
     key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
@@ -127,12 +128,12 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
             report = runtime.migrator.on_registry_status(
                 current,
                 registry_status,
-                Writer(token=hold.token, actor=ACTOR, message_id=message_id),
+                Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
                 detail=detail,
             )
         except RegistryUnavailable as error:
             log.info("notification_deferred", why=str(error), **fields)
-            raise RegistryNotReady(str(error), after=2.0) from None
+            raise TryLater(str(error), after=2.0) from None
     # Only a step out of the active states frees capacity; the run of a trigger after, say,
     # pre_import_complete -> final import started would find nothing more to do than before.
     # A second delivery of this message finds its step done (IGNORED) when the first one
@@ -157,10 +158,12 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     )
     if freed:
         trigger_enqueue(runtime, source="notification")
+    if report.outcome is StepOutcome.LEASE_AT_RISK:
+        raise TryLater(f"not applied: {report.fields.get('why', '')}", after=1.0)
     if report.outcome is StepOutcome.REGISTRY_FAULT:
         # pre_import_complete applied, but the registry failed the final import's start:
         # the claim is undone (pre_import_done); this notification, retried, starts it.
-        raise RegistryNotReady(
+        raise TryLater(
             f"final import of {path} not started: {report.fields.get('registry_error', '')}",
             after=2.0,
         )

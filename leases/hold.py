@@ -11,6 +11,7 @@ overwrite the work of the next one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -104,6 +105,11 @@ class Hold:
     def lost(self) -> bool:
         """True when the session behind the hold is lost (the key is gone or about to be)."""
         return self.session is not None and self.session.lost
+
+    def remaining(self) -> float:
+        """Seconds this hold is sure to last (see :meth:`Session.remaining`); a standalone
+        hold (an operator's, on a lease of its own) has no session to ask: unbounded."""
+        return self.session.remaining() if self.session is not None else math.inf
 
     def is_current(self) -> bool:
         """Ask etcd whether the key is still this incarnation (raises EtcdUnavailable)."""

@@ -79,6 +79,14 @@ class Session:
     def seconds_since_refresh(self) -> float:
         return time.monotonic() - self._last_refresh
 
+    def remaining(self) -> float:
+        """Seconds the lease is sure to live: the TTL from the send of the last keep-alive
+        that etcd answered, 0 once lost or closed. A hold must not start anything that can
+        outlast it (invariant 8)."""
+        if self._lost.is_set() or self._closed.is_set():
+            return 0.0
+        return max(0.0, self.ttl - self.seconds_since_refresh)
+
     def check(self) -> None:
         """Raise :class:`SessionLost` when the session is lost or closed."""
         if self._lost.is_set():

@@ -18,6 +18,8 @@ may have started it.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from leases import Hold
 from migration.registry import (
     CancelResult,
     FaultClass,
@@ -89,6 +92,18 @@ class RegistryUnavailable(Exception):
     """The registry could not confirm a status before acting on it; try again later."""
 
 
+class LeaseAtRisk(Exception):
+    """The holder's lease might be gone before a registry call could end: no call is made
+    (invariant 8). The repository is left to the next holder."""
+
+
+#: Seconds kept between a registry call's end and the lease's: etcd expires leases by its
+#: own clock, and a keep-alive's answer is dated from its send.
+LEASE_SLACK = 0.5
+#: The shortest timeout worth a registry call; with less lease left, no call.
+MIN_CALL_TIMEOUT = 0.5
+
+
 class AbortCause(StrEnum):
     """Why an abort was charged: always something the registry said about *this*
     repository (invariant 7). Recorded as ``detail.cause`` of every ``abort_import`` event."""
@@ -136,6 +151,7 @@ class StepOutcome(StrEnum):
     IGNORED = "ignored"  # nothing to do in this state
     ALIGNED = "aligned"  # the registry already runs the phase: taken over, no start sent
     REGISTRY_FAULT = "registry_fault"  # the registry failed: claim undone, nothing charged
+    LEASE_AT_RISK = "lease_at_risk"  # our lease might end first: no registry call made
 
 
 _CLAIM_REFUSALS = {
@@ -173,11 +189,54 @@ class StepReport:
 
 @dataclass(frozen=True)
 class Writer:
-    """Who writes: the fencing token and what the events log records about the writer."""
+    """Who writes: the fencing token and what the events log records about the writer.
+
+    :param token: the fencing token every write names.
+    :param actor: who writes, for the events log.
+    :param message_id: the message being processed, for the events log.
+    :param lease: the hold the token comes from; every registry call asks it first
+        (:meth:`fence`). None only where no lease is held (tests of the steps alone).
+    """
 
     token: int
     actor: str
     message_id: str | None = None
+    lease: Hold | None = None
+
+    def fence(self, timeout: float) -> float:
+        """The timeout a registry call may have so that it ends while the lease surely
+        lives (invariant 8); :class:`LeaseAtRisk` when too little is left for any call.
+
+        :param timeout: the client's own timeout.
+        """
+        if self.lease is None:
+            return timeout
+        left = self.lease.remaining() - LEASE_SLACK
+        if left < MIN_CALL_TIMEOUT:
+            lost = self.lease.lost
+            raise LeaseAtRisk(
+                f"lease of token {self.token} "
+                + ("lost" if lost else f"has {left + LEASE_SLACK:.1f} s left")
+                + ": no registry call"
+            )
+        return min(timeout, left)
+
+
+def _fenced(step: Callable[..., StepReport]) -> Callable[..., StepReport]:
+    """A step that stops, without a write, when the lease is at risk before a registry call
+    (the calls that follow a claim undo it themselves, see ``Migrator._start_claimed``)."""
+
+    @functools.wraps(step)
+    def run(self: Migrator, repository: Repository, *args: Any, **kwargs: Any) -> StepReport:
+        try:
+            return step(self, repository, *args, **kwargs)
+        except LeaseAtRisk as error:
+            log.warning(
+                "registry_call_not_made", container_repository_id=repository.id, why=str(error)
+            )
+            return StepReport(StepOutcome.LEASE_AT_RISK, repository, {"why": str(error)})
+
+    return run
 
 
 class Migrator:
@@ -315,6 +374,30 @@ class Migrator:
         )
         return self._report(result, StepOutcome.SKIPPED, skip_reason=reason.value)
 
+    def _start_claimed(
+        self, claimed: StepResult, claimed_from: State, writer: Writer, import_type: ImportType
+    ) -> StepReport:
+        """Send the start a claim was made for and map its answer. When the lease is at
+        risk the start is not sent and the claim undone, charging nothing (invariant 8)."""
+        repository = claimed.repository
+        start = (
+            self.registry.start_pre_import
+            if import_type is ImportType.PRE
+            else self.registry.start_import
+        )
+        try:
+            answer = start(repository.path, fence=writer.fence)
+            return self._after_start(claimed, claimed_from, answer, writer, import_type)
+        except LeaseAtRisk as error:
+            log.warning(
+                "registry_call_not_made", container_repository_id=repository.id, why=str(error)
+            )
+            undone = self._undo(repository, claimed_from, writer, str(error), fault_class="lease")
+            return StepReport(
+                StepOutcome.LEASE_AT_RISK, undone.repository,
+                {"why": str(error), "undone": undone.ok},
+            )  # fmt: skip
+
     def _after_start(
         self,
         claimed: StepResult,
@@ -333,7 +416,7 @@ class Migrator:
         if answer.fault_class is FaultClass.REGISTRY and answer.error_kind is not None:
             if answer.error_kind.outcome_unknown:
                 # The registry may have started it before the answer was lost: ask.
-                status = self.registry.status(repository.path)
+                status = self.registry.status(repository.path, fence=writer.fence)
                 fields["registry_status_after"] = (
                     status.status.value if status.status else status.outcome.value
                 )
@@ -388,6 +471,7 @@ class Migrator:
 
     # -- the steps ----------------------------------------------------------------------
 
+    @_fenced
     def start(self, repository: Repository, settings: Settings, writer: Writer) -> StepReport:
         """Start a ready repository (state ``default``): tags check, claim, pre-import."""
         if settings.max_tags_count and repository.tags_count > settings.max_tags_count:
@@ -402,9 +486,9 @@ class Migrator:
         claimed = self._claim(repository, Event.START_PRE_IMPORT, writer)
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
-        answer = self.registry.start_pre_import(repository.path)
-        return self._after_start(claimed, State.DEFAULT, answer, writer, ImportType.PRE)
+        return self._start_claimed(claimed, State.DEFAULT, writer, ImportType.PRE)
 
+    @_fenced
     def retry(self, repository: Repository, writer: Writer) -> StepReport:
         """Retry an aborted repository, reconciling with the registry's status first.
 
@@ -414,7 +498,7 @@ class Migrator:
         nothing is claimed or charged; the repository backs off. Otherwise claim the retry
         the state machine allows (by the state it was aborted in) and start that phase.
         """
-        status = self.registry.status(repository.path)
+        status = self.registry.status(repository.path, fence=writer.fence)
         if status.fault_class is FaultClass.REGISTRY:
             return self._registry_fault(repository, writer, status)
         self._registry_answered(repository)
@@ -453,22 +537,18 @@ class Migrator:
         )
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
-        if event is Event.RETRY_PRE_IMPORT:
-            answer = self.registry.start_pre_import(repository.path)
-            import_type = ImportType.PRE
-        else:
-            answer = self.registry.start_import(repository.path)
-            import_type = ImportType.FINAL
-        return self._after_start(claimed, State.IMPORT_ABORTED, answer, writer, import_type)
+        import_type = ImportType.PRE if event is Event.RETRY_PRE_IMPORT else ImportType.FINAL
+        return self._start_claimed(claimed, State.IMPORT_ABORTED, writer, import_type)
 
+    @_fenced
     def start_final_import(self, repository: Repository, writer: Writer) -> StepReport:
         """pre_import_done → importing, and ask the registry for the final import."""
         stepped = self._step(repository, Event.START_IMPORT, writer)
         if not stepped.ok:
             return self._report(stepped, StepOutcome.REFUSED)
-        answer = self.registry.start_import(repository.path)
-        return self._after_start(stepped, State.PRE_IMPORT_DONE, answer, writer, ImportType.FINAL)
+        return self._start_claimed(stepped, State.PRE_IMPORT_DONE, writer, ImportType.FINAL)
 
+    @_fenced
     def on_registry_status(
         self,
         repository: Repository,
@@ -501,7 +581,7 @@ class Migrator:
                 {"ignored_status": status.value, "state": state.value},
             )
         if verify:
-            current = self.registry.status(repository.path)
+            current = self.registry.status(repository.path, fence=writer.fence)
             if current.fault_class is FaultClass.REGISTRY:
                 raise RegistryUnavailable(
                     f"cannot confirm {status.value} for {repository.path}: {current.outcome}"
@@ -534,6 +614,7 @@ class Migrator:
             _NOTIFIED_CAUSES[status],
         )  # fmt: skip
 
+    @_fenced
     def reconcile_stale(
         self, repository: Repository, settings: Settings, writer: Writer
     ) -> StepReport:
@@ -547,7 +628,7 @@ class Migrator:
         its next pass (invariant 7).
         """
         state = repository.migration_state
-        status = self.registry.status(repository.path)
+        status = self.registry.status(repository.path, fence=writer.fence)
         fields: dict[str, Any] = {
             "registry_status": status.status.value if status.status else status.outcome.value
         }
@@ -589,7 +670,7 @@ class Migrator:
                     repository,
                     {**fields, "why": "still running within its timeout"},
                 )
-            cancel = self.registry.cancel(repository.path)
+            cancel = self.registry.cancel(repository.path, fence=writer.fence)
             fields.update(canceled=cancel.outcome.value, running_s=round(age, 1))
             if cancel.fault_class is FaultClass.REGISTRY:
                 return StepReport(
@@ -617,7 +698,7 @@ class Migrator:
         if status.outcome is StatusOutcome.UNKNOWN_STATUS:
             # A status outside the API's list: whatever runs there, cancel it before the
             # abort frees its slot, as the reference does.
-            cancel = self.registry.cancel(repository.path)
+            cancel = self.registry.cancel(repository.path, fence=writer.fence)
             fields["canceled"] = cancel.outcome.value
             if cancel.fault_class is FaultClass.REGISTRY:
                 return StepReport(

@@ -56,6 +56,12 @@ IMPORT_PATH = "/gitlab/v1/import/"
 API_ROOT = "/gitlab/v1/"
 
 
+#: Asked before every request of a call with the client's timeout; returns the timeout to
+#: use (shorter when the caller's lease would not outlast the full one), or raises to send
+#: nothing (invariant 8: no side effect after the lease is gone).
+Fence = Callable[[float], float]
+
+
 class FaultClass(StrEnum):
     """Whose failure an answer is (invariant 7): only ``repository`` may charge a retry."""
 
@@ -439,21 +445,23 @@ class RegistryClient:
 
     # -- start -----------------------------------------------------------------------------
 
-    def start_pre_import(self, path: str) -> ImportResult:
+    def start_pre_import(self, path: str, *, fence: Fence | None = None) -> ImportResult:
         """Ask the registry to pre-import a repository (``import_type=pre``).
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        return self._start(path, ImportType.PRE)
+        return self._start(path, ImportType.PRE, fence)
 
-    def start_import(self, path: str) -> ImportResult:
+    def start_import(self, path: str, *, fence: Fence | None = None) -> ImportResult:
         """Ask the registry for the final import of a repository (``import_type=final``).
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        return self._start(path, ImportType.FINAL)
+        return self._start(path, ImportType.FINAL, fence)
 
-    def _start(self, path: str, import_type: ImportType) -> ImportResult:
+    def _start(self, path: str, import_type: ImportType, fence: Fence | None) -> ImportResult:
         call = f"start_{import_type}"
         try:
             url = import_url_path(path)
@@ -465,7 +473,9 @@ class RegistryClient:
         attempts = 0
         while True:
             attempts += 1
-            response = self._request(call, "PUT", url, params={"import_type": str(import_type)})
+            response = self._request(
+                call, "PUT", url, fence, params={"import_type": str(import_type)}
+            )
             if isinstance(response, _TransportFailure):
                 result = ImportResult(
                     outcome=ImportOutcome.ERROR,
@@ -512,25 +522,26 @@ class RegistryClient:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self, path: str) -> StatusResult:
+    def status(self, path: str, *, fence: Fence | None = None) -> StatusResult:
         """Read a repository's import status.
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        result = self._status(path)
+        result = self._status(path, fence)
         self._count(
             "status", result.fault_class, result.error_kind, result.detail, result.http_status
         )
         return result
 
-    def _status(self, path: str) -> StatusResult:
+    def _status(self, path: str, fence: Fence | None) -> StatusResult:
         try:
             url = import_url_path(path)
         except InvalidRepositoryPath as error:
             return StatusResult(
                 outcome=StatusOutcome.ERROR, detail=str(error), error_kind=ErrorKind.INVALID_PATH
             )
-        response = self._request("status", "GET", url)
+        response = self._request("status", "GET", url, fence)
         if isinstance(response, _TransportFailure):
             return StatusResult(
                 outcome=StatusOutcome.ERROR, detail=response.detail, error_kind=response.kind
@@ -576,10 +587,11 @@ class RegistryClient:
 
     # -- cancel ----------------------------------------------------------------------------
 
-    def cancel(self, path: str) -> CancelResult:
+    def cancel(self, path: str, *, fence: Fence | None = None) -> CancelResult:
         """Ask the registry to cancel the running (pre-)import of a repository.
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
         try:
             url = import_url_path(path)
@@ -587,7 +599,7 @@ class RegistryClient:
             return CancelResult(
                 outcome=CancelOutcome.ERROR, detail=str(error), error_kind=ErrorKind.INVALID_PATH
             )
-        response = self._request("cancel", "DELETE", url)
+        response = self._request("cancel", "DELETE", url, fence)
         if isinstance(response, _TransportFailure):
             result = CancelResult(
                 outcome=CancelOutcome.ERROR, detail=response.detail, error_kind=response.kind
@@ -627,7 +639,7 @@ class RegistryClient:
         200 → ok; 401/403 → our token is refused; 404 → its metadata database is disabled;
         anything else, or no answer, → not ok.
         """
-        response = self._request("probe", "GET", API_ROOT)
+        response = self._request("probe", "GET", API_ROOT, None)
         if isinstance(response, _TransportFailure):
             result = ProbeResult(ok=False, detail=response.detail, error_kind=response.kind)
         elif response.status_code == 200 and _api_answer(response):
@@ -646,9 +658,15 @@ class RegistryClient:
     # -- transport -------------------------------------------------------------------------
 
     def _request(
-        self, call: str, method: str, url: str, **kwargs: Any
+        self, call: str, method: str, url: str, fence: Fence | None, **kwargs: Any
     ) -> httpx.Response | _TransportFailure:
-        """Send one request; a transport failure comes back as a :class:`_TransportFailure`."""
+        """Send one request; a transport failure comes back as a :class:`_TransportFailure`.
+
+        The fence (if any) is asked before every request, 429 retries included: it may
+        shorten the timeout, or raise, and then nothing is sent.
+        """
+        if fence is not None:
+            kwargs["timeout"] = httpx.Timeout(fence(self.timeout))
         began = time.monotonic()
         try:
             response = self._http.request(method, url, **kwargs)
