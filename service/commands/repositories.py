@@ -1,22 +1,27 @@
-"""``registry-migrator repositories``: add, seed and show container repositories."""
+"""``registry-migrator repositories``: add, seed and show container repositories.
+
+The store (psycopg) and the ``leases`` package are imported inside the commands, so
+``repositories --help`` loads neither.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import click
 
-from leases import EtcdUnavailable, HolderInfo, LeaseError
 from migration.config import Config
 from migration.keys import repository_lease_key
-from migration.store import InvalidRepository, Repository
-from service.cli import main
 from service.commands.db import fail, open_store
 
+if TYPE_CHECKING:
+    from migration.store import Repository
 
-@main.group()
+
+@click.group()
 def repositories() -> None:
     """Add, seed and inspect the container repositories to migrate.
 
@@ -28,16 +33,16 @@ def repositories() -> None:
     """
 
 
-def _timestamp(value: str | None) -> datetime | None:
+def _timestamp(value: str | None, option: str = "--created-at") -> datetime | None:
     if value is None:
         return None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        fail(f"--created-at: expected an ISO 8601 timestamp, got {value!r}", 2)
+        fail(f"{option}: expected an ISO 8601 timestamp, got {value!r}", 2)
         raise  # unreachable: fail exits
     if moment.tzinfo is None:
-        fail(f"--created-at: {value!r} has no UTC offset (add Z or +00:00)", 2)
+        fail(f"{option}: {value!r} has no UTC offset (add Z or +00:00)", 2)
     return moment
 
 
@@ -54,6 +59,8 @@ def add(path: str, created_at: str | None, tags: int, as_json: bool) -> None:
     Example:
       registry-migrator repositories add acme/api/server --created-at 2021-03-01T00:00:00Z --tags 40
     """
+    from migration.store import InvalidRepository
+
     moment = _timestamp(created_at)
     with open_store() as store:
         try:
@@ -91,6 +98,8 @@ def seed(count: int, rng_seed: int) -> None:
 
 def _lease_holder(repository_id: int) -> tuple[dict[str, object] | None, str | None]:
     """The repository's lease key as held now (holder, token, TTL left), or why unknown."""
+    from leases import EtcdUnavailable, HolderInfo, LeaseError
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     try:

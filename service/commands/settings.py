@@ -7,7 +7,6 @@ import json
 import click
 
 from migration.settings import Settings, SettingsError, parse_assignments
-from service.cli import main
 from service.commands.db import fail, open_store
 
 
@@ -21,7 +20,7 @@ def _print(settings: Settings, as_json: bool) -> None:
         click.echo(f"{key:<26} {'' if shown is None else shown}")
 
 
-@main.group()
+@click.group()
 def settings() -> None:
     """Show and change the migration settings (live: no restart needed).
 
@@ -71,7 +70,7 @@ def set_command(assignments: tuple[str, ...], as_json: bool) -> None:
     _print(after, as_json)
 
 
-@main.command()
+@click.command()
 def pause() -> None:
     """Stop starting new migrations (in-flight ones go on). Sets enabled=false.
 
@@ -84,7 +83,7 @@ def pause() -> None:
     click.echo("paused: no new migrations start until `registry-migrator resume`")
 
 
-@main.command()
+@click.command()
 def resume() -> None:
     """Start new migrations again. Sets enabled=true.
 
