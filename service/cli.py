@@ -118,7 +118,7 @@ COMMANDS = {
     ),
     "repositories": LazyCommand(
         "service.commands.repositories:repositories",
-        "Add, seed and inspect the container repositories to migrate.",
+        "Add, seed, inspect and requeue the repositories to migrate.",
     ),
     "resume": LazyCommand("service.commands.settings:resume", "Start new migrations again."),
     "scheduler": LazyCommand(
