@@ -20,13 +20,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
-import structlog
-
+from leases import _log
 from leases.errors import LeaseError
 from leases.etcd import EtcdClient
 from leases.session import Session
 
-log = structlog.get_logger(__name__)
+log = _log.get_logger(__name__)
 
 
 def _now() -> str:

@@ -12,12 +12,11 @@ import math
 import threading
 import time
 
-import structlog
-
+from leases import _log
 from leases.errors import EtcdUnavailable, LeaseError, SessionLost
 from leases.etcd import EtcdClient, KeepAliveStream
 
-log = structlog.get_logger(__name__)
+log = _log.get_logger(__name__)
 
 MIN_TTL = 2  # etcd rounds a TTL of 1 up to 2 anyway; below that keep-alive can't keep up
 

@@ -12,9 +12,11 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from leases import EtcdClient
+if TYPE_CHECKING:
+    from leases import EtcdClient
 
 PREFIX = "MIGRATOR_"
 
@@ -195,6 +197,10 @@ class Config:
 
     def etcd_client(self, *, timeout: float = 5.0) -> EtcdClient:
         """An etcd client for the configured endpoints, TLS and credentials."""
+        # Imported here: reading the configuration (every command, every ``--help``) must
+        # not load etcd3 and gRPC.
+        from leases import EtcdClient  # noqa: PLC0415
+
         return EtcdClient(
             self.etcd_endpoints,
             timeout=timeout,

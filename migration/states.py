@@ -103,6 +103,12 @@ CLAIM_EVENTS: frozenset[Event] = frozenset(
 )
 #: The name the store records in the events table for :func:`undo_claim`.
 UNDO_CLAIM = "undo_claim"
+#: The name the store records when an operator puts a repository back in ``default``
+#: (``repositories requeue``): an operator's repair, not an event of the machine.
+REQUEUE = "requeue"
+#: The states an operator may requeue from: where a migration ended or waits for a
+#: retry. Never an active state (a worker may be stepping it), nor import_done.
+REQUEUE_STATES: frozenset[State] = frozenset({State.IMPORT_ABORTED, State.IMPORT_SKIPPED})
 
 # The simple edges: event -> {from state: to state}. Abort, skip and the two retries have
 # extra rules and are handled in ``apply``.

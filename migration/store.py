@@ -44,6 +44,8 @@ from migration.settings import Settings
 from migration.states import (
     ACTIVE_STATES,
     CLAIM_EVENTS,
+    REQUEUE,
+    REQUEUE_STATES,
     UNDO_CLAIM,
     Event,
     InvalidTransition,
@@ -907,6 +909,105 @@ class Store:
             )
             written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
+
+    def requeue(
+        self,
+        *,
+        state: State,
+        reason: SkipReason | None = None,
+        since: datetime | None = None,
+        path_prefix: str | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+    ) -> list[Repository]:
+        """Move repositories that ended in ``state`` back to ``default``, retries reset.
+
+        The operator's repair after an incident that skipped or aborted repositories that
+        were not at fault. Each moved row gets ``migration_retries_count = 0`` and no skip
+        reason or aborted-in state, and one accepted ``requeue`` event (actor ``operator``,
+        the row's own fencing token, the old state, reason and retries in the detail). One
+        transaction; the rows are locked, so a run that claims one of them at the same
+        moment either wins (the row is no longer in ``state`` and is left alone) or is
+        refused by its fence.
+
+        :param state: import_skipped or import_aborted (:data:`REQUEUE_STATES`).
+        :param reason: only rows skipped for this reason (import_skipped only).
+        :param since: only rows that arrived in ``state`` at or after this moment.
+        :param path_prefix: only rows whose path starts with this text.
+        :param limit: at most this many rows, those that arrived in ``state`` first.
+        :param dry_run: select and return the rows, change nothing.
+        :returns: the matching rows as they were before (moved unless ``dry_run``).
+        :raises ValueError: a state that may not be requeued, or a reason with
+            import_aborted, or a limit below 1.
+        """
+        state = State(state)
+        reason = SkipReason(reason) if reason is not None else None
+        if state not in REQUEUE_STATES:
+            allowed = ", ".join(sorted(REQUEUE_STATES))
+            raise ValueError(f"cannot requeue from {state}: only from {allowed}")
+        if reason is not None and state is not State.IMPORT_SKIPPED:
+            raise ValueError(f"a skip reason applies to {State.IMPORT_SKIPPED} only")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if since is not None and since.tzinfo is None:
+            raise ValueError(f"since {since.isoformat()} has no UTC offset")
+        arrival = sql.Identifier(_ARRIVAL_COLUMN[state])
+        # The state is a literal, as in the other queries (partial indexes).
+        filters: list[sql.Composable] = [
+            sql.SQL("migration_state = {}").format(sql.Literal(state.value))
+        ]
+        params: dict[str, object] = {}
+        if reason is not None:
+            filters.append(sql.SQL("migration_skipped_reason = %(reason)s"))
+            params["reason"] = reason.value
+        if since is not None:
+            filters.append(sql.SQL("{} >= %(since)s").format(arrival))
+            params["since"] = since
+        if path_prefix:
+            filters.append(sql.SQL("starts_with(path, %(prefix)s)"))
+            params["prefix"] = path_prefix
+        select = sql.SQL(
+            "SELECT * FROM container_repositories WHERE {filters} ORDER BY {arrival}, id{limit}"
+        ).format(
+            filters=sql.SQL(" AND ").join(filters),
+            arrival=arrival,
+            limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit else sql.SQL(""),
+        )
+        if dry_run:
+            return self._many(select, params)
+        with self._connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            # FOR UPDATE re-checks the filters on a row a concurrent write changed meanwhile
+            # and skips it when it no longer matches.
+            rows = cur.execute(select + sql.SQL(" FOR UPDATE"), params).fetchall()
+            if not rows:
+                return []
+            ids = [row.id for row in rows]
+            # The events first: they read the old values of the locked rows.
+            conn.execute(
+                "INSERT INTO migration_events (repository_id, from_state, to_state, event,"
+                " token, actor, message_id, detail, accepted)"
+                " SELECT id, migration_state, %(to)s, %(event)s, fencing_token, %(actor)s,"
+                " NULL, jsonb_build_object('previous_state', migration_state,"
+                " 'skipped_reason', migration_skipped_reason,"
+                " 'retries_count', migration_retries_count,"
+                " 'aborted_in_state', migration_aborted_in_state), true"
+                " FROM container_repositories WHERE id = ANY(%(ids)s) ORDER BY id",
+                {"to": State.DEFAULT.value, "event": REQUEUE, "actor": "operator", "ids": ids},
+            )
+            conn.execute(
+                "UPDATE container_repositories SET migration_state = %(to)s,"
+                " migration_retries_count = 0, migration_skipped_reason = NULL,"
+                " migration_aborted_in_state = NULL, last_step_at = now()"
+                " WHERE id = ANY(%(ids)s)",
+                {"to": State.DEFAULT.value, "ids": ids},
+            )
+        log.info(
+            "repositories requeued", count=len(rows), from_state=state.value,
+            skipped_reason=_value(reason), since=since.isoformat() if since else None,
+            path_prefix=path_prefix or None,
+        )  # fmt: skip
+        return rows
 
     def _write_in_one_call(
         self,

@@ -1,4 +1,8 @@
-"""``registry-migrator leases``: inspect, take, hold and release repository leases."""
+"""``registry-migrator leases``: inspect, take, hold and release repository leases.
+
+The ``leases`` package (etcd3, gRPC) is imported inside each command, so ``leases --help``
+does not load it.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +14,8 @@ from dataclasses import asdict
 
 import click
 
-from leases import (
-    EtcdUnavailable,
-    HolderInfo,
-    LeaseError,
-    Session,
-    list_held,
-    release,
-    take,
-    try_acquire,
-)
 from migration.config import Config
 from migration.keys import leases_prefix, repository_lease_key
-from service.cli import main
 
 
 def _fail(message: str, status: int = 1) -> None:
@@ -30,7 +23,7 @@ def _fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-@main.group()
+@click.group()
 def leases() -> None:
     """Inspect and manage the per-repository etcd leases.
 
@@ -51,6 +44,8 @@ def list_command(as_json: bool) -> None:
     Example:
       registry-migrator leases list --json
     """
+    from leases import EtcdUnavailable, list_held
+
     config = Config.from_env()
     try:
         with config.etcd_client() as client:
@@ -91,6 +86,8 @@ def take_command(repository_id: int, ttl: int) -> None:
     Example:
       registry-migrator leases take 42 --ttl 1800
     """
+    from leases import EtcdUnavailable, HolderInfo, take
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     try:
@@ -117,6 +114,8 @@ def hold_command(repository_id: int) -> None:
     Example:
       registry-migrator leases hold 42
     """
+    from leases import HolderInfo, LeaseError, Session, try_acquire
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     stop = threading.Event()
@@ -155,6 +154,8 @@ def release_command(repository_id: int) -> None:
     Example:
       registry-migrator leases release 42
     """
+    from leases import EtcdUnavailable, release
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     try:

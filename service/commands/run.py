@@ -1,4 +1,8 @@
-"""Long-running processes (``api``, ``scheduler``) and the one-shot ``enqueue``."""
+"""Long-running processes (``api``, ``scheduler``) and the one-shot ``enqueue``.
+
+What each one runs (the actors, FastAPI, uvicorn, the store, etcd) is imported inside it:
+their ``--help`` loads none of it, and ``enqueue`` does not load the API.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
-import structlog
 
-from leases import LeaseError
 from migration.config import Config
-from migration.logging import configure as configure_logging
-from migration.store import StoreError
-from service.cli import main
-
-log = structlog.get_logger(__name__)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -26,7 +23,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-@main.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def api(host: str, port: int) -> None:
@@ -40,13 +37,16 @@ def api(host: str, port: int) -> None:
     Example:
       MIGRATOR_NOTIFICATION_SECRET=s3cret registry-migrator api --port 8080
     """
-    import uvicorn  # noqa: PLC0415
+    import structlog
+    import uvicorn
 
-    import actors  # noqa: PLC0415 - configures the broker
-    from actors.notifications import handle_registry_notification  # noqa: PLC0415
-    from actors.runtime import Runtime  # noqa: PLC0415
-    from service.api import LazyRuntime, create_app, rabbitmq_check  # noqa: PLC0415
+    import actors  # configures the broker
+    from actors.notifications import handle_registry_notification
+    from actors.runtime import Runtime
+    from migration.logging import configure as configure_logging
+    from service.api import LazyRuntime, create_app, rabbitmq_check
 
+    log = structlog.get_logger(__name__)
     config = Config.from_env()
     config.require_notification_secret()
     configure_logging(config.log_level)
@@ -93,7 +93,7 @@ class _Health(BaseHTTPRequestHandler):
         pass
 
 
-@main.command()
+@click.command()
 @click.option(
     "--health-port",
     type=click.IntRange(0, 65535),
@@ -113,10 +113,14 @@ def scheduler(health_port: int, health_host: str) -> None:
     Example:
       registry-migrator scheduler --health-port 8081
     """
-    from actors.runtime import Runtime  # noqa: PLC0415 - importing actors sets the broker
-    from actors.scheduler import Scheduler  # noqa: PLC0415
-    from service.api import LazyRuntime, ServerChecks, rabbitmq_check  # noqa: PLC0415
+    import structlog
 
+    from actors.runtime import Runtime  # importing actors sets the broker
+    from actors.scheduler import Scheduler
+    from migration.logging import configure as configure_logging
+    from service.api import LazyRuntime, ServerChecks, rabbitmq_check
+
+    log = structlog.get_logger(__name__)
     config = Config.from_env()
     configure_logging(config.log_level)
     stop = _stop_on_signals()
@@ -146,8 +150,9 @@ def send_one_run(config: Config) -> bool:
     :raises StoreError: PostgreSQL cannot be reached.
     :raises LeaseError: etcd cannot be reached (``str`` names it).
     """
-    from actors.enqueuer import trigger_enqueue  # noqa: PLC0415
-    from actors.runtime import Runtime  # noqa: PLC0415
+    from actors.enqueuer import trigger_enqueue
+    from actors.runtime import Runtime
+    from leases import LeaseError
 
     runtime = Runtime(config)
     try:
@@ -158,7 +163,7 @@ def send_one_run(config: Config) -> bool:
         runtime.close()
 
 
-@main.command()
+@click.command()
 def enqueue() -> None:
     """Send one enqueue_next_migration run through the dedup gate (like perform_async).
 
@@ -169,6 +174,9 @@ def enqueue() -> None:
     Example:
       registry-migrator enqueue
     """
+    from leases import LeaseError
+    from migration.store import StoreError
+
     config = Config.from_env()
     try:
         sent = send_one_run(config)

@@ -8,7 +8,6 @@ import click
 
 from migration.config import Config
 from migration.settings import Settings, SettingsError, parse_assignments
-from service.cli import main
 from service.commands.db import fail, open_store
 
 
@@ -22,7 +21,7 @@ def _print(settings: Settings, as_json: bool) -> None:
         click.echo(f"{key:<26} {'' if shown is None else shown}")
 
 
-@main.group()
+@click.group()
 def settings() -> None:
     """Show and change the migration settings (live: no restart needed).
 
@@ -72,7 +71,7 @@ def set_command(assignments: tuple[str, ...], as_json: bool) -> None:
     _print(after, as_json)
 
 
-@main.command()
+@click.command()
 def pause() -> None:
     """Stop starting new migrations (in-flight ones go on). Sets enabled=false.
 
@@ -85,7 +84,7 @@ def pause() -> None:
     click.echo("paused: no new migrations start until `registry-migrator resume`")
 
 
-@main.command()
+@click.command()
 def resume() -> None:
     """Start new migrations again. Sets enabled=true, clears a pause the system made (the
     registry refused our token: fix MIGRATOR_REGISTRY_TOKEN first), and sends one run.
@@ -102,7 +101,7 @@ def resume() -> None:
     else:
         click.echo("resumed")
     # Start now rather than at the scheduler's next period (up to enqueue_interval).
-    from service.commands.run import send_one_run  # noqa: PLC0415 - only resume needs it
+    from service.commands.run import send_one_run
 
     try:
         sent = send_one_run(Config.from_env())

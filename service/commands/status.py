@@ -1,22 +1,25 @@
-"""``registry-migrator status``: one screen that says how the migration is doing."""
+"""``registry-migrator status``: one screen that says how the migration is doing.
+
+psycopg and etcd (through :mod:`service.status`) are imported when a snapshot is taken,
+rich only to render one: ``status --json`` never loads rich, ``status --help`` none of them.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
-import psycopg
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from migration.config import Config
 from migration.states import State
-from service.cli import main
-from service.status import DONE_REASON_LABEL, STATE_STYLE, MigrationStatus, collect
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from service.status import MigrationStatus
 
 
 def _fail(message: str) -> None:
@@ -26,6 +29,10 @@ def _fail(message: str) -> None:
 
 def snapshot(config: Config, *, recent: int) -> MigrationStatus:
     """:func:`service.status.collect`, with database trouble turned into one line and exit 1."""
+    import psycopg
+
+    from service.status import collect
+
     try:
         return collect(config, recent=recent)
     except psycopg.errors.UndefinedTable:
@@ -38,6 +45,12 @@ def snapshot(config: Config, *, recent: int) -> MigrationStatus:
 
 def render(status: MigrationStatus) -> RenderableType:
     """The human view of a snapshot (tables), for ``status`` and ``status --watch``."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from service.status import DONE_REASON_LABEL, STATE_STYLE
+
     states = Table(title="repositories by state", title_justify="left", show_edge=False)
     states.add_column("state")
     states.add_column("count", justify="right")
@@ -144,7 +157,7 @@ def render(status: MigrationStatus) -> RenderableType:
     return Group(*parts)
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (machine-readable).")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
@@ -171,6 +184,9 @@ def status(as_json: bool, watch: bool, interval: float, recent: int) -> None:
     if as_json:
         click.echo(json.dumps(snapshot(config, recent=recent).as_dict()))
         return
+    from rich.console import Console
+    from rich.live import Live
+
     console = Console()
     if not watch:
         console.print(render(snapshot(config, recent=recent)))
