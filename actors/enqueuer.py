@@ -33,8 +33,17 @@ log = structlog.get_logger(__name__)
 ACTOR = "enqueue_next_migration"
 #: Candidates read per run, and tried at most, when their leases are busy.
 CANDIDATES_PER_RUN = 20
-#: Outcomes after which the run stops re-enqueueing itself.
-_STOP = {StepOutcome.AT_CAPACITY, StepOutcome.DISABLED, StepOutcome.UNDONE}
+#: Outcomes after which the run stops re-enqueueing itself. A registry fault: the breaker
+#: decides when the next run comes (invariant 7), not a loop of runs against a failing registry.
+_STOP = {
+    StepOutcome.AT_CAPACITY,
+    StepOutcome.DISABLED,
+    StepOutcome.UNDONE,
+    StepOutcome.REGISTRY_FAULT,
+}
+#: Seconds after the breaker's window that its wake-up run comes (the key's lease expiry
+#: is etcd's to time, within about a second).
+WAKE_UP_SLACK = 1.0
 
 
 def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None = None) -> bool:
@@ -78,6 +87,23 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
     return True
 
 
+def wake_up_after(window: float) -> None:
+    """Send one enqueuer run for when the registry breaker's window ends.
+
+    Sent by the process that opened the breaker, once per opening, past the dedup gate: a
+    trigger collapsed into runs pending now would run while the breaker is still open and
+    stop, and the migration would wait for the scheduler's next period instead.
+    """
+    try:
+        enqueue_next_migration.send_with_options(
+            args=(None, None, "breaker"), delay=int((window + WAKE_UP_SLACK) * 1000)
+        )
+    except Exception as error:  # the scheduler's periodic trigger is the net under it
+        log.warning("wake_up_not_sent", window_s=window, error=str(error) or repr(error))
+        return
+    log.info("wake_up_scheduled", in_s=window + WAKE_UP_SLACK)
+
+
 def _message_id() -> str | None:
     message = CurrentMessage.get_current_message()
     return message.message_id if message is not None else None
@@ -104,7 +130,19 @@ class EnqueuerRun:
         settings = self.settings = self.runtime.live_settings.get()
         self.fields["migration_enabled"] = settings.enabled
         if not settings.enabled:
+            if settings.paused_reason:
+                self.fields["paused_reason"] = settings.paused_reason
             return "disabled"
+        breaker = self.runtime.registry_health.admit(settings)
+        if breaker is not None:
+            # Neither claim nor re-enqueue: the wake-up run of whoever opened it comes when
+            # the window ends, and its probe decides (invariant 7).
+            self.fields.update(
+                registry_unavailable=True,
+                registry_breaker_reason=breaker.reason,
+                registry_breaker_window_s=breaker.window,
+            )
+            return "registry_unavailable"
         in_flight = self.in_flight = store.in_flight()
         below = in_flight < settings.capacity
         self.fields.update(

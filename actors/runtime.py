@@ -19,11 +19,12 @@ from dramatiq.middleware import Middleware
 
 from actors.config import CONFIG
 from actors.live_settings import LiveSettings
-from leases import DedupGate, EtcdClient, Session
+from leases import DedupGate, EtcdClient, Session, SharedBreaker
 from migration.config import Config
-from migration.keys import enqueue_gate_name
+from migration.keys import enqueue_gate_name, registry_breaker_name
 from migration.migrator import Migrator
 from migration.registry import RegistryClient
+from migration.registry_health import THRESHOLD, RegistryHealth
 from migration.store import Store
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,16 @@ class Runtime:
         self.gate = DedupGate(
             self.etcd, enqueue_gate_name(config.etcd_prefix), slots=1, ttl=GATE_TTL
         )
+        #: The registry's health shared by every worker: breaker and pause (invariant 7).
+        #: ``on_open`` is set by the actors (it sends the wake-up run).
+        self.registry_health = RegistryHealth(
+            breaker=SharedBreaker(
+                self.etcd, registry_breaker_name(config.etcd_prefix), threshold=THRESHOLD
+            ),
+            store=self.store,
+            registry=self.registry,
+            on_open=_wake_up_after,
+        )
         self._session: Session | None = None
         self._session_lock = threading.Lock()
 
@@ -86,6 +97,13 @@ class Runtime:
         self.registry.close()
         self.etcd.close()
         self.store.close()
+
+
+def _wake_up_after(window: float) -> None:
+    """This process opened the registry breaker: one enqueuer run when its window ends."""
+    from actors.enqueuer import wake_up_after  # noqa: PLC0415 - the actors import this module
+
+    wake_up_after(window)
 
 
 _runtime: Runtime | None = None

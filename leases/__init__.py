@@ -5,12 +5,14 @@
   session; the key's create_revision is the fencing token.
 - :class:`Election`: one leader among replicas.
 - :class:`DedupGate`: at most P pending markers per name, each on a TTL lease.
+- :class:`SharedBreaker`: a circuit breaker shared by every process (open on a TTL lease).
 - :mod:`leases.admin`: list, take for a while, release.
 
 Only :mod:`leases.etcd` talks to the etcd client library.
 """
 
 from leases.admin import HeldKey, list_held, release, take
+from leases.breaker import BreakerState, SharedBreaker
 from leases.election import Election
 from leases.errors import EtcdUnavailable, LeaseError, SessionLost
 from leases.etcd import EtcdClient
@@ -20,6 +22,7 @@ from leases.session import Session
 
 __all__ = [
     "Acquisition",
+    "BreakerState",
     "DedupGate",
     "Election",
     "EtcdClient",
@@ -30,6 +33,7 @@ __all__ = [
     "LeaseError",
     "Session",
     "SessionLost",
+    "SharedBreaker",
     "Ticket",
     "acquire_within",
     "acquired",

@@ -339,6 +339,20 @@ class EtcdClient:
         reply = self._send_txn("fenced put", request)
         return reply.succeeded
 
+    def put(self, key: str, value: bytes, *, lease_id: int = 0) -> None:
+        """Write ``key`` unconditionally (attached to ``lease_id`` when not 0)."""
+        request = rpc.PutRequest(key=key.encode(), value=value, lease=lease_id)
+        self._call("put", lambda: self._kv.Put(request, self.timeout, **self._auth))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix``; returns how many there were."""
+        raw = prefix.encode()
+        request = rpc.DeleteRangeRequest(key=raw, range_end=_prefix_end(raw))
+        response = self._call(
+            "delete range", lambda: self._kv.DeleteRange(request, self.timeout, **self._auth)
+        )
+        return int(response.deleted)
+
     def delete(self, key: str) -> bool:
         """Delete ``key`` whoever holds it; True when it existed."""
         request = rpc.DeleteRangeRequest(key=key.encode())

@@ -105,6 +105,8 @@ class Config:
     :param notification_secret: the shared secret the registry sends
         (``MIGRATOR_NOTIFICATION_SECRET``).
     :param lease_ttl: seconds an etcd lease lives without keep-alive (``MIGRATOR_LEASE_TTL``).
+    :param registry_timeout: seconds each registry call may take, for each of connect,
+        read, write (``MIGRATOR_REGISTRY_TIMEOUT``); a call past it is a registry fault.
     :param log_level: debug, info, warning or error (``MIGRATOR_LOG_LEVEL``).
     :param queue_name: the RabbitMQ queue of the actors (``MIGRATOR_QUEUE_NAME``); separate
         migrations (or test runs) sharing one RabbitMQ use separate queues.
@@ -123,6 +125,7 @@ class Config:
     registry_token: str | None = field(default=None, repr=False)
     notification_secret: str | None = field(default=None, repr=False)
     lease_ttl: float = 10.0
+    registry_timeout: float = 5.0
     log_level: str = "info"
     queue_name: str = "registry_migrator"
 
@@ -173,6 +176,9 @@ class Config:
             notification_secret=secret,
             # etcd grants whole seconds; an hour-long TTL would already defeat fast recovery.
             lease_ttl=_number(env, f"{PREFIX}LEASE_TTL", d.lease_ttl, minimum=2, maximum=3600),
+            registry_timeout=_number(
+                env, f"{PREFIX}REGISTRY_TIMEOUT", d.registry_timeout, minimum=0.1, maximum=300
+            ),
             log_level=level,
             queue_name=queue,
         )

@@ -5,10 +5,15 @@ lease's fencing token in every write, so the store refuses the write of a holder
 lease has since passed to someone else. No leases or messages here: the actors wrap these
 steps in a lease and a Dramatiq message; tests can drive them directly.
 
-The outcome mapping follows the reference (GitLab's ContainerRepository, 2022): a start
-that the registry accepted waits for its notification; "already imported" means the
-repository is native and is skipped as ``native_import``; not found is skipped; "too many
-imports" undoes the claim without counting a retry; anything else aborts (retried later).
+The outcome mapping follows the reference (GitLab's ContainerRepository, 2022), by the fault
+class of each answer (``migration/registry.py`` has the table; invariant 7): a start that
+the registry accepted waits for its notification; "already imported" means the repository
+is native and is skipped as ``native_import``; not found is skipped; a failed pre-import
+aborts (a retry is charged); "too many imports" and "already running" are not failures; a
+fault of the registry (unreachable, timeout, 5xx, 401/403, an answer that is not the API's)
+undoes the claim, charges nothing and backs the repository off. A start whose outcome is
+unknown (a timeout, a reset, a 5xx) is reconciled with a status read first: the registry
+may have started it.
 """
 
 from __future__ import annotations
@@ -21,11 +26,15 @@ from typing import Any
 import structlog
 
 from migration.registry import (
+    CancelResult,
+    FaultClass,
     ImportOutcome,
     ImportResult,
+    ImportType,
     RegistryClient,
     RegistryImportStatus,
     StatusOutcome,
+    StatusResult,
 )
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, Event, SkipReason, State, allowed_retry
@@ -51,8 +60,65 @@ def status_matches_state(status: RegistryImportStatus, state: State) -> bool:
     return state in _MATCHING_STATES.get(status, frozenset())
 
 
+_APPLIED_AS: dict[RegistryImportStatus, tuple[frozenset[State], State | None]] = {
+    RegistryImportStatus.PRE_IMPORT_COMPLETE: (
+        frozenset({State.IMPORTING, State.IMPORT_DONE}),
+        None,
+    ),
+    RegistryImportStatus.IMPORT_COMPLETE: (frozenset({State.IMPORT_DONE}), None),
+}
+for _status, _phase in (
+    (RegistryImportStatus.PRE_IMPORT_FAILED, State.PRE_IMPORTING),
+    (RegistryImportStatus.PRE_IMPORT_CANCELED, State.PRE_IMPORTING),
+    (RegistryImportStatus.IMPORT_FAILED, State.IMPORTING),
+    (RegistryImportStatus.IMPORT_CANCELED, State.IMPORTING),
+):
+    _APPLIED_AS[_status] = (frozenset({State.IMPORT_ABORTED, State.IMPORT_SKIPPED}), _phase)
+
+
+def already_applied(status: RegistryImportStatus, repository: Repository) -> bool:
+    """Whether a notification of ``status`` has already had its effect on ``repository``:
+    a repeated delivery (the registry retries until a 2xx), an idempotent no-op."""
+    states, aborted_in = _APPLIED_AS.get(status, (frozenset(), None))
+    return repository.migration_state in states and (
+        aborted_in is None or repository.migration_aborted_in_state is aborted_in
+    )
+
+
 class RegistryUnavailable(Exception):
     """The registry could not confirm a status before acting on it; try again later."""
+
+
+class AbortCause(StrEnum):
+    """Why an abort was charged: always something the registry said about *this*
+    repository (invariant 7). Recorded as ``detail.cause`` of every ``abort_import`` event."""
+
+    PRE_IMPORT_FAILED = "pre_import_failed"  # 424, or the pre_import_failed notification
+    IMPORT_FAILED = "import_failed"  # the import_failed notification
+    CANCELED = "canceled"  # a *_canceled notification
+    TIMEOUT = "timeout"  # the guard canceled a phase running past its timeout
+    REGISTRY_STATE_MISMATCH = "registry_state_mismatch"  # the registry's status contradicts ours
+    INVALID_PATH = "invalid_path"  # our path cannot be sent to the registry
+    OPERATOR = "operator"  # an operator aborted it
+
+
+_NOTIFIED_CAUSES = {
+    RegistryImportStatus.PRE_IMPORT_FAILED: AbortCause.PRE_IMPORT_FAILED,
+    RegistryImportStatus.IMPORT_FAILED: AbortCause.IMPORT_FAILED,
+    RegistryImportStatus.PRE_IMPORT_CANCELED: AbortCause.CANCELED,
+    RegistryImportStatus.IMPORT_CANCELED: AbortCause.CANCELED,
+}
+# What the registry reports when the phase a start asked for is under way (or already over).
+_PHASE_UNDER_WAY = {
+    ImportType.PRE: frozenset(
+        {RegistryImportStatus.PRE_IMPORT_IN_PROGRESS, RegistryImportStatus.PRE_IMPORT_COMPLETE}
+    ),
+    ImportType.FINAL: frozenset(
+        {RegistryImportStatus.IMPORT_IN_PROGRESS, RegistryImportStatus.IMPORT_COMPLETE}
+    ),
+}
+# A 409 / 425 start answer: the phase the registry says is running.
+_RUNNING_BY_CODE = {409: ImportType.FINAL, 425: ImportType.PRE}
 
 
 class StepOutcome(StrEnum):
@@ -68,6 +134,8 @@ class StepOutcome(StrEnum):
     DISABLED = "disabled"  # claim refused: migration paused
     REFUSED = "refused"  # fenced write refused (stale token or state changed)
     IGNORED = "ignored"  # nothing to do in this state
+    ALIGNED = "aligned"  # the registry already runs the phase: taken over, no start sent
+    REGISTRY_FAULT = "registry_fault"  # the registry failed: claim undone, nothing charged
 
 
 _CLAIM_REFUSALS = {
@@ -170,9 +238,64 @@ class Migrator:
             )
         return StepReport(outcome, result.repository, fields)
 
-    def _abort(self, repository: Repository, writer: Writer, why: str) -> StepReport:
-        result = self._step(repository, Event.ABORT_IMPORT, writer, detail={"why": why})
-        return self._report(result, StepOutcome.ABORTED, abort_reason=why)
+    def _abort(
+        self, repository: Repository, writer: Writer, why: str, cause: AbortCause
+    ) -> StepReport:
+        result = self._step(
+            repository, Event.ABORT_IMPORT, writer, detail={"why": why, "cause": cause.value}
+        )
+        return self._report(result, StepOutcome.ABORTED, abort_reason=why, abort_cause=cause.value)
+
+    def _undo(
+        self,
+        repository: Repository,
+        claimed_from: State,
+        writer: Writer,
+        why: str,
+        **detail: Any,
+    ) -> StepResult:
+        return self.store.undo_claim(
+            repository.id,
+            expected_state=repository.migration_state,
+            claimed_from=claimed_from,
+            token=writer.token,
+            actor=writer.actor,
+            message_id=writer.message_id,
+            detail={"why": why, **detail},
+        )
+
+    def _registry_fault(
+        self,
+        repository: Repository,
+        writer: Writer,
+        answer: ImportResult | StatusResult | CancelResult,
+        *,
+        claimed_from: State | None = None,
+    ) -> StepReport:
+        """The registry failed (invariant 7): undo the claim (when one was made), charge no
+        retry, and back the repository off so that it does not hammer a failing registry."""
+        kind = answer.error_kind.value if answer.error_kind else "error"
+        why = f"registry: {kind}: {answer.detail}".strip()[:300]
+        fields: dict[str, Any] = {"registry_unavailable": True, "registry_error": why}
+        if claimed_from is not None:
+            undone = self._undo(
+                repository, claimed_from, writer, why, fault_class="registry", error_kind=kind
+            )
+            if not undone.ok:
+                return self._report(undone, StepOutcome.REFUSED)
+            repository = undone.repository
+        backed_off = self.store.back_off(repository.id, token=writer.token, error=why)
+        if backed_off is not None:
+            repository = backed_off
+            if backed_off.registry_not_before is not None:
+                fields["backoff_until"] = backed_off.registry_not_before.isoformat()
+        return StepReport(StepOutcome.REGISTRY_FAULT, repository, fields)
+
+    def _registry_answered(self, repository: Repository) -> None:
+        """A repository the registry answered for again leaves its backoff (a cheap no-op
+        for one that never failed: the row read tells)."""
+        if repository.registry_failures:
+            self.store.clear_backoff(repository.id)
 
     def _skip(
         self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
@@ -183,14 +306,35 @@ class Migrator:
         return self._report(result, StepOutcome.SKIPPED, skip_reason=reason.value)
 
     def _after_start(
-        self, claimed: StepResult, claimed_from: State, answer: ImportResult, writer: Writer
+        self,
+        claimed: StepResult,
+        claimed_from: State,
+        answer: ImportResult,
+        writer: Writer,
+        import_type: ImportType,
     ) -> StepReport:
         """Map the registry's answer to a start that followed a successful claim."""
         repository = claimed.repository
         fields = {
             "registry_outcome": answer.outcome.value,
             "registry_http_status": answer.http_status,
+            "registry_fault_class": answer.fault_class.value,
         }
+        if answer.fault_class is FaultClass.REGISTRY and answer.error_kind is not None:
+            if answer.error_kind.outcome_unknown:
+                # The registry may have started it before the answer was lost: ask.
+                status = self.registry.status(repository.path)
+                fields["registry_status_after"] = (
+                    status.status.value if status.status else status.outcome.value
+                )
+                if status.status in _PHASE_UNDER_WAY[import_type]:
+                    fields["why"] = "start answer lost; the registry reports it under way"
+                    return StepReport(StepOutcome.STARTED, repository, fields)
+            report = self._registry_fault(repository, writer, answer, claimed_from=claimed_from)
+            report.fields.update(fields)
+            return report
+        if answer.fault_class is not FaultClass.REGISTRY:
+            self._registry_answered(repository)
         match answer.outcome:
             case ImportOutcome.STARTED:
                 return StepReport(StepOutcome.STARTED, repository, fields)
@@ -199,19 +343,33 @@ class Migrator:
             case ImportOutcome.NOT_FOUND:
                 report = self._skip(repository, writer, SkipReason.NOT_FOUND, answer.detail)
             case ImportOutcome.TOO_MANY_IMPORTS:
-                undone = self.store.undo_claim(
-                    repository.id,
-                    expected_state=repository.migration_state,
-                    claimed_from=claimed_from,
-                    token=writer.token,
-                    actor=writer.actor,
-                    message_id=writer.message_id,
-                    detail={"why": "registry: too many imports"},
-                )
+                undone = self._undo(
+                    repository, claimed_from, writer, "registry: too many imports",
+                    fault_class="not_now",
+                )  # fmt: skip
                 report = self._report(undone, StepOutcome.UNDONE)
-            case _:
+            case ImportOutcome.ALREADY_BEING_IMPORTED:
+                running = _RUNNING_BY_CODE.get(answer.http_status or 0)
+                if running is import_type:
+                    # The registry already runs the very phase we claimed: wait for its
+                    # notification, as after a 202.
+                    fields["why"] = f"registry already runs the {import_type} phase"
+                    return StepReport(StepOutcome.ALIGNED, repository, fields)
+                # It runs the other phase: nothing to start now; a retry's status read
+                # aligns the state once it is aborted, or the phase ends and the start works.
+                undone = self._undo(
+                    repository, claimed_from, writer,
+                    f"registry: already importing ({answer.http_status}): {answer.detail}",
+                    fault_class="not_now",
+                )  # fmt: skip
+                report = self._report(undone, StepOutcome.UNDONE)
+            case ImportOutcome.PRE_IMPORT_FAILED:
                 report = self._abort(
-                    repository, writer, f"registry: {answer.outcome}: {answer.detail}"
+                    repository, writer, f"registry: {answer.detail}", AbortCause.PRE_IMPORT_FAILED
+                )
+            case _:  # an invalid path: ours, not the registry's
+                report = self._abort(
+                    repository, writer, f"registry: {answer.detail}", AbortCause.INVALID_PATH
                 )
         report.fields.update(fields)
         return report
@@ -233,16 +391,22 @@ class Migrator:
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
         answer = self.registry.start_pre_import(repository.path)
-        return self._after_start(claimed, State.DEFAULT, answer, writer)
+        return self._after_start(claimed, State.DEFAULT, answer, writer, ImportType.PRE)
 
     def retry(self, repository: Repository, writer: Writer) -> StepReport:
         """Retry an aborted repository, reconciling with the registry's status first.
 
-        Native or already complete at the registry: finish without another import.
-        Otherwise claim the retry the state machine allows (by the state it was aborted in)
-        and start that phase again.
+        Native or already complete at the registry: finish without another import. A phase
+        the registry is still running: take it over (``align_*``) and send nothing; a new
+        start would be refused (409 / 425) and charged. A registry that cannot be read:
+        nothing is claimed or charged; the repository backs off. Otherwise claim the retry
+        the state machine allows (by the state it was aborted in) and start that phase.
         """
         status = self.registry.status(repository.path)
+        if status.fault_class is FaultClass.REGISTRY:
+            return self._registry_fault(repository, writer, status)
+        self._registry_answered(repository)
+        registry_status = status.status.value if status.status else status.outcome.value
         if status.outcome is StatusOutcome.FOUND:
             if status.status is RegistryImportStatus.NATIVE:
                 return self._skip(repository, writer, SkipReason.NATIVE_IMPORT, "registry: native")
@@ -254,8 +418,22 @@ class Migrator:
                     detail={"why": "registry: import_complete"},
                 )
                 return self._report(result, StepOutcome.FINISHED)
+            align = {
+                RegistryImportStatus.PRE_IMPORT_IN_PROGRESS: Event.ALIGN_PRE_IMPORTING,
+                RegistryImportStatus.IMPORT_IN_PROGRESS: Event.ALIGN_IMPORTING,
+            }.get(status.status)  # type: ignore[arg-type]
+            if align is not None:
+                aligned = self._claim(
+                    repository, align, writer,
+                    detail={"registry_status": registry_status,
+                            "why": "the registry already runs this phase"},
+                )  # fmt: skip
+                if not aligned.ok:
+                    return StepReport(_CLAIM_REFUSALS[aligned.outcome], aligned.repository)
+                return StepReport(
+                    StepOutcome.ALIGNED, aligned.repository, {"registry_status": registry_status}
+                )
         event = allowed_retry(repository.migration_aborted_in_state)
-        registry_status = status.status.value if status.status else status.outcome.value
         claimed = self._claim(
             repository, event, writer, detail={"registry_status": registry_status}
         )
@@ -263,9 +441,11 @@ class Migrator:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
         if event is Event.RETRY_PRE_IMPORT:
             answer = self.registry.start_pre_import(repository.path)
+            import_type = ImportType.PRE
         else:
             answer = self.registry.start_import(repository.path)
-        return self._after_start(claimed, State.IMPORT_ABORTED, answer, writer)
+            import_type = ImportType.FINAL
+        return self._after_start(claimed, State.IMPORT_ABORTED, answer, writer, import_type)
 
     def start_final_import(self, repository: Repository, writer: Writer) -> StepReport:
         """pre_import_done → importing, and ask the registry for the final import."""
@@ -273,7 +453,7 @@ class Migrator:
         if not stepped.ok:
             return self._report(stepped, StepOutcome.REFUSED)
         answer = self.registry.start_import(repository.path)
-        return self._after_start(stepped, State.PRE_IMPORT_DONE, answer, writer)
+        return self._after_start(stepped, State.PRE_IMPORT_DONE, answer, writer, ImportType.FINAL)
 
     def on_registry_status(
         self,
@@ -308,7 +488,7 @@ class Migrator:
             )
         if verify:
             current = self.registry.status(repository.path)
-            if current.outcome in (StatusOutcome.ERROR, StatusOutcome.UNAUTHORIZED):
+            if current.fault_class is FaultClass.REGISTRY:
                 raise RegistryUnavailable(
                     f"cannot confirm {status.value} for {repository.path}: {current.outcome}"
                     f" {current.detail}".rstrip()
@@ -335,7 +515,10 @@ class Migrator:
                 repository, Event.FINISH_IMPORT, writer, detail={"registry": detail}
             )
             return self._report(result, StepOutcome.FINISHED)
-        return self._abort(repository, writer, f"registry: {status.value} {detail}".strip())
+        return self._abort(
+            repository, writer, f"registry: {status.value} {detail}".strip(),
+            _NOTIFIED_CAUSES[status],
+        )  # fmt: skip
 
     def reconcile_stale(
         self, repository: Repository, settings: Settings, writer: Writer
@@ -345,16 +528,20 @@ class Migrator:
         Ask the registry: an ended phase is applied as its notification would have been; a
         phase still running past its timeout is canceled, then aborted (or skipped as
         ``migration_canceled`` when this abort would use the last retry); a registry state
-        that does not match ours aborts. A registry that cannot be asked changes nothing.
+        that does not match ours (or one outside the API's list) is canceled and aborted. A
+        registry that cannot be read or cancelled changes nothing: the guard looks again on
+        its next pass (invariant 7).
         """
         state = repository.migration_state
         status = self.registry.status(repository.path)
         fields: dict[str, Any] = {
             "registry_status": status.status.value if status.status else status.outcome.value
         }
-        if status.outcome is StatusOutcome.ERROR or status.outcome is StatusOutcome.UNAUTHORIZED:
+        if status.fault_class is FaultClass.REGISTRY:
             return StepReport(
-                StepOutcome.IGNORED, repository, {**fields, "why": "registry unreachable"}
+                StepOutcome.IGNORED,
+                repository,
+                {**fields, "why": "registry unreachable", "registry_error": status.detail},
             )
         registry_status = status.status
         if (
@@ -390,6 +577,13 @@ class Migrator:
                 )
             cancel = self.registry.cancel(repository.path)
             fields.update(canceled=cancel.outcome.value, running_s=round(age, 1))
+            if cancel.fault_class is FaultClass.REGISTRY:
+                return StepReport(
+                    StepOutcome.IGNORED,
+                    repository,
+                    {**fields, "why": "cancel failed: registry unreachable",
+                     "registry_error": cancel.detail},
+                )  # fmt: skip
             if repository.migration_retries_count + 1 >= settings.max_retries:
                 report = self._skip(
                     repository,
@@ -399,12 +593,30 @@ class Migrator:
                 )
             else:
                 report = self._abort(
-                    repository, writer, f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled"
+                    repository,
+                    writer,
+                    f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled",
+                    AbortCause.TIMEOUT,
                 )
             report.fields.update(fields)
             return report
+        if status.outcome is StatusOutcome.UNKNOWN_STATUS:
+            # A status outside the API's list: whatever runs there, cancel it before the
+            # abort frees its slot, as the reference does.
+            cancel = self.registry.cancel(repository.path)
+            fields["canceled"] = cancel.outcome.value
+            if cancel.fault_class is FaultClass.REGISTRY:
+                return StepReport(
+                    StepOutcome.IGNORED,
+                    repository,
+                    {**fields, "why": "cancel failed: registry unreachable",
+                     "registry_error": cancel.detail},
+                )  # fmt: skip
         report = self._abort(
-            repository, writer, f"registry reports {fields['registry_status']} while {state.value}"
+            repository,
+            writer,
+            f"registry reports {fields['registry_status']} while {state.value}",
+            AbortCause.REGISTRY_STATE_MISMATCH,
         )
         report.fields.update(fields)
         return report

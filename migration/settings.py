@@ -45,6 +45,11 @@ class Settings:
     :param pending_enqueues: the bound P of the enqueue dedup gate (None = capacity).
     :param enqueue_interval: seconds between the scheduler's periodic enqueues.
     :param guard_interval: seconds between the scheduler's stale-migration guard runs.
+    :param paused_reason: why the system paused the migration (the registry refused our
+        token), None when it runs or the operator paused it; ``resume`` clears it.
+    :param registry_breaker_max_window: the longest the shared registry breaker stays open
+        before the next probe (its window doubles from 5 s up to this).
+    :param registry_backoff_max: the longest one repository backs off after registry faults.
     :param updated_at: when the row last changed.
     """
 
@@ -62,6 +67,9 @@ class Settings:
     pending_enqueues: int | None
     enqueue_interval: float
     guard_interval: float
+    paused_reason: str | None = None
+    registry_breaker_max_window: float = 60.0
+    registry_backoff_max: float = 300.0
     updated_at: datetime | None = None
 
     @property
@@ -203,6 +211,8 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "pending_enqueues": _integer(1, optional=True),
     "enqueue_interval": _seconds(positive=True),
     "guard_interval": _seconds(positive=True),
+    "registry_breaker_max_window": _seconds(positive=True),
+    "registry_backoff_max": _seconds(positive=True),
 }
 
 

@@ -20,6 +20,10 @@ check. The allowed transitions::
                                                                   -> pre_importing
     retry_import       import_aborted (aborted in pre_import_done or importing)
                                                                   -> importing
+    align_pre_importing  import_aborted                           -> pre_importing
+    align_importing      import_aborted                           -> importing
+                       (the registry is already running that phase: a retry takes it over
+                       instead of sending a start the registry would refuse; no retry counted)
 
 Undoing a claim (the registry answered 429 "too many imports" to the request that the claim
 was made for) is not an event of the machine but its own operation, :func:`undo_claim`: it
@@ -56,6 +60,8 @@ class Event(StrEnum):
     SKIP_IMPORT = "skip_import"
     RETRY_PRE_IMPORT = "retry_pre_import"
     RETRY_IMPORT = "retry_import"
+    ALIGN_PRE_IMPORTING = "align_pre_importing"
+    ALIGN_IMPORTING = "align_importing"
 
 
 class SkipReason(StrEnum):
@@ -78,7 +84,13 @@ TERMINAL_STATES: frozenset[State] = frozenset({State.IMPORT_DONE, State.IMPORT_S
 #: Events that move a repository from a non-active state into an active one. The store
 #: routes them through its capacity-checked claim.
 CLAIM_EVENTS: frozenset[Event] = frozenset(
-    {Event.START_PRE_IMPORT, Event.RETRY_PRE_IMPORT, Event.RETRY_IMPORT}
+    {
+        Event.START_PRE_IMPORT,
+        Event.RETRY_PRE_IMPORT,
+        Event.RETRY_IMPORT,
+        Event.ALIGN_PRE_IMPORTING,
+        Event.ALIGN_IMPORTING,
+    }
 )
 #: The name the store records in the events table for :func:`undo_claim`.
 UNDO_CLAIM = "undo_claim"
@@ -94,6 +106,8 @@ _EDGES: dict[Event, dict[State, State]] = {
         State.DEFAULT: State.IMPORT_DONE,
         State.IMPORT_ABORTED: State.IMPORT_DONE,
     },
+    Event.ALIGN_PRE_IMPORTING: {State.IMPORT_ABORTED: State.PRE_IMPORTING},
+    Event.ALIGN_IMPORTING: {State.IMPORT_ABORTED: State.IMPORTING},
 }
 # import_aborted -> which retry, by the state the repository was aborted in. ``None``
 # (unknown, e.g. a row written by hand) starts over with the pre-import, which is always safe.

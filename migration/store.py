@@ -126,6 +126,17 @@ _FENCED_WRITE = (
     " %(actor)s::text, %(message_id)s::text, %(detail)s::jsonb) AS w"
 )
 
+# A registry fault's backoff: 5 s * 2^(faults so far), capped, then scaled by 0.5-1 (equal
+# jitter). The exponent is capped too, so a repository failing for days cannot overflow it.
+_BACK_OFF = (
+    "UPDATE container_repositories SET registry_failures = registry_failures + 1,"
+    " registry_last_error = %(error)s,"
+    " registry_not_before = now() + make_interval(secs => least("
+    "(SELECT registry_backoff_max FROM migration_settings WHERE id = 1),"
+    " 5 * power(2, least(registry_failures, 20))) * (0.5 + random() / 2))"
+    " WHERE id = %(id)s AND fencing_token <= %(token)s RETURNING *"
+)
+
 #: How :class:`Store` makes fenced writes (see :attr:`Store.write_path`).
 WritePath = Literal["function", "locked"]
 
@@ -191,6 +202,9 @@ class Repository:
     migration_skipped_reason: SkipReason | None
     fencing_token: int
     last_step_at: datetime | None
+    registry_failures: int = 0
+    registry_not_before: datetime | None = None
+    registry_last_error: str | None = None
 
     @classmethod
     def from_row(cls, **row: Any) -> Repository:
@@ -413,6 +427,8 @@ class Store:
         :raises SettingsError: an unknown key or a bad value; nothing is changed.
         """
         values = settings_module.validate(changes)
+        if values.get("enabled") is True:
+            values["paused_reason"] = None  # a resume ends a pause the system made, too
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(key), sql.Placeholder(key)) for key in values
         )
@@ -425,6 +441,60 @@ class Store:
         assert row is not None
         log.info("settings changed", changes={k: str(v) for k, v in values.items()})
         return row
+
+    def pause(self, reason: str) -> bool:
+        """Pause the migration (``enabled = false``) for ``reason``, as the system does when
+        the registry refuses our token; ``resume`` (enabled=true) clears the reason.
+
+        :returns: True when this call paused it (it was running), False when already paused.
+        """
+        with self._connection() as conn:
+            row = conn.execute(
+                "UPDATE migration_settings SET enabled = false, paused_reason = %s,"
+                " updated_at = now() WHERE id = 1 AND enabled RETURNING id",
+                (reason[:500],),
+            ).fetchone()
+        return row is not None
+
+    # -- registry backoff (invariant 7) -------------------------------------------------------
+
+    def back_off(self, repository_id: int, *, token: int, error: str) -> Repository | None:
+        """Count a registry fault against a repository's backoff, never its retries.
+
+        The repository is not picked again before ``registry_not_before``: 5 s doubled per
+        fault in a row, capped by the ``registry_backoff_max`` setting, with equal jitter (so
+        repositories that failed together come back apart). Fenced by ``token``.
+
+        :returns: the row after, or None when a newer token has written it (nothing changed).
+        """
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            return cur.execute(_BACK_OFF, {"id": repository_id, "token": token,
+                                            "error": error[:500]}).fetchone()  # fmt: skip
+
+    def clear_backoff(self, repository_id: int) -> None:
+        """Forget a repository's registry faults (the registry answered for it again)."""
+        with self._connection() as conn:
+            conn.execute(
+                "UPDATE container_repositories SET registry_failures = 0,"
+                " registry_not_before = NULL, registry_last_error = NULL"
+                " WHERE id = %s AND registry_failures > 0",
+                (repository_id,),
+            )
+
+    def backing_off(self, *, limit: int = 20) -> tuple[int, list[Repository]]:
+        """Repositories waiting out a registry backoff: how many, and the next ones due."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM container_repositories WHERE registry_not_before > now()"
+            ).fetchone()
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            rows = cur.execute(
+                "SELECT * FROM container_repositories WHERE registry_not_before > now()"
+                " ORDER BY registry_not_before LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return (int(row[0]) if row else 0), rows
 
     # -- repositories -----------------------------------------------------------------------
 
@@ -1005,6 +1075,8 @@ def _select_ordered(
         filters.append(sql.SQL("created_at < %(cutoff)s"))
     if deny:
         filters.append(sql.SQL("root_namespace <> ALL(%(deny)s::text[])"))
+    # A repository backing off after registry faults waits (invariant 7).
+    filters.append(sql.SQL("(registry_not_before IS NULL OR registry_not_before <= now())"))
     order_by = sql.SQL(", ").join(sql.Identifier(c) for c in order)
     return sql.SQL(
         "SELECT * FROM container_repositories WHERE id IN ("

@@ -8,6 +8,7 @@ notification does not fit, a broker that is down) gets an error the registry can
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from actors.runtime import Runtime
 from leases import LeaseError
 from migration.config import Config
 from migration.keys import leases_prefix
-from migration.migrator import status_matches_state
+from migration.migrator import already_applied, status_matches_state
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES, State
 from migration.store import StoreError
@@ -133,14 +134,16 @@ def create_app(
     @app.put(
         "/notifications/registry/repositories/{path:path}/status",
         status_code=202,
-        responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}},
+        response_model=None,
+        responses={200: {}, 401: {}, 404: {}, 409: {}, 422: {}, 503: {}},
     )
     def notify(
         path: str,
         notification: Notification,
         authorization: Annotated[str | None, Header()] = None,
-    ) -> dict[str, Any]:
-        """Accept a registry notification; 202 once it is safely queued."""
+    ) -> dict[str, Any] | JSONResponse:
+        """Accept a registry notification; 202 once it is safely queued, 200 when its step
+        is already done (a repeated delivery)."""
         authorize(authorization)
         if notification.path != path:
             metrics.notifications.labels("invalid").inc()
@@ -158,6 +161,20 @@ def create_app(
         if repository is None:
             metrics.notifications.labels("unknown_repository").inc()
             raise HTTPException(status_code=404, detail=f"no repository {path!r}")
+        if already_applied(notification.status, repository):
+            # A repeated delivery of a notification whose step is done: the idempotent
+            # no-op the registry's retry needs to stop (the reference answers 200 too).
+            metrics.notifications.labels("already_applied").inc()
+            log.info(
+                "notification_already_applied", container_repository_id=repository.id,
+                container_repository_path=path, registry_status=notification.status.value,
+                container_repository_migration_state=repository.migration_state.value,
+            )  # fmt: skip
+            return JSONResponse(
+                {"accepted": False, "already_applied": True,
+                 "container_repository_id": repository.id},
+                status_code=200,
+            )  # fmt: skip
         if not status_matches_state(notification.status, repository.migration_state):
             metrics.notifications.labels("state_mismatch").inc()
             log.warning(
@@ -200,7 +217,15 @@ def create_app(
         """PostgreSQL, etcd and RabbitMQ are reachable (readiness)."""
         results = checks.run()
         ready = all(v == "ok" for v in results.values())
-        return JSONResponse({"ready": ready, "checks": results}, status_code=200 if ready else 503)
+        body: dict[str, Any] = {"ready": ready, "checks": results}
+        # A paused migration does not make the API unready (notifications must still come
+        # in), but an operator looking here must see why nothing starts.
+        with contextlib.suppress(Exception):
+            settings = runtime().store.settings()
+            body["migration_enabled"] = settings.enabled
+            if settings.paused_reason:
+                body["paused_reason"] = settings.paused_reason
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:

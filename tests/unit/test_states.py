@@ -48,6 +48,9 @@ EXPECTED: dict[Event, dict[tuple[State, State | None], State | None]] = {
     },
     E.RETRY_PRE_IMPORT: {(AB, None): PI, (AB, D): PI, (AB, PI): PI},
     E.RETRY_IMPORT: {(AB, PD): IM, (AB, IM): IM},
+    # Whatever phase it was aborted in: the registry runs the phase now.
+    E.ALIGN_PRE_IMPORTING: {(AB, None): PI, (AB, D): PI, (AB, PI): PI, (AB, PD): PI, (AB, IM): PI},
+    E.ALIGN_IMPORTING: {(AB, None): IM, (AB, D): IM, (AB, PI): IM, (AB, PD): IM, (AB, IM): IM},
 }  # fmt: skip
 
 
