@@ -14,6 +14,8 @@ import pytest
 from migration.registry import (
     CancelOutcome,
     CancelResult,
+    ErrorKind,
+    FaultClass,
     ImportOutcome,
     ImportResult,
     RegistryClient,
@@ -313,43 +315,70 @@ def test_compliance_check_answers_200_401_and_404(process: SimulatorProcess) -> 
     assert answer.json() == {}
     assert answer.headers["Gitlab-Container-Registry-Version"] == "simulator"
 
+    with RegistryClient(process.url) as client:
+        assert client.probe().ok
+
     process.configure(token="t0ken")
     assert probe(process.url).status_code == 401
-    assert probe(process.url, token="wrong").status_code == 401
-    assert probe(process.url, token="t0ken").status_code == 200
+    for token in (None, "wrong"):
+        with RegistryClient(process.url, token=token) as client:
+            refused = client.probe()
+            assert (refused.ok, refused.http_status, refused.error_kind) == (
+                False,
+                401,
+                ErrorKind.AUTH,
+            )
+    with RegistryClient(process.url, token="t0ken") as client:
+        assert client.probe().ok
 
     process.configure(token=None, metadata_database=False)
-    assert probe(process.url).status_code == 404
+    with RegistryClient(process.url) as client:
+        disabled = client.probe()
+    assert (disabled.ok, disabled.http_status) == (False, 404)
+    assert "metadata database disabled" in disabled.detail
     assert process.report()["answers"] == {}  # a probe is no import call
 
 
+ERROR = (ImportOutcome.ERROR, StatusOutcome.ERROR, CancelOutcome.ERROR)
+UNAUTHORIZED = (ImportOutcome.UNAUTHORIZED, StatusOutcome.UNAUTHORIZED, CancelOutcome.UNAUTHORIZED)
+
+
+def assert_registry_fault(
+    results: list[ImportResult | StatusResult | CancelResult], kind: ErrorKind
+) -> None:
+    """Each result is the registry's failure (never the repository's), of ``kind``."""
+    for result in results:
+        assert (result.fault_class, result.error_kind) == (FaultClass.REGISTRY, kind), result
+
+
 @pytest.mark.parametrize(
-    ("code", "start_outcome", "status_outcome", "cancel_outcome"),
+    ("code", "outcomes", "kind"),
     [
-        (503, ImportOutcome.ERROR, StatusOutcome.ERROR, CancelOutcome.ERROR),
-        (500, ImportOutcome.ERROR, StatusOutcome.ERROR, CancelOutcome.ERROR),
-        (401, ImportOutcome.UNAUTHORIZED, StatusOutcome.UNAUTHORIZED, CancelOutcome.UNAUTHORIZED),
-        (403, ImportOutcome.ERROR, StatusOutcome.ERROR, CancelOutcome.ERROR),
+        (503, ERROR, ErrorKind.SERVER),
+        (500, ERROR, ErrorKind.SERVER),
+        (401, UNAUTHORIZED, ErrorKind.AUTH),
+        (403, UNAUTHORIZED, ErrorKind.AUTH),
     ],
 )
 def test_a_status_fault_refuses_every_call(
     process: SimulatorProcess,
     code: int,
-    start_outcome: ImportOutcome,
-    status_outcome: StatusOutcome,
-    cancel_outcome: CancelOutcome,
+    outcomes: tuple[ImportOutcome, StatusOutcome, CancelOutcome],
+    kind: ErrorKind,
 ) -> None:
     with RegistryClient(process.url) as client:
         assert client.start_pre_import("g/running").started
         process.configure(fault=f"status:{code}")
         start = client.start_pre_import("g/app")
-        assert (start.outcome, start.http_status) == (start_outcome, code)
-        assert "simulated fault" in start.detail
         status = client.status("g/running")
-        assert (status.outcome, status.http_status) == (status_outcome, code)
         cancel = client.cancel("g/running")
-        assert (cancel.outcome, cancel.http_status) == (cancel_outcome, code)
-        assert probe(process.url).status_code == code
+        assert [(r.outcome, r.http_status) for r in (start, status, cancel)] == [
+            (outcome, code) for outcome in outcomes
+        ]
+        assert "simulated fault" in start.detail
+        assert_registry_fault([start, status, cancel], kind)
+        probed = client.probe()
+        assert (probed.ok, probed.http_status, probed.error_kind) == (False, code, kind)
         report = process.report()
         # Refused before the registry: nothing started, nothing canceled.
         assert report["starts"] == {"g/running": {"pre": 1, "final": 0}}
@@ -407,7 +436,8 @@ def test_a_slow_fault_acts_at_once_and_answers_after_the_client_gave_up(
         began = time.monotonic()
         start = impatient.start_pre_import("g/app")
         assert (start.outcome, start.http_status) == (ImportOutcome.ERROR, None)
-        assert "Timeout" in start.detail
+        assert_registry_fault([start], ErrorKind.TIMEOUT)
+        assert start.error_kind is not None and start.error_kind.outcome_unknown
         assert time.monotonic() - began < 1.4
         # The registry started it anyway: only a status read tells.
         assert patient.status("g/app").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
@@ -418,7 +448,7 @@ def test_a_slow_fault_acts_at_once_and_answers_after_the_client_gave_up(
         assert time.monotonic() - began >= 1.4
         process.configure(fault="slow:1.5", fault_calls="status")
         began = time.monotonic()
-        assert impatient.status("g/app").outcome is StatusOutcome.ERROR
+        assert_registry_fault([impatient.status("g/app")], ErrorKind.TIMEOUT)
         assert patient.status("g/app").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
         assert time.monotonic() - began >= 1.4
     assert process.report()["starts"] == {
@@ -436,11 +466,15 @@ def test_a_garbage_fault_answers_200_with_html(process: SimulatorProcess) -> Non
         answer.json()
     assert probe(process.url).headers["content-type"].startswith("text/html")
     with RegistryClient(process.url) as client:
-        status = client.status("g/app")
-        assert (status.outcome, status.http_status) == (StatusOutcome.ERROR, 200)
-        assert "unexpected status body" in status.detail
-        cancel = client.cancel("g/app")
-        assert (cancel.outcome, cancel.http_status) == (CancelOutcome.ERROR, 200)
+        results: list[ImportResult | StatusResult | CancelResult] = [
+            client.start_pre_import("g/app"),
+            client.status("g/app"),
+            client.cancel("g/app"),
+        ]
+        # A 200 that is not the API's is no "already imported": the registry's fault.
+        assert [(r.outcome, r.http_status) for r in results] == [(o, 200) for o in ERROR]
+        assert_registry_fault(results, ErrorKind.BAD_ANSWER)
+        assert client.probe().error_kind is ErrorKind.BAD_ANSWER
     report = process.report()
     assert report["starts"] == {} and report["answers"] == {}
 
@@ -456,8 +490,8 @@ def test_a_reset_fault_closes_the_connection_mid_answer(process: SimulatorProces
         for result in results:
             assert (result.outcome, result.http_status) == ("error", None), result
             assert "RemoteProtocolError" in result.detail, result
-        with pytest.raises(httpx.RemoteProtocolError):
-            probe(process.url)
+        assert_registry_fault(results, ErrorKind.RESET)
+        assert client.probe().error_kind is ErrorKind.RESET
         process.configure(fault=None)
         assert client.start_pre_import("g/app").started  # the server itself is fine
     report = process.report()
@@ -534,8 +568,13 @@ def test_a_stopped_registry_refuses_connections_and_comes_back_with_its_state(
             assert registry.stop() == 0
             assert state_file.exists()
 
-            down = [client.start_pre_import("g/other"), client.status("g/done")]
-            assert all(r.outcome == "error" and "ConnectError" in r.detail for r in down), down
+            down: list[ImportResult | StatusResult | CancelResult] = [
+                client.start_pre_import("g/other"),
+                client.status("g/done"),
+                client.cancel("g/done"),
+            ]
+            assert_registry_fault(down, ErrorKind.CONNECT)
+            assert client.probe().error_kind is ErrorKind.CONNECT
 
         registry.start()  # same port, same state
         with RegistryClient(registry.url, token="t0ken") as client:
