@@ -48,7 +48,6 @@ from psycopg import sql
 from leases import EtcdClient, HolderInfo, LeaseError
 from migration.config import Config
 from migration.keys import leases_prefix
-from migration.settings import Settings
 from migration.states import State
 from migration.store import Store, StoreError
 from service.launcher import LocalMigration, queue_depth
@@ -80,13 +79,14 @@ WORKERS = 3
 SCHEDULERS = 2
 SEED = int(os.environ.get("CHAOS_SEED", "1207"))
 #: The breaker's longest open window during the run (the live setting
-#: ``registry_breaker_max_window``, when the migrator has it): short, so a registry
-#: fault costs seconds, not a minute.
+#: ``registry_breaker_max_window``) and one repository's longest backoff
+#: (``registry_backoff_max``): short, so a registry fault costs seconds, not minutes.
 BREAKER_MAX_WINDOW = 4.0
-#: The workers' registry client timeout (seconds; ``MIGRATOR_REGISTRY_TIMEOUT``, when the
-#: migrator reads it) and the delay of every answer during the slow fault (longer).
+BACKOFF_MAX = 4.0
+#: The workers' registry client timeout (seconds, ``MIGRATOR_REGISTRY_TIMEOUT``) and the
+#: delay of every answer during the slow fault (longer).
 REGISTRY_TIMEOUT = 2.0
-SLOW_ANSWER_S = 6.0
+SLOW_ANSWER_S = 3.0
 #: Seconds each registry fault lasts.
 REGISTRY_FAULT_S = 4.0
 #: The longest stall (capacity free, no start) allowed, counted from the end of the faults
@@ -241,14 +241,13 @@ def _migrate(
     """Seed ``count`` repositories and migrate them all; with faults when asked."""
     with Store(url, max_size=2) as store:
         seed_spread(store, count, seed=SEED)
-        live = {f.name for f in dataclasses.fields(Settings)}
-        breaker = (
-            {"registry_breaker_max_window": BREAKER_MAX_WINDOW}
-            if "registry_breaker_max_window" in live
-            else {}
-        )
         store.update_settings(
-            capacity=CAPACITY, enqueue_interval=1, guard_interval=2, max_step_duration=8, **breaker
+            capacity=CAPACITY,
+            enqueue_interval=1,
+            guard_interval=2,
+            max_step_duration=8,
+            registry_breaker_max_window=BREAKER_MAX_WINDOW,
+            registry_backoff_max=BACKOFF_MAX,
         )
         env = {
             **stack.env,
