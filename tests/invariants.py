@@ -196,11 +196,16 @@ class EndState:
     :param reason: its recorded reason (``migration_skipped_reason``), None for none.
     :param charged: retries charged for reasons of its own (aborts whose cause is not
         ``interrupted``); None: any number (the state and reason say enough).
+    :param charged_if_undone: also accepted when a claim of the repository was undone for
+        a registry fault: a start whose answer was lost (a timeout, the registry acted
+        anyway) may have run the failing phase while the migrator had the claim undone;
+        its failure then concerns no claim of ours and is rightly charged nothing.
     """
 
     state: State
     reason: str | None
     charged: int | None
+    charged_if_undone: int | None = None
 
 
 #: What each path marker of the simulator (``service.simulator``) must end as. THE table:
@@ -211,7 +216,7 @@ END_BY_MARKER: dict[str, EndState] = {
     "native": EndState(State.IMPORT_SKIPPED, "native_import", charged=0),
     "missing": EndState(State.IMPORT_SKIPPED, "not_found", charged=0),
     "fail-always": EndState(State.IMPORT_SKIPPED, "too_many_retries", charged=None),
-    "fail-once": EndState(State.IMPORT_DONE, None, charged=1),
+    "fail-once": EndState(State.IMPORT_DONE, None, charged=1, charged_if_undone=0),
 }
 
 #: Causes an accepted ``abort_import`` may carry: what the registry said about *this*
@@ -253,6 +258,7 @@ class WrongEnd:
     :param retries: its ``migration_retries_count``.
     :param excused: aborts of it with an excused cause (``interrupted``).
     :param expected: what it should have ended as.
+    :param undone_for_registry: its claims undone for a registry fault.
     """
 
     path: str
@@ -262,6 +268,7 @@ class WrongEnd:
     retries: int
     excused: int
     expected: EndState
+    undone_for_registry: int = 0
 
 
 def wrong_end_states(database_url: str) -> list[WrongEnd]:
@@ -274,23 +281,32 @@ def wrong_end_states(database_url: str) -> list[WrongEnd]:
             " r.migration_retries_count,"
             " (SELECT count(*) FROM migration_events e WHERE e.repository_id = r.id"
             "   AND e.accepted AND e.event = 'abort_import'"
-            "   AND e.detail->>'cause' = ANY(%s))"
+            "   AND e.detail->>'cause' = ANY(%s)),"
+            " (SELECT count(*) FROM migration_events e WHERE e.repository_id = r.id"
+            "   AND e.accepted AND e.event = 'undo_claim'"
+            "   AND e.detail->>'fault_class' = 'registry')"
             " FROM container_repositories r ORDER BY r.id",
             (excused,),
         ).fetchall()
     wrong = []
-    for path, state, reason, retries, excused_aborts in rows:
+    for path, state, reason, retries, excused_aborts, undone in rows:
         marker = marker_of(path)
         expected = END_BY_MARKER[marker]
         charged = retries - excused_aborts
+        allowed = {expected.charged}
+        if undone and expected.charged_if_undone is not None:
+            allowed.add(expected.charged_if_undone)
         if (
             state != expected.state.value
             or reason != expected.reason
-            or (expected.charged is not None and charged != expected.charged)
+            or (expected.charged is not None and charged not in allowed)
         ):
             wrong.append(
-                WrongEnd(path, marker, state, reason, retries, int(excused_aborts), expected)
-            )
+                WrongEnd(
+                    path, marker, state, reason, retries, int(excused_aborts), expected,
+                    undone_for_registry=int(undone),
+                )
+            )  # fmt: skip
     return wrong
 
 

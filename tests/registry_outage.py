@@ -119,7 +119,8 @@ FAULTS: dict[str, Fault] = {
             _switch(fault=None),
         ),
         Fault(
-            "slow",
+            # Not "slow": a parametrize id is a pytest keyword, and "slow" means --long.
+            "slow_answers",
             f"every call is answered {SLOW_ANSWER_S:g} s late (client timeout"
             f" {CLIENT_TIMEOUT:g} s); the calls still act",
             _switch(fault=f"slow:{SLOW_ANSWER_S:g}", fault_calls="all"),
