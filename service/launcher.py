@@ -174,10 +174,13 @@ class LocalMigration:
         executables = Path(sys.executable).parent
         cli = str(executables / "registry-migrator")
         self._ready_file = self.log_dir / f"simulator-{run_id}.url"
+        # The registry's state survives stop_simulator/start_simulator: an outage, not a wipe.
+        self.simulator_state_file = self.log_dir / f"simulator-{run_id}.state"
         simulator_command = [
             cli, "simulator", "--host", "127.0.0.1", "--port", str(simulator_port),
             "--secret", self.env["MIGRATOR_NOTIFICATION_SECRET"],
-            "--ready-file", str(self._ready_file), *simulator_args,
+            "--ready-file", str(self._ready_file),
+            "--state-file", str(self.simulator_state_file), *simulator_args,
         ]  # fmt: skip
         if api:
             simulator_command += ["--notify-url", self.api_url]
@@ -380,6 +383,34 @@ class LocalMigration:
             self._finish([child], time.monotonic() + 30)
         self._spawn(child)
         self._wait_ready(child, self._logged(child, WORKER_READY), time.monotonic() + timeout)
+
+    def stop_simulator(self, *, timeout: float = 15) -> int | None:
+        """Stop the registry (SIGTERM; it saves its state): calls are refused until
+        :meth:`start_simulator`. Returns its exit status."""
+        self._finish([self._simulator], time.monotonic() + timeout)
+        return self._simulator.exit_codes[-1] if self._simulator.exit_codes else None
+
+    def start_simulator(self, *, timeout: float = 60) -> None:
+        """Start the registry again on its port, from its saved state; return once it listens.
+
+        :raises LaunchError: it exited or did not listen within ``timeout`` seconds.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            self._ready_file.unlink()
+        self._spawn(self._simulator)
+        self._wait_ready(self._simulator, self._ready_file.exists, time.monotonic() + timeout)
+
+    def configure_simulator(self, **changes: Any) -> dict[str, Any]:
+        """``POST /simulator/config`` (e.g. ``fault="status:503", fault_seconds=5``).
+
+        :raises ValueError: the simulator refused a knob (its reason).
+        """
+        response = httpx.post(f"{self.simulator_url}/simulator/config", json=changes, timeout=10)
+        if response.status_code == 400:
+            raise ValueError(response.json()["detail"])
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
 
     def kill_scheduler(self, index: int) -> None:
         """SIGKILL scheduler ``index`` (a crash: its candidacy expires with its lease)."""
