@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from migration import metrics
 from migration.registry import (
     ImportOutcome,
     ImportResult,
@@ -103,6 +104,13 @@ class StepReport:
         )
 
 
+def _counted(result: StepResult) -> StepResult:
+    """Count an accepted write by the state it wrote (``registry_migrator_transitions``)."""
+    if result.transition is not None:
+        metrics.TRANSITIONS.labels(result.transition.to_state.value).inc()
+    return result
+
+
 @dataclass(frozen=True)
 class Writer:
     """Who writes: the fencing token and what the events log records about the writer."""
@@ -134,15 +142,17 @@ class Migrator:
         skip_reason: SkipReason | None = None,
         detail: dict[str, Any] | None = None,
     ) -> StepResult:
-        return self.store.step(
-            repository.id,
-            expected_state=repository.migration_state,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            skip_reason=skip_reason,
-            detail=detail,
+        return _counted(
+            self.store.step(
+                repository.id,
+                expected_state=repository.migration_state,
+                event=event,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                skip_reason=skip_reason,
+                detail=detail,
+            )
         )
 
     def _claim(
@@ -153,14 +163,16 @@ class Migrator:
         *,
         detail: dict[str, Any] | None = None,
     ) -> StepResult:
-        return self.store.claim(
-            repository.id,
-            expected_state=repository.migration_state,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            detail=detail,
+        return _counted(
+            self.store.claim(
+                repository.id,
+                expected_state=repository.migration_state,
+                event=event,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                detail=detail,
+            )
         )
 
     def _report(self, result: StepResult, outcome: StepOutcome, **fields: Any) -> StepReport:
@@ -199,14 +211,16 @@ class Migrator:
             case ImportOutcome.NOT_FOUND:
                 report = self._skip(repository, writer, SkipReason.NOT_FOUND, answer.detail)
             case ImportOutcome.TOO_MANY_IMPORTS:
-                undone = self.store.undo_claim(
-                    repository.id,
-                    expected_state=repository.migration_state,
-                    claimed_from=claimed_from,
-                    token=writer.token,
-                    actor=writer.actor,
-                    message_id=writer.message_id,
-                    detail={"why": "registry: too many imports"},
+                undone = _counted(
+                    self.store.undo_claim(
+                        repository.id,
+                        expected_state=repository.migration_state,
+                        claimed_from=claimed_from,
+                        token=writer.token,
+                        actor=writer.actor,
+                        message_id=writer.message_id,
+                        detail={"why": "registry: too many imports"},
+                    )
                 )
                 report = self._report(undone, StepOutcome.UNDONE)
             case _:
