@@ -119,9 +119,9 @@ class _Health(BaseHTTPRequestHandler):
 @click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
-    default=9192,
+    default=0,
     show_default=True,
-    help="Port of the Prometheus /metrics endpoint (0: none).",
+    help="Port of the Prometheus /metrics endpoint (0: none; Kubernetes uses 9192).",
 )
 def scheduler(health_port: int, health_host: str, metrics_port: int) -> None:
     """Publish enqueue and guard runs periodically; only the elected leader publishes.
@@ -153,7 +153,11 @@ def scheduler(health_port: int, health_host: str, metrics_port: int) -> None:
         from migration import metrics  # noqa: PLC0415
 
         metrics.SCHEDULER_LEADER.set(0)  # a follower says so from its first scrape
-        metrics_server, _ = start_http_server(metrics_port, addr=health_host)
+        try:
+            metrics_server, _ = start_http_server(metrics_port, addr=health_host)
+        except OSError as error:
+            click.echo(f"registry-migrator: --metrics-port {metrics_port}: {error}", err=True)
+            sys.exit(2)
     runtime = LazyRuntime(lambda: Runtime(config))
     checks = ServerChecks(config, runtime=runtime, broker_check=rabbitmq_check(config.broker_url))
     try:
