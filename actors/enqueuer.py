@@ -22,6 +22,7 @@ from actors.config import CONFIG
 from actors.reconcile import recover_interrupted_delivery
 from actors.runtime import Runtime, get_runtime
 from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
+from migration import metrics
 from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
 from migration.settings import Settings
@@ -164,18 +165,20 @@ class EnqueuerRun:
         if settings.lease_scope == "global":
             # The reference's behaviour, kept for comparison: one fixed key for every run.
             acquisition = try_acquire(session, global_lease_key(prefix), holder=holder)
+            metrics.count_lease_acquisition(actor=ACTOR, taken=acquisition.hold is not None)
             if acquisition.hold is None:
                 self.fields["lease_already_taken"] = True
                 return "lease_taken"
             with acquisition.hold as hold:
                 # Every candidate is worked under the one global hold, released here.
                 return self._work(settings, lambda _repo: contextlib.nullcontext(hold))
-        return self._work(
-            settings,
-            lambda repo: (
-                try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
-            ),
-        )
+
+        def take(repo: Repository) -> Hold | None:
+            hold = try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
+            metrics.count_lease_acquisition(actor=ACTOR, taken=hold is not None)
+            return hold
+
+        return self._work(settings, take)
 
     def _work(
         self,
@@ -304,6 +307,7 @@ def enqueue_next_migration(
         fields = {**fields, "error": f"{type(error).__name__}: {error}"[:300]}
         raise
     finally:
+        metrics.ENQUEUER_RUNS.labels(status).inc()
         log.info(
             "enqueue_next_migration",
             job_status=status,

@@ -14,6 +14,7 @@ from actors.enqueuer import trigger_enqueue
 from actors.reconcile import recover_interrupted_delivery, redelivered
 from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
+from migration import metrics
 from migration.keys import repository_lease_key
 from migration.migrator import RegistryUnavailable, StepOutcome, Writer
 from migration.registry import RegistryImportStatus
@@ -112,6 +113,7 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     acquisition = try_acquire(
         runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
     )
+    metrics.count_lease_acquisition(actor=ACTOR, taken=acquisition.hold is not None)
     if acquisition.hold is None:
         holder = acquisition.holder.describe() if acquisition.holder else "someone"
         log.info(

@@ -19,6 +19,7 @@ import structlog
 
 from actors.runtime import Runtime
 from leases import HolderInfo, acquire_within, try_acquire
+from migration import metrics
 from migration.keys import repository_lease_key
 from migration.migrator import StepReport, Writer
 from migration.settings import Settings
@@ -59,6 +60,7 @@ def reconcile_under_lease(
         if wait > 0
         else try_acquire(session, key, holder=holder)
     )
+    metrics.count_lease_acquisition(actor=actor, taken=acquisition.hold is not None)
     if acquisition.hold is None:
         return LEASE_TAKEN
     with acquisition.hold as hold:

@@ -20,6 +20,7 @@ from dramatiq.middleware import Middleware
 from actors.config import CONFIG
 from actors.live_settings import LiveSettings
 from leases import DedupGate, EtcdClient, Session, SharedBreaker
+from migration import metrics
 from migration.config import Config
 from migration.keys import enqueue_gate_name, registry_breaker_name
 from migration.migrator import Migrator
@@ -79,7 +80,11 @@ class Runtime:
             if self._session is None or self._session.lost:
                 if self._session is not None:
                     log.warning("lease_session_renewed", lost_reason=self._session.lost_reason)
-                self._session = Session(self.etcd, ttl=self.config.lease_ttl)
+                self._session = Session(
+                    self.etcd,
+                    ttl=self.config.lease_ttl,
+                    on_lost=lambda _reason: metrics.LEASE_SESSIONS_LOST.inc(),
+                )
                 log.info(
                     "lease_session_opened",
                     lease_id=f"{self._session.lease_id:x}",

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from leases import Hold
+from migration import metrics
 from migration.registry import (
     CancelResult,
     FaultClass,
@@ -187,6 +188,13 @@ class StepReport:
         )
 
 
+def _counted(result: StepResult) -> StepResult:
+    """Count an accepted write by the state it wrote (``registry_migrator_transitions``)."""
+    if result.transition is not None:
+        metrics.TRANSITIONS.labels(result.transition.to_state.value).inc()
+    return result
+
+
 @dataclass(frozen=True)
 class Writer:
     """Who writes: the fencing token and what the events log records about the writer.
@@ -261,15 +269,17 @@ class Migrator:
         skip_reason: SkipReason | None = None,
         detail: dict[str, Any] | None = None,
     ) -> StepResult:
-        return self.store.step(
-            repository.id,
-            expected_state=repository.migration_state,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            skip_reason=skip_reason,
-            detail=detail,
+        return _counted(
+            self.store.step(
+                repository.id,
+                expected_state=repository.migration_state,
+                event=event,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                skip_reason=skip_reason,
+                detail=detail,
+            )
         )
 
     def _claim(
@@ -280,14 +290,16 @@ class Migrator:
         *,
         detail: dict[str, Any] | None = None,
     ) -> StepResult:
-        return self.store.claim(
-            repository.id,
-            expected_state=repository.migration_state,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            detail=detail,
+        return _counted(
+            self.store.claim(
+                repository.id,
+                expected_state=repository.migration_state,
+                event=event,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                detail=detail,
+            )
         )
 
     def _report(self, result: StepResult, outcome: StepOutcome, **fields: Any) -> StepReport:
@@ -313,14 +325,16 @@ class Migrator:
         why: str,
         **detail: Any,
     ) -> StepResult:
-        return self.store.undo_claim(
-            repository.id,
-            expected_state=repository.migration_state,
-            claimed_from=claimed_from,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            detail={"why": why, **detail},
+        return _counted(
+            self.store.undo_claim(
+                repository.id,
+                expected_state=repository.migration_state,
+                claimed_from=claimed_from,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                detail={"why": why, **detail},
+            )
         )
 
     def _registry_fault(

@@ -39,6 +39,7 @@ from psycopg.rows import dict_row, kwargs_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from migration import metrics
 from migration import settings as settings_module
 from migration.settings import Settings
 from migration.states import (
@@ -639,6 +640,43 @@ class Store:
             row = conn.execute(_COUNT_ACTIVE).fetchone()
         return int(row[0]) if row else 0
 
+    def counts_by_skip_reason(self) -> dict[SkipReason, int]:
+        """How many repositories were skipped for each reason (every reason present)."""
+        counts = dict.fromkeys(SkipReason, 0)
+        with self._connection() as conn:
+            for reason, n in conn.execute(
+                "SELECT migration_skipped_reason, count(*) FROM container_repositories"
+                " WHERE migration_state = 'import_skipped' GROUP BY 1"
+            ):
+                if reason is not None:
+                    counts[SkipReason(reason)] = int(n)
+        return counts
+
+    def count_eligible(self, settings: Settings) -> int:
+        """How many repositories a run could still start or retry: the candidates, uncapped.
+
+        Aborted ones and ready ones (``default``, created before the cut-off when set), both
+        outside the deny list; what :meth:`candidates` reads, counted. Scans the table.
+        """
+        query = sql.SQL(
+            "SELECT count(*) FROM container_repositories WHERE (migration_state = 'import_aborted'"
+            " OR (migration_state = 'default'{cutoff})){deny}"
+        ).format(
+            cutoff=sql.SQL(" AND created_at < %(cutoff)s" if settings.created_before else ""),
+            deny=sql.SQL(
+                " AND root_namespace <> ALL(%(deny)s::text[])"
+                if settings.root_namespace_deny_list
+                else ""
+            ),
+        )
+        params = {
+            "cutoff": settings.created_before,
+            "deny": list(settings.root_namespace_deny_list),
+        }
+        with self._connection() as conn:
+            row = conn.execute(query, params).fetchone()
+        return int(row[0]) if row else 0
+
     def candidates(self, settings: Settings, *, limit: int = 5) -> list[Repository]:
         """The next repositories to work on: aborted ones first (oldest abort), then ready ones.
 
@@ -1122,6 +1160,7 @@ class Store:
         )  # fmt: skip
         with self._refused_lock:
             self._refused += 1
+        metrics.FENCED_WRITES_REFUSED.labels(outcome.value).inc()
         log.warning(
             "fenced write refused", repository_id=repo.id, migration_event=str(event),
             token=author.token, actor=author.actor, message_id=author.message_id, **why,

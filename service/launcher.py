@@ -86,6 +86,8 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
     exit_codes: list[int | None] = field(default_factory=list)
+    #: Variables of this child only, over the run's.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -128,6 +130,9 @@ class LocalMigration:
     :param scheduler: start the scheduler replicas.
     :param die_with_parent: children get SIGKILL when the thread that started them exits.
     :param worker_shutdown_timeout: seconds a stopping worker waits for its running messages.
+    :param worker_env: extra variables of worker i (``worker_env[i]``), e.g. the port and
+        folder of Dramatiq's Prometheus middleware (``dramatiq_prom_port``, ``dramatiq_prom_db``).
+    :param scheduler_metrics_ports: ``--metrics-port`` of scheduler i; none: no metrics.
     """
 
     def __init__(
@@ -147,6 +152,8 @@ class LocalMigration:
         scheduler: bool = True,
         die_with_parent: bool = True,
         worker_shutdown_timeout: float = 20,
+        worker_env: Sequence[Mapping[str, str]] = (),
+        scheduler_metrics_ports: Sequence[int] = (),
     ) -> None:
         if workers < 0 or schedulers < 0 or threads < 1:
             raise ValueError("workers and schedulers must be >= 0, threads >= 1")
@@ -196,17 +203,25 @@ class LocalMigration:
             "--worker-shutdown-timeout", str(int(worker_shutdown_timeout * 1000)),
         ]  # fmt: skip
         self._workers = [
-            _Child(f"worker-{i}", list(worker_command), self.log_dir / f"worker-{i}.log")
+            _Child(
+                f"worker-{i}",
+                list(worker_command),
+                self.log_dir / f"worker-{i}.log",
+                env=dict(worker_env[i]) if i < len(worker_env) else {},
+            )
             for i in range(workers)
         ]
         self._schedulers = [
             _Child(
                 f"scheduler-{i}",
-                [cli, "scheduler", "--health-port", "0"],
+                [
+                    cli, "scheduler", "--health-port", "0", "--metrics-port",
+                    str(scheduler_metrics_ports[i] if i < len(scheduler_metrics_ports) else 0),
+                ],
                 self.log_dir / f"scheduler-{i}.log",
             )
             for i in range(schedulers if scheduler else 0)
-        ]
+        ]  # fmt: skip
 
     # -- processes ------------------------------------------------------------------------
 
@@ -218,7 +233,7 @@ class LocalMigration:
         if child.running():
             return
         child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
-        environment = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, **self.env, **child.env, "PYTHONUNBUFFERED": "1"}
         with open(child.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%H:%M:%S')} starting {child.name}\n".encode())
             log.flush()

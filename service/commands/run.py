@@ -44,7 +44,7 @@ def api(host: str, port: int) -> None:
     from actors.notifications import handle_registry_notification
     from actors.runtime import Runtime
     from migration.logging import configure as configure_logging
-    from service.api import LazyRuntime, create_app, rabbitmq_check
+    from service.api import LazyRuntime, create_app, rabbitmq_check, rabbitmq_queue_counts
 
     log = structlog.get_logger(__name__)
     config = Config.from_env()
@@ -56,7 +56,11 @@ def api(host: str, port: int) -> None:
         handle_registry_notification.send(path, status, detail)
 
     app = create_app(
-        config, runtime=runtime, publish=publish, broker_check=rabbitmq_check(config.broker_url)
+        config,
+        runtime=runtime,
+        publish=publish,
+        broker_check=rabbitmq_check(config.broker_url),
+        queue_counts=rabbitmq_queue_counts(config.broker_url),
     )
     log.info("api_starting", host=host, port=port, broker=actors.broker.__class__.__name__)
     # Serve at once (liveness, /readyz 503) while a server is down; say so in the log, with
@@ -101,17 +105,30 @@ class _Health(BaseHTTPRequestHandler):
     show_default=True,
     help="Port of the /healthz endpoint (0: none).",
 )
-@click.option("--health-host", default="127.0.0.1", show_default=True)
-def scheduler(health_port: int, health_host: str) -> None:
+@click.option(
+    "--health-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the /healthz and /metrics endpoints.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port of the Prometheus /metrics endpoint (0: none; Kubernetes uses 9192).",
+)
+def scheduler(health_port: int, health_host: str, metrics_port: int) -> None:
     """Publish enqueue and guard runs periodically; only the elected leader publishes.
 
     Run two or more for availability: they hold an etcd election, and a follower takes
     over within TTL + 1 s of the leader's death. Intervals are the live settings
-    enqueue_interval and guard_interval.
+    enqueue_interval and guard_interval. Prometheus metrics (leadership, messages
+    published, lease sessions lost) are served on --metrics-port.
 
     \b
     Example:
-      registry-migrator scheduler --health-port 8081
+      registry-migrator scheduler --health-port 8081 --metrics-port 9192
     """
     import structlog
 
@@ -128,6 +145,18 @@ def scheduler(health_port: int, health_host: str) -> None:
     if health_port:
         server = ThreadingHTTPServer((health_host, health_port), _Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    metrics_server = None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        from migration import metrics
+
+        metrics.SCHEDULER_LEADER.set(0)  # a follower says so from its first scrape
+        try:
+            metrics_server, _ = start_http_server(metrics_port, addr=health_host)
+        except OSError as error:
+            click.echo(f"registry-migrator: --metrics-port {metrics_port}: {error}", err=True)
+            sys.exit(2)
     runtime = LazyRuntime(lambda: Runtime(config))
     checks = ServerChecks(config, runtime=runtime, broker_check=rabbitmq_check(config.broker_url))
     try:
@@ -140,6 +169,8 @@ def scheduler(health_port: int, health_host: str) -> None:
         runtime.close()
         if server is not None:
             server.shutdown()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         log.info("scheduler_stopped")
 
 

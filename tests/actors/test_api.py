@@ -86,6 +86,13 @@ def test_notification_answers(api_run: LocalMigration, clean_store: Store) -> No
     assert 'registry_migrator_notifications_total{outcome="accepted"} 1.0' in metrics
     assert 'registry_migrator_notifications_total{outcome="unauthorized"} 3.0' in metrics
     assert 'registry_migrator_repositories{state="pre_importing"} 1.0' in metrics
+    assert "registry_migrator_repositories_eligible 1.0" in metrics  # idle; app is in flight
+    assert "registry_migrator_migration_enabled 1.0" in metrics
+    queue = run.env["MIGRATOR_QUEUE_NAME"]
+    # The accepted notification waits in the queue: the scrape reads RabbitMQ's count.
+    assert f'registry_migrator_queue_messages{{queue="{queue}"}} 1.0' in metrics
+    assert f'registry_migrator_dead_letters{{queue="{queue}.XQ"}} 0.0' in metrics
+    assert "registry_migrator_metrics_scrape_errors_total{" not in metrics  # no read failed
 
 
 def test_queued_notification_is_applied_by_a_worker(

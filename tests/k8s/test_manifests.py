@@ -221,6 +221,15 @@ BREAKAGES = [
         "invalid for 1.29",
     ),
     Breakage(
+        "prometheusrule-unknown-field",
+        "overlays/production/prometheusrule-registry-migrator.yaml",
+        "    - alert: RegistryMigratorStalled\n      expr:",
+        "    - alert: RegistryMigratorStalled\n      expression:",
+        "schemas",
+        "PrometheusRule/registry-migrator invalid at spec.groups.1.rules.0",
+        overlay="production",
+    ),
+    Breakage(
         "yamllint-indentation",
         "base/serviceaccount.yaml",
         "  labels:\n    app.kubernetes.io/name",
