@@ -36,3 +36,11 @@ REGISTRY_BREAKER_OPENED = Counter(
     "Times the shared registry breaker was opened by this process",
     ["reason"],
 )
+#: etcd writes refused because its database reached its quota (the NOSPACE alarm), by
+#: where the process met it (an actor's name, ``trigger:<source>``, ``scheduler``). Every lease
+#: and gate write fails until an operator recovers etcd (README runbook "etcd out of space").
+ETCD_NOSPACE = Counter(
+    "registry_migrator_etcd_nospace",
+    "etcd writes refused with NOSPACE (database at its quota), by where",
+    ["where"],
+)
