@@ -20,9 +20,10 @@ PREFIX = "MIGRATOR_"
 
 #: RabbitMQ queue types ``MIGRATOR_QUEUE_TYPE`` accepts.
 QUEUE_TYPES = ("classic", "quorum")
-# Several broker URLs: split before each "amqp://" / "amqps://" only, so that the commas
-# inside a URL (pika's ssl_options={'ca_certs':...,'certfile':...}) stay in it.
-_BROKER_URL_SEPARATOR = re.compile(r"[\s,;]+(?=amqps?://)")
+# Several broker URLs: split only where a URL starts ("amqp://", "amqps://", or any other
+# scheme, then refused), so that the commas inside a URL (pika's
+# ssl_options={'ca_certs':...,'certfile':...}) stay in it.
+_BROKER_URL_SEPARATOR = re.compile(r"[\s,;]+(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 def split_broker_urls(text: str) -> tuple[str, ...]:
