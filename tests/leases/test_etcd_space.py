@@ -66,10 +66,12 @@ def lease_cycles(
     count: int | None,
     threads: int = 8,
     sample_every: float = 0.5,
+    until_db_size: int | None = None,
 ) -> Cycles:
     """Take and release keys under ``prefix`` (one create and one delete each) from
     ``threads`` threads until ``count`` cycles are done or etcd refuses one (``count``
-    None: until it refuses). Samples the database size meanwhile."""
+    None: until it refuses), or the database has grown to ``until_db_size`` bytes. Samples
+    the database size meanwhile."""
     result = Cycles()
     stop = threading.Event()
     started = 0
@@ -102,6 +104,8 @@ def lease_cycles(
         size = session.client.status().db_size
         result.max_db_size = max(result.max_db_size, size)
         result.samples.append((result.done, size))
+        if until_db_size is not None and size >= until_db_size:
+            stop.set()
         time.sleep(sample_every)
     for worker in workers:
         worker.join()
