@@ -20,7 +20,7 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.reconcile import recover_interrupted_delivery
-from actors.runtime import Runtime, get_runtime
+from actors.runtime import Runtime, get_runtime, note_etcd_failure
 from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
 from migration import metrics
 from migration.keys import global_lease_key, repository_lease_key
@@ -84,6 +84,7 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
             raise
     except Exception as error:
         log.warning("enqueue_trigger_failed", source=source, error=str(error) or repr(error))
+        note_etcd_failure(error, where=f"trigger:{source}")
         raise
     log.info("enqueue_triggered", source=source, triggered_message_id=message.message_id)
     return True

@@ -27,6 +27,12 @@ from leases.session import Session
 
 log = _log.get_logger(__name__)
 
+#: The longest host, actor or message id written into a key's value (characters).
+MAX_FIELD_CHARS = 100
+#: The most bytes a holder's value can take: three fields of 100 characters of at most 6
+#: bytes each (a control character's JSON escape), the pid, the time and the JSON around.
+MAX_HOLDER_BYTES = 3 * 6 * MAX_FIELD_CHARS + 160
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -50,7 +56,14 @@ class HolderInfo:
     acquired_at: str = field(default_factory=_now)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The key's value: compact JSON, at most :data:`MAX_HOLDER_BYTES` (about 160-200
+        bytes for a worker's hold). Every hold writes it into etcd's history, so the free-form
+        fields are cut at :data:`MAX_FIELD_CHARS`."""
+        data = asdict(self)
+        for name in ("host", "actor", "message_id"):
+            if isinstance(data[name], str):
+                data[name] = data[name][:MAX_FIELD_CHARS]
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> HolderInfo:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.runtime import Runtime
 from leases import LeaseError
-from migration.config import Config
+from migration.config import Config, split_broker_urls
 from migration.keys import leases_prefix
 from migration.migrator import already_applied, status_matches_state
 from migration.registry import RegistryImportStatus
@@ -447,13 +447,20 @@ def rabbitmq_queue_counts(url: str) -> Callable[[list[str]], dict[str, int]]:
 
 
 def rabbitmq_check(url: str) -> Callable[[], None]:
-    """A readiness check that opens and closes one AMQP connection."""
+    """A readiness check that opens and closes one AMQP connection.
+
+    :param url: ``MIGRATOR_BROKER_URL``: with several nodes, ready when one of them answers
+        (the publisher fails over to it).
+    """
 
     def check() -> None:
-        parameters = pika.URLParameters(url)
-        parameters.socket_timeout = 2
-        parameters.blocked_connection_timeout = 2
-        parameters.connection_attempts = 1
-        pika.BlockingConnection(parameters).close()
+        candidates = []
+        for node in split_broker_urls(url):
+            parameters = pika.URLParameters(node)
+            parameters.socket_timeout = 2
+            parameters.blocked_connection_timeout = 2
+            parameters.connection_attempts = 1
+            candidates.append(parameters)
+        pika.BlockingConnection(candidates).close()
 
     return check

@@ -43,7 +43,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from migration.config import Config
+from migration.config import Config, split_broker_urls
 
 #: A line every Dramatiq worker process logs once it consumes.
 WORKER_READY = b"Worker process is ready for action"
@@ -491,8 +491,8 @@ class LocalMigration:
 @contextlib.contextmanager
 def _amqp(env: Mapping[str, str]) -> Iterator[BlockingChannel]:
     """A channel to the run's RabbitMQ (``MIGRATOR_BROKER_URL``), closed afterwards."""
-    url = env.get("MIGRATOR_BROKER_URL", Config().broker_url)
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    urls = split_broker_urls(env.get("MIGRATOR_BROKER_URL", Config().broker_url))
+    connection = pika.BlockingConnection([pika.URLParameters(url) for url in urls])
     try:
         yield connection.channel()
     finally:
