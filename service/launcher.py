@@ -133,6 +133,11 @@ class LocalMigration:
     :param worker_env: extra variables of worker i (``worker_env[i]``), e.g. the port and
         folder of Dramatiq's Prometheus middleware (``dramatiq_prom_port``, ``dramatiq_prom_db``).
     :param scheduler_metrics_ports: ``--metrics-port`` of scheduler i; none: no metrics.
+    :param command_for: how the API, the workers and the schedulers are started: given a
+        process's name (``api``, ``worker-0``, ``scheduler-0``) and its command line with
+        the bare program name first (``["dramatiq", "actors", ...]``), the command line to
+        run. None runs this virtualenv's programs; ``tests/image`` runs the image's with
+        ``podman run``. The simulator always runs from this virtualenv.
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class LocalMigration:
         worker_shutdown_timeout: float = 20,
         worker_env: Sequence[Mapping[str, str]] = (),
         scheduler_metrics_ports: Sequence[int] = (),
+        command_for: Callable[[str, list[str]], list[str]] | None = None,
     ) -> None:
         if workers < 0 or schedulers < 0 or threads < 1:
             raise ValueError("workers and schedulers must be >= 0, threads >= 1")
@@ -179,6 +185,11 @@ class LocalMigration:
         if die_with_parent:  # read by the worker child (actors.runtime.RuntimeMiddleware)
             self.env["MIGRATOR_DIE_WITH_PARENT"] = "1"
         executables = Path(sys.executable).parent
+
+        def local(name: str, command: list[str]) -> list[str]:
+            return [str(executables / command[0]), *command[1:]]
+
+        program = command_for or local
         cli = str(executables / "registry-migrator")
         self._ready_file = self.log_dir / f"simulator-{run_id}.url"
         # The registry's state survives stop_simulator/start_simulator: an outage, not a wipe.
@@ -193,19 +204,23 @@ class LocalMigration:
             simulator_command += ["--notify-url", self.api_url]
         self._simulator = _Child("simulator", simulator_command, self.log_dir / "simulator.log")
         self._api = (
-            _Child("api", [cli, "api", "--port", str(api_port)], self.log_dir / "api.log")
+            _Child(
+                "api",
+                program("api", ["registry-migrator", "api", "--port", str(api_port)]),
+                self.log_dir / "api.log",
+            )
             if api
             else None
         )
         worker_command = [
-            str(executables / "dramatiq"), "actors", "--processes", "1",
+            "dramatiq", "actors", "--processes", "1",
             "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(worker_shutdown_timeout * 1000)),
         ]  # fmt: skip
         self._workers = [
             _Child(
                 f"worker-{i}",
-                list(worker_command),
+                program(f"worker-{i}", list(worker_command)),
                 self.log_dir / f"worker-{i}.log",
                 env=dict(worker_env[i]) if i < len(worker_env) else {},
             )
@@ -214,10 +229,13 @@ class LocalMigration:
         self._schedulers = [
             _Child(
                 f"scheduler-{i}",
-                [
-                    cli, "scheduler", "--health-port", "0", "--metrics-port",
-                    str(scheduler_metrics_ports[i] if i < len(scheduler_metrics_ports) else 0),
-                ],
+                program(
+                    f"scheduler-{i}",
+                    [
+                        "registry-migrator", "scheduler", "--health-port", "0", "--metrics-port",
+                        str(scheduler_metrics_ports[i] if i < len(scheduler_metrics_ports) else 0),
+                    ],
+                ),  # fmt: skip
                 self.log_dir / f"scheduler-{i}.log",
             )
             for i in range(schedulers if scheduler else 0)
