@@ -229,17 +229,16 @@ class LocalMigration:
         self._schedulers = [
             _Child(
                 f"scheduler-{i}",
-                program(
-                    f"scheduler-{i}",
-                    [
-                        "registry-migrator", "scheduler", "--health-port", "0", "--metrics-port",
-                        str(scheduler_metrics_ports[i] if i < len(scheduler_metrics_ports) else 0),
-                    ],
-                ),  # fmt: skip
+                program(f"scheduler-{i}", self._scheduler_command(i, scheduler_metrics_ports)),
                 self.log_dir / f"scheduler-{i}.log",
             )
             for i in range(schedulers if scheduler else 0)
-        ]  # fmt: skip
+        ]
+
+    @staticmethod
+    def _scheduler_command(index: int, metrics_ports: Sequence[int]) -> list[str]:
+        port = metrics_ports[index] if index < len(metrics_ports) else 0
+        return ["registry-migrator", "scheduler", "--health-port", "0", "--metrics-port", str(port)]
 
     # -- processes ------------------------------------------------------------------------
 
