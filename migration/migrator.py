@@ -309,6 +309,22 @@ class Migrator:
             )
         return StepReport(outcome, result.repository, fields)
 
+    def abort(
+        self, repository: Repository, writer: Writer, why: str, cause: AbortCause
+    ) -> StepReport:
+        """Abort an active repository (a retry is charged; at max_retries it is skipped).
+
+        :param why: kept in the events log.
+        :param cause: the repository-specific cause (invariant 7: never a registry fault).
+        """
+        return self._abort(repository, writer, why, cause)
+
+    def skip(
+        self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
+    ) -> StepReport:
+        """Skip a repository for good (any state but done and skipped)."""
+        return self._skip(repository, writer, reason, why)
+
     def _abort(
         self, repository: Repository, writer: Writer, why: str, cause: AbortCause
     ) -> StepReport:
