@@ -83,14 +83,21 @@ class Metrics:
             ["reason"], registry=self.registry,
         )  # fmt: skip
         # 1 while the migration runs, 0 while paused (the ``enabled`` setting).
-        # TODO(paused_reason): once the settings carry ``paused_reason`` (NULL unless the
-        # system paused it), export it as registry_migrator_migration_paused{reason} here, and
-        # the repositories backing off (``not_before`` in the future) as
-        # registry_migrator_repositories_backing_off; the rules in deploy/prometheus/ then
-        # name the reason in RegistryMigratorPaused.
         self.enabled = Gauge(
             "registry_migrator_migration_enabled",
             "1 while the migration is enabled, 0 while paused",
+            registry=self.registry,
+        )
+        # 1 while the system paused the migration (the registry refused our token), with
+        # the reason as a label; 0 otherwise. An operator's pause is enabled=0 alone.
+        self.paused_by_system = Gauge(
+            "registry_migrator_migration_paused_by_system",
+            "1 while the system paused the migration (paused_reason set)",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+        self.backing_off = Gauge(
+            "registry_migrator_repositories_backing_off",
+            "Repositories waiting out a registry backoff (registry faults; never charged)",
             registry=self.registry,
         )
         self.queue_messages = Gauge(
@@ -285,6 +292,10 @@ def create_app(
             metrics.in_flight.set(sum(counts.get(s, 0) for s in ACTIVE_STATES))
             metrics.capacity.set(settings.capacity)
             metrics.enabled.set(1 if settings.enabled else 0)
+            metrics.paused_by_system.clear()
+            if settings.paused_reason:
+                metrics.paused_by_system.labels(settings.paused_reason[:120]).set(1)
+            metrics.backing_off.set(store.backing_off(limit=0)[0])
             for reason, n in store.counts_by_skip_reason().items():
                 metrics.skipped.labels(reason.value).set(n)
             metrics.eligible.set(store.count_eligible(settings))
