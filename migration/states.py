@@ -88,6 +88,11 @@ _REASONED_EVENTS: frozenset[Event] = frozenset({Event.SKIP_IMPORT, Event.FINISH_
 ACTIVE_STATES: frozenset[State] = frozenset(
     {State.PRE_IMPORTING, State.PRE_IMPORT_DONE, State.IMPORTING}
 )
+#: States whose arrival is a finished step: the latest of them starts the enqueue waiting
+#: time (the reference's recently_done_migration_step).
+FINISHED_STATES: frozenset[State] = frozenset(
+    {State.PRE_IMPORT_DONE, State.IMPORT_DONE, State.IMPORT_ABORTED, State.IMPORT_SKIPPED}
+)
 #: States a repository never leaves.
 TERMINAL_STATES: frozenset[State] = frozenset({State.IMPORT_DONE, State.IMPORT_SKIPPED})
 #: Events that move a repository from a non-active state into an active one. The store

@@ -45,6 +45,7 @@ from migration.settings import Settings
 from migration.states import (
     ACTIVE_STATES,
     CLAIM_EVENTS,
+    FINISHED_STATES,
     REQUEUE,
     REQUEUE_STATES,
     UNDO_CLAIM,
@@ -87,7 +88,14 @@ def _arrival_column(transition: Transition) -> str | None:
     return _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
 
 
-_ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
+def _sql_list(states: frozenset[State]) -> str:
+    """``('a', 'b')``: state literals for the queries. Literals, not parameters: the partial
+    indexes (schema files) are only used when the planner sees the same literals, which
+    tests/unit/test_schema_vocabulary.py checks against migration/states.py."""
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states)) + ")"
+
+
+_ACTIVE_SQL = _sql_list(ACTIVE_STATES)
 # Counting these reads the partial index container_repositories_active.
 _COUNT_ACTIVE = (
     f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
@@ -95,7 +103,7 @@ _COUNT_ACTIVE = (
 # The finished states whose latest step starts the enqueue waiting time (the reference's
 # recently_done_migration_step); the partial expression index container_repositories_
 # last_step_done (schema 0004) has the same literals.
-_FINISHED_SQL = "('pre_import_done', 'import_done', 'import_aborted', 'import_skipped')"
+_FINISHED_SQL = _sql_list(FINISHED_STATES)
 #: True when the waiting time (%(wait)s seconds) has passed at %(now)s; shared with status.
 WAITING_TIME_PASSED_SQL = (
     # max() of an indexed expression is one step down the index, whatever the plan; an
@@ -113,7 +121,6 @@ _SELECT_STALE = (
     " AND (last_step_at IS NULL OR last_step_at < now() - make_interval(secs => %(age)s))"
     " ORDER BY last_step_at NULLS FIRST LIMIT %(limit)s"
 )
-assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
 # Active repositories whose latest accepted write came from one message: what a delivery of
 # that message left behind (partial index on the active states, then each one's last event).
 _SELECT_LAST_WRITTEN_BY = (
