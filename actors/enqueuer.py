@@ -26,7 +26,7 @@ from migration import metrics
 from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
 from migration.settings import Settings
-from migration.states import ACTIVE_STATES, State
+from migration.states import ACTIVE_STATES, STARTABLE_STATES, State
 from migration.store import Repository
 
 log = structlog.get_logger(__name__)
@@ -203,10 +203,7 @@ class EnqueuerRun:
             with lease as hold:
                 # Re-read under the lease: the candidate list may be stale by now.
                 repository = self.runtime.store.get(candidate.id)
-                if repository is None or repository.migration_state not in (
-                    State.DEFAULT,
-                    State.IMPORT_ABORTED,
-                ):
+                if repository is None or repository.migration_state not in STARTABLE_STATES:
                     continue
                 # Named before the step: a step that raises still says what it worked on.
                 self._name(repository, hold.token)

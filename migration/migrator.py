@@ -41,7 +41,14 @@ from migration.registry import (
     StatusResult,
 )
 from migration.settings import Settings
-from migration.states import ACTIVE_STATES, Event, SkipReason, State, allowed_retry
+from migration.states import (
+    ACTIVE_STATES,
+    Event,
+    SkipReason,
+    State,
+    allowed_retry,
+    is_last_retry,
+)
 from migration.store import Outcome, Repository, StepResult, Store
 
 log = structlog.get_logger(__name__)
@@ -718,7 +725,7 @@ class Migrator:
                     {**fields, "why": "cancel failed: registry unreachable",
                      "registry_error": cancel.detail},
                 )  # fmt: skip
-            if repository.migration_retries_count + 1 >= settings.max_retries:
+            if is_last_retry(repository.migration_retries_count, settings.max_retries):
                 report = self._skip(
                     repository,
                     writer,

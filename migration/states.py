@@ -88,6 +88,25 @@ _REASONED_EVENTS: frozenset[Event] = frozenset({Event.SKIP_IMPORT, Event.FINISH_
 ACTIVE_STATES: frozenset[State] = frozenset(
     {State.PRE_IMPORTING, State.PRE_IMPORT_DONE, State.IMPORTING}
 )
+#: States a run may pick a repository in: ready (default) or waiting for its retry.
+STARTABLE_STATES: frozenset[State] = frozenset({State.DEFAULT, State.IMPORT_ABORTED})
+#: The timestamp column each state's arrival sets (the store stamps it with now()).
+ARRIVAL_COLUMN: dict[State, str] = {
+    State.PRE_IMPORTING: "migration_pre_import_started_at",
+    State.PRE_IMPORT_DONE: "migration_pre_import_done_at",
+    State.IMPORTING: "migration_import_started_at",
+    State.IMPORT_DONE: "migration_import_done_at",
+    State.IMPORT_ABORTED: "migration_aborted_at",
+    State.IMPORT_SKIPPED: "migration_skipped_at",
+}
+
+
+def is_last_retry(retries_count: int, max_retries: int) -> bool:
+    """Whether the next abort of a repository with ``retries_count`` retries skips it
+    (``too_many_retries``) instead of leaving it aborted."""
+    return retries_count + 1 >= max_retries
+
+
 #: States whose arrival is a finished step: the latest of them starts the enqueue waiting
 #: time (the reference's recently_done_migration_step).
 FINISHED_STATES: frozenset[State] = frozenset(
@@ -240,7 +259,7 @@ def apply(
         if state not in ACTIVE_STATES:
             raise InvalidTransition(state, event, "only an active migration can be aborted")
         retries = retries_count + 1
-        if retries >= max_retries:
+        if is_last_retry(retries_count, max_retries):
             return to(
                 State.IMPORT_SKIPPED,
                 retries=retries,

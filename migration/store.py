@@ -44,6 +44,7 @@ from migration import settings as settings_module
 from migration.settings import Settings
 from migration.states import (
     ACTIVE_STATES,
+    ARRIVAL_COLUMN,
     CLAIM_EVENTS,
     FINISHED_STATES,
     REQUEUE,
@@ -67,15 +68,6 @@ _PATH = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})+$")
 _MAX_PATH = 255
 # Key of the advisory lock that serializes schema upgrades (any fixed bigint will do).
 _UPGRADE_LOCK = 0x5245_4D49_4752_0001
-# The timestamp column each state's arrival sets.
-_ARRIVAL_COLUMN: dict[State, str] = {
-    State.PRE_IMPORTING: "migration_pre_import_started_at",
-    State.PRE_IMPORT_DONE: "migration_pre_import_done_at",
-    State.IMPORTING: "migration_import_started_at",
-    State.IMPORT_DONE: "migration_import_done_at",
-    State.IMPORT_ABORTED: "migration_aborted_at",
-    State.IMPORT_SKIPPED: "migration_skipped_at",
-}
 
 
 def _arrival_column(transition: Transition) -> str | None:
@@ -85,7 +77,7 @@ def _arrival_column(transition: Transition) -> str | None:
     migration_aborted_at or migration_pre_import_done_at would reorder the retries and
     restart the enqueue waiting time.
     """
-    return _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
+    return ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
 
 
 def _sql_list(states: frozenset[State]) -> str:
@@ -1031,7 +1023,7 @@ class Store:
             raise ValueError(f"limit must be at least 1, got {limit}")
         if since is not None and since.tzinfo is None:
             raise ValueError(f"since {since.isoformat()} has no UTC offset")
-        arrival = sql.Identifier(_ARRIVAL_COLUMN[state])
+        arrival = sql.Identifier(ARRIVAL_COLUMN[state])
         # The state is a literal, as in the other queries (partial indexes).
         filters: list[sql.Composable] = [
             sql.SQL("migration_state = {}").format(sql.Literal(state.value))

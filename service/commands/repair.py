@@ -194,10 +194,10 @@ def retry(ident: str, dry_run: bool) -> None:
     Example:
       registry-migrator repositories retry group/project/app
     """
-    from migration.states import State
+    from migration.states import STARTABLE_STATES
 
     def allowed(repository: Repository) -> str | None:
-        if repository.migration_state in (State.IMPORT_ABORTED, State.DEFAULT):
+        if repository.migration_state in STARTABLE_STATES:
             return None
         return "only an aborted or waiting repository is retried (skipped: use requeue)"
 
