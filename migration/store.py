@@ -419,7 +419,7 @@ class Store:
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied_now.append(version)
         if applied_now:
-            log.info("schema upgraded", versions=applied_now)
+            log.info("schema_upgraded", versions=applied_now)
         return applied_now
 
     def schema_versions(self) -> list[str]:
@@ -462,7 +462,7 @@ class Store:
             cur = conn.cursor(row_factory=kwargs_row(Settings.from_row))
             row = cur.execute(query, values).fetchone()
         assert row is not None
-        log.info("settings changed", changes={k: str(v) for k, v in values.items()})
+        log.info("settings_changed", changes={k: str(v) for k, v in values.items()})
         return row
 
     def pause(self, reason: str) -> bool:
@@ -1075,7 +1075,7 @@ class Store:
                 {"to": State.DEFAULT.value, "ids": ids},
             )
         log.info(
-            "repositories requeued", count=len(rows), from_state=state.value,
+            "repositories_requeued", count=len(rows), from_state=state.value,
             skipped_reason=_value(reason), since=since.isoformat() if since else None,
             path_prefix=path_prefix or None,
         )  # fmt: skip
@@ -1196,7 +1196,7 @@ class Store:
             self._refused += 1
         metrics.FENCED_WRITES_REFUSED.labels(outcome.value).inc()
         log.warning(
-            "fenced write refused", repository_id=repo.id, migration_event=str(event),
+            "fenced_write_refused", repository_id=repo.id, migration_event=str(event),
             token=author.token, actor=author.actor, message_id=author.message_id, **why,
         )  # fmt: skip
         return StepResult(outcome=outcome, repository=repo)
