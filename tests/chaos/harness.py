@@ -172,8 +172,9 @@ class FaultInjector:
         migrator has seen it (a fault that falls in the breaker's window of the previous one
         is never met by any call), at most ``registry_fault_max_s``.
     :param registry_fault_max_s: the longest a registry fault waits to be seen.
-    :param registry_seen: how many times the migrator has met a registry fault so far, and
-        whether the migration is paused (claims undone for a registry fault, pause reason).
+    :param registry_seen: a mark that changes whenever the migrator meets a registry fault
+        (claims undone for one, the shared breaker opened), and whether the migration is
+        paused.
     :param slow_s: the delay of every answer during the slow fault (longer than the
         workers' registry client timeout).
     """
@@ -200,7 +201,7 @@ class FaultInjector:
         resume: Callable[[], str],
         registry_fault_s: float = 4.0,
         registry_fault_max_s: float = 20.0,
-        registry_seen: Callable[[], tuple[int, bool]] = lambda: (0, False),
+        registry_seen: Callable[[], tuple[float, bool]] = lambda: (0, False),
         slow_s: float = 6.0,
     ) -> None:
         self.registry_fault_max_s = registry_fault_max_s
@@ -344,19 +345,20 @@ class FaultInjector:
 
     def _hold_until_seen(self, *, paused: bool = False) -> str:
         """Wait ``registry_fault_s``, and on until the migrator met the fault (a claim
-        undone for it; with ``paused``, the migration paused), at most the max."""
+        undone for it or the breaker opened; with ``paused``, the migration paused), at
+        most the max."""
         began = time.monotonic()
         before, _ = self._seen()
         while True:
             elapsed = time.monotonic() - began
-            undone, is_paused = self._seen()
-            seen = is_paused if paused else undone > before
+            mark, is_paused = self._seen()
+            seen = is_paused if paused else mark != before
             if (seen and elapsed >= self.registry_fault_s) or elapsed >= self.registry_fault_max_s:
-                what = "paused" if paused else f"{undone - before} claims undone"
+                what = "paused" if paused else "met"
                 return f"held {elapsed:.1f} s, {what if seen else 'not met by any call'}"
             time.sleep(0.2)
 
-    def _seen(self) -> tuple[int, bool]:
+    def _seen(self) -> tuple[float, bool]:
         try:
             return self.registry_seen()
         except Exception:  # PostgreSQL between two answers: ask again

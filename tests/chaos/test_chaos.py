@@ -45,9 +45,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from leases import EtcdClient, HolderInfo, LeaseError
+from leases import EtcdClient, HolderInfo, LeaseError, SharedBreaker
 from migration.config import Config
-from migration.keys import leases_prefix
+from migration.keys import leases_prefix, registry_breaker_name
 from migration.states import State
 from migration.store import Store, StoreError
 from service.launcher import LocalMigration, queue_depth
@@ -285,13 +285,14 @@ def _migrate(
             resume=lambda: _resume(run, store),
             registry_fault_s=REGISTRY_FAULT_S,
             registry_seen=lambda: (
-                registry_fault_undos(url),
+                registry_fault_undos(url) + breaker.state().opened_at,
                 store.settings().paused_reason is not None,
             ),
             slow_s=SLOW_ANSWER_S,
             heavy_gap=(3.0, 6.0),
         )
         etcd_client = Config.from_env(run.env).etcd_client()
+        breaker = SharedBreaker(etcd_client, registry_breaker_name(run.env["MIGRATOR_ETCD_PREFIX"]))
         run.start(timeout=120)
         try:
             supervisor.start()
