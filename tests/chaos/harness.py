@@ -168,7 +168,13 @@ class FaultInjector:
         pause goes to it (a holder paused mid-step writes with a stale token on resuming).
     :param resume: runs ``registry-migrator resume`` (after the 401 fault); returns what it
         did, raises when it failed.
-    :param registry_fault_s: seconds each registry fault lasts.
+    :param registry_fault_s: seconds each registry fault lasts at least; longer until the
+        migrator has seen it (a fault that falls in the breaker's window of the previous one
+        is never met by any call), at most ``registry_fault_max_s``.
+    :param registry_fault_max_s: the longest a registry fault waits to be seen.
+    :param registry_seen: a mark that changes whenever the migrator meets a registry fault
+        (claims undone for one, the shared breaker opened), and whether the migration is
+        paused.
     :param slow_s: the delay of every answer during the slow fault (longer than the
         workers' registry client timeout).
     """
@@ -194,8 +200,12 @@ class FaultInjector:
         lease_holder: Callable[[], int | None] = lambda: None,
         resume: Callable[[], str],
         registry_fault_s: float = 4.0,
+        registry_fault_max_s: float = 20.0,
+        registry_seen: Callable[[], tuple[float, bool]] = lambda: (0, False),
         slow_s: float = 6.0,
     ) -> None:
+        self.registry_fault_max_s = registry_fault_max_s
+        self.registry_seen = registry_seen
         self.lease_holder = lease_holder
         self.resume = resume
         self.registry_fault_s = registry_fault_s
@@ -216,11 +226,10 @@ class FaultInjector:
             threading.Thread(
                 target=self._guarded(self._kill_loop), name="chaos-kills", daemon=True
             ),
-            threading.Thread(
-                target=self._guarded(self._heavy_loop), name="chaos-heavy", daemon=True
-            ),
+            threading.Thread(target=self._heavy_thread, name="chaos-heavy", daemon=True),
         ]
         self.heavy_done = threading.Event()
+        self._exit = threading.Event()
 
     def _guarded(self, loop: Callable[[], None]) -> Callable[[], None]:
         def guarded() -> None:
@@ -238,9 +247,28 @@ class FaultInjector:
     def stop(self) -> None:
         """Stop injecting; wait for a fault in progress to be undone (member restarted...)."""
         self._stop.set()
-        for thread in self._threads:
-            if thread.ident is not None:  # started
-                thread.join(timeout=240)
+        kills, heavy = self._threads
+        if kills.ident is not None:  # started
+            kills.join(timeout=240)
+        if heavy.ident is not None:
+            self.heavy_done.wait(timeout=240)
+
+    def finish(self) -> None:
+        """Let the heavy thread end: only after the run is stopped (see :meth:`_heavy_thread`)."""
+        self._stop.set()
+        self._exit.set()
+        if self._threads[1].ident is not None:
+            self._threads[1].join(timeout=30)
+
+    def _heavy_thread(self) -> None:
+        # A simulator started again here is this thread's child (PR_SET_PDEATHSIG, as the
+        # supervisor's workers are): it would be SIGKILLed when the thread ends, so the
+        # thread outlives the faults until finish(), after the run is stopped.
+        try:
+            self._guarded(self._heavy_loop)()
+        finally:
+            self.heavy_done.set()
+            self._exit.wait()
 
     def _kill_loop(self) -> None:
         rng = self._kill_random
@@ -272,7 +300,6 @@ class FaultInjector:
             began = time.monotonic()
             detail = getattr(self, f"_{kind}")(rng)
             self.log.record(kind, began, detail)
-        self.heavy_done.set()
 
     def _worker_pause(self, rng: random.Random) -> str:
         deadline = time.monotonic() + 10
@@ -316,31 +343,49 @@ class FaultInjector:
 
     # -- the registry's faults: the migration must stall, charge nothing, and go on --------
 
+    def _hold_until_seen(self, *, paused: bool = False) -> str:
+        """Wait ``registry_fault_s``, and on until the migrator met the fault (a claim
+        undone for it or the breaker opened; with ``paused``, the migration paused), at
+        most the max."""
+        began = time.monotonic()
+        before, _ = self._seen()
+        while True:
+            elapsed = time.monotonic() - began
+            mark, is_paused = self._seen()
+            seen = is_paused if paused else mark != before
+            if (seen and elapsed >= self.registry_fault_s) or elapsed >= self.registry_fault_max_s:
+                what = "paused" if paused else "met"
+                return f"held {elapsed:.1f} s, {what if seen else 'not met by any call'}"
+            time.sleep(0.2)
+
+    def _seen(self) -> tuple[float, bool]:
+        try:
+            return self.registry_seen()
+        except Exception:  # PostgreSQL between two answers: ask again
+            return 0, False
+
     def _registry_down(self, _rng: random.Random) -> str:
         code = self.run.stop_simulator()
-        time.sleep(self.registry_fault_s)
+        held = self._hold_until_seen()
         self.run.start_simulator()
-        return f"simulator stopped (exit {code}) for {self.registry_fault_s:g} s, started again"
+        return f"simulator stopped (exit {code}), {held}, started again"
 
     def _registry_5xx(self, _rng: random.Random) -> str:
-        self.run.configure_simulator(
-            fault="status:503", fault_calls="start", fault_seconds=self.registry_fault_s
-        )
-        time.sleep(self.registry_fault_s)
-        return f"503 on every start for {self.registry_fault_s:g} s"
+        self.run.configure_simulator(fault="status:503", fault_calls="start", fault_seconds=0)
+        held = self._hold_until_seen()
+        self.run.configure_simulator(fault=None)
+        return f"503 on every start, {held}"
 
     def _registry_slow(self, _rng: random.Random) -> str:
-        self.run.configure_simulator(
-            fault=f"slow:{self.slow_s:g}", fault_calls="all", fault_seconds=self.registry_fault_s
-        )
-        # Over when the last slow answer has come.
-        time.sleep(self.registry_fault_s + self.slow_s)
-        return f"every answer {self.slow_s:g} s late for {self.registry_fault_s:g} s"
+        self.run.configure_simulator(fault=f"slow:{self.slow_s:g}", fault_calls="all")
+        held = self._hold_until_seen()
+        self.run.configure_simulator(fault=None)
+        time.sleep(self.slow_s)  # over when the last slow answer has come
+        return f"every answer {self.slow_s:g} s late, {held}"
 
     def _registry_401(self, _rng: random.Random) -> str:
-        self.run.configure_simulator(
-            fault="status:401", fault_calls="all", fault_seconds=self.registry_fault_s
-        )
-        time.sleep(self.registry_fault_s)
+        self.run.configure_simulator(fault="status:401", fault_calls="all")
+        held = self._hold_until_seen(paused=True)
+        self.run.configure_simulator(fault=None)
         # The operator fixed the token: resume (the migration paused itself on the 401).
-        return f"401 on every call for {self.registry_fault_s:g} s; {self.resume()}"
+        return f"401 on every call, {held}; {self.resume()}"

@@ -45,9 +45,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from leases import EtcdClient, HolderInfo, LeaseError
+from leases import EtcdClient, HolderInfo, LeaseError, SharedBreaker
 from migration.config import Config
-from migration.keys import leases_prefix
+from migration.keys import leases_prefix, registry_breaker_name
 from migration.states import State
 from migration.store import Store, StoreError
 from service.launcher import LocalMigration, queue_depth
@@ -87,7 +87,7 @@ BACKOFF_MAX = 4.0
 #: delay of every answer during the slow fault (longer).
 REGISTRY_TIMEOUT = 2.0
 SLOW_ANSWER_S = 3.0
-#: Seconds each registry fault lasts.
+#: Seconds each registry fault lasts (at least: until the migrator met it).
 REGISTRY_FAULT_S = 4.0
 #: The longest stall (capacity free, no start) allowed, counted from the end of the faults
 #: it overlaps: the breaker's cap + 5 s after a registry fault (issue 11), plus a lease TTL
@@ -284,10 +284,15 @@ def _migrate(
             lease_holder=lambda: _lease_holder(run, etcd_client),
             resume=lambda: _resume(run, store),
             registry_fault_s=REGISTRY_FAULT_S,
+            registry_seen=lambda: (
+                registry_fault_undos(url) + breaker.state().opened_at,
+                store.settings().paused_reason is not None,
+            ),
             slow_s=SLOW_ANSWER_S,
             heavy_gap=(3.0, 6.0),
         )
         etcd_client = Config.from_env(run.env).etcd_client()
+        breaker = SharedBreaker(etcd_client, registry_breaker_name(run.env["MIGRATOR_ETCD_PREFIX"]))
         run.start(timeout=120)
         try:
             supervisor.start()
@@ -317,6 +322,7 @@ def _migrate(
             supervisor.stop_restarting()
             codes = run.stop(timeout=30)
             supervisor.finish()
+            injector.finish()
             run.delete_queues()
             etcd_client.close()
         lines = _all_lines(run)
