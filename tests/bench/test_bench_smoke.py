@@ -61,3 +61,8 @@ def test_throughput_quick(stack: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_recovery_quick(stack: dict[str, str]) -> None:
     _run("recovery", stack, timeout=240)
+
+
+@pytest.mark.slow
+def test_etcd_growth_quick(stack: dict[str, str]) -> None:
+    _run("etcd_growth", stack, timeout=240)
