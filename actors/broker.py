@@ -43,8 +43,8 @@ class MigratorBroker(RabbitmqBroker):
     the same name are declared with the same arguments as before.
 
     RabbitMQ refuses to redeclare a queue with other arguments (PRECONDITION_FAILED):
-    switching an existing migration's type needs new queues (README, "Switch to quorum
-    queues"); the refusal is logged as ``queue_type_mismatch``.
+    switching an existing migration's type needs new queues (README, "RabbitMQ: a cluster
+    and quorum queues"); the refusal is logged as ``queue_type_mismatch``.
 
     :param queue_type: ``classic`` or ``quorum``.
     :param urls: the nodes' AMQP URLs; a connection tries them in order, starting at a
@@ -87,13 +87,14 @@ class MigratorBroker(RabbitmqBroker):
                     queue_type=self.queue_type,
                     error=error.reply_text,
                     action="the queue exists with another type: drain it and delete it, or"
-                    " set another MIGRATOR_QUEUE_NAME (README: switch to quorum queues)",
+                    " set another MIGRATOR_QUEUE_NAME (README: RabbitMQ, to switch)",
                 )
             raise
 
 
 def make_broker(config: Config, *, prometheus: bool = False) -> RabbitmqBroker:
-    """A RabbitMQ broker for ``config.broker_url`` (heartbeat set in the URL).
+    """A RabbitMQ broker for ``config.broker_urls`` (heartbeat set in the URLs), its queues
+    of ``config.queue_type``.
 
     :param config: the process configuration.
     :param prometheus: add Dramatiq's Prometheus middleware (worker processes only: it

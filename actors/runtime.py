@@ -124,7 +124,7 @@ def note_etcd_failure(error: BaseException | None, *, where: str) -> None:
     gate writes fail before any repository is claimed, as in any etcd outage.
 
     :param error: the exception a step or trigger failed with (None: nothing to note).
-    :param where: the actor, ``trigger:<source>`` or ``scheduler``.
+    :param where: the actor, or ``trigger:<source>``.
     """
     if isinstance(error, EtcdNoSpace):
         metrics.ETCD_NOSPACE.labels(where=where).inc()

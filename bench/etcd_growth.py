@@ -80,7 +80,8 @@ def history_by_key(host: str, port: int, prefix: str, first: int, last: int) -> 
     finally:
         done.set()
         cancel()
-        client.close()
+        # Not closed: python-etcd3's watcher thread would re-open its stream on the closed
+        # channel and die with a traceback; the daemon thread ends with the process.
     return kinds
 
 

@@ -545,8 +545,8 @@ def _unavailable(what: str, error: grpc.RpcError) -> EtcdUnavailable:
     """The error to raise for a failed call: :class:`EtcdNoSpace` when etcd is full."""
     if _is_nospace(error):
         return EtcdNoSpace(
-            f"{what}: etcd is out of space (NOSPACE alarm; compact, defragment and disarm:"
-            f" README runbook 'etcd out of space'): {_describe(error)}"
+            f"{what}: etcd is out of space (NOSPACE alarm: compact, defragment, then disarm"
+            f" the alarm; leases.admin.recover_space): {_describe(error)}"
         )
     return EtcdUnavailable(f"{what}: {_describe(error)}")
 

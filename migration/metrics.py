@@ -101,7 +101,7 @@ def count_lease_acquisition(*, actor: str, taken: bool) -> None:
 
 
 #: etcd writes refused because its database reached its quota (the NOSPACE alarm), by
-#: where the process met it (an actor's name, ``trigger:<source>``, ``scheduler``). Every lease
+#: where the process met it (an actor's name, or ``trigger:<source>``). Every lease
 #: and gate write fails until an operator recovers etcd (README runbook "etcd out of space").
 ETCD_NOSPACE = Counter(
     "registry_migrator_etcd_nospace",

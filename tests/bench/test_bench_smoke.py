@@ -70,3 +70,8 @@ def test_recovery_quick(stack: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_outage_quick(stack: dict[str, str]) -> None:
     _run("outage", stack, timeout=600)
+
+
+@pytest.mark.slow
+def test_etcd_growth_quick(stack: dict[str, str]) -> None:
+    _run("etcd_growth", stack, timeout=240)
