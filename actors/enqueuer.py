@@ -20,7 +20,7 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.reconcile import recover_interrupted_delivery
-from actors.runtime import Runtime, get_runtime
+from actors.runtime import Runtime, get_runtime, note_etcd_failure
 from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
 from migration import metrics
 from migration.keys import global_lease_key, repository_lease_key
@@ -34,8 +34,18 @@ log = structlog.get_logger(__name__)
 ACTOR = "enqueue_next_migration"
 #: Candidates read per run, and tried at most, when their leases are busy.
 CANDIDATES_PER_RUN = 20
-#: Outcomes after which the run stops re-enqueueing itself.
-_STOP = {StepOutcome.AT_CAPACITY, StepOutcome.DISABLED, StepOutcome.UNDONE}
+#: Outcomes after which the run stops re-enqueueing itself. A registry fault: the breaker
+#: decides when the next run comes (invariant 7), not a loop of runs against a failing registry.
+_STOP = {
+    StepOutcome.AT_CAPACITY,
+    StepOutcome.DISABLED,
+    StepOutcome.UNDONE,
+    StepOutcome.REGISTRY_FAULT,
+    StepOutcome.LEASE_AT_RISK,  # this process's session is in trouble: let others run
+}
+#: Seconds after the breaker's window that its wake-up run comes (the key's lease expiry
+#: is etcd's to time, within about a second).
+WAKE_UP_SLACK = 1.0
 
 
 def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None = None) -> bool:
@@ -74,9 +84,27 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
             raise
     except Exception as error:
         log.warning("enqueue_trigger_failed", source=source, error=str(error) or repr(error))
+        note_etcd_failure(error, where=f"trigger:{source}")
         raise
     log.info("enqueue_triggered", source=source, triggered_message_id=message.message_id)
     return True
+
+
+def wake_up_after(window: float) -> None:
+    """Send one enqueuer run for when the registry breaker's window ends.
+
+    Sent by the process that opened the breaker, once per opening, past the dedup gate: a
+    trigger collapsed into runs pending now would run while the breaker is still open and
+    stop, and the migration would wait for the scheduler's next period instead.
+    """
+    try:
+        enqueue_next_migration.send_with_options(
+            args=(None, None, "breaker"), delay=int((window + WAKE_UP_SLACK) * 1000)
+        )
+    except Exception as error:  # the scheduler's periodic trigger is the net under it
+        log.warning("wake_up_not_sent", window_s=window, error=str(error) or repr(error))
+        return
+    log.info("wake_up_scheduled", in_s=window + WAKE_UP_SLACK)
 
 
 def _message_id() -> str | None:
@@ -105,11 +133,26 @@ class EnqueuerRun:
         settings = self.settings = self.runtime.live_settings.get()
         self.fields["migration_enabled"] = settings.enabled
         if not settings.enabled:
+            if settings.paused_reason:
+                self.fields["paused_reason"] = settings.paused_reason
             return "disabled"
+        breaker = self.runtime.registry_health.admit(settings)
+        if breaker is not None:
+            # Neither claim nor re-enqueue: the wake-up run of whoever opened it comes when
+            # the window ends, and its probe decides (invariant 7).
+            self.fields.update(
+                registry_unavailable=True,
+                registry_breaker_reason=breaker.reason,
+                registry_breaker_window_s=breaker.window,
+            )
+            return "registry_unavailable"
         in_flight = self.in_flight = store.in_flight()
         below = in_flight < settings.capacity
         self.fields.update(
-            below_capacity=below, max_capacity_setting=settings.capacity, in_flight=in_flight
+            below_capacity=below,
+            max_capacity_setting=settings.capacity,
+            in_flight=in_flight,
+            current_waiting_time_setting=settings.enqueue_waiting_time,
         )
         if not below:
             return "at_capacity"
@@ -165,7 +208,9 @@ class EnqueuerRun:
                     State.IMPORT_ABORTED,
                 ):
                     continue
-                report = self._step(repository, settings, hold.token)
+                # Named before the step: a step that raises still says what it worked on.
+                self._name(repository, hold.token)
+                report = self._step(repository, settings, hold)
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
                 continue
@@ -198,12 +243,23 @@ class EnqueuerRun:
             and self.in_flight + 1 >= settings.capacity
         )
 
-    def _step(self, repository: Repository, settings: Settings, token: int) -> StepReport:
-        writer = Writer(token=token, actor=ACTOR, message_id=self.message_id)
+    def _step(self, repository: Repository, settings: Settings, hold: Hold) -> StepReport:
+        writer = Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
         migrator = self.runtime.migrator
         if repository.migration_state is State.IMPORT_ABORTED:
             return migrator.retry(repository, writer)
         return migrator.start(repository, settings, writer)
+
+    def _name(self, repository: Repository, token: int) -> None:
+        """The repository this run works on, as the reference's log names it."""
+        self.fields.update(
+            container_repository_id=repository.id,
+            container_repository_path=repository.path,
+            container_repository_migration_state=repository.migration_state.value,
+            # The reference's import_type: "retry" for an aborted repository, else "next".
+            import_type="retry" if repository.migration_state is State.IMPORT_ABORTED else "next",
+            fencing_token=token,
+        )
 
     def _record(self, report: StepReport, token: int) -> None:
         repository = report.repository

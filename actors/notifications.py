@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import dramatiq
@@ -15,7 +16,7 @@ from actors.runtime import get_runtime
 from leases import HolderInfo, try_acquire
 from migration import metrics
 from migration.keys import repository_lease_key
-from migration.migrator import StepOutcome, Writer
+from migration.migrator import RegistryUnavailable, StepOutcome, Writer
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES
 
@@ -36,10 +37,31 @@ def _delivered_before(message: Any) -> bool:
     return redelivered(message) or bool(message.options.get("retries", 0))
 
 
+#: Retries of a notification the registry cannot confirm (or whose next start it failed):
+#: at 2-30 s apiece, hours of registry outage before a dead letter.
+REGISTRY_RETRIES = 1_000
+
+
+class TryLater(dramatiq.Retry):
+    """The notification cannot be applied now (the registry's breaker is open, its status
+    unreadable, the next start failed; or our lease is at risk): retry it later, without a
+    traceback in the log (it is no error of ours).
+
+    :param why: one line, logged.
+    :param after: seconds to wait (jittered up to half again).
+    """
+
+    def __init__(self, why: str, *, after: float) -> None:
+        super().__init__(why, delay=int(after * (1 + random.random() / 2) * 1000))
+
+
 def _retry_when(retries: int, exception: BaseException) -> bool:
     # A busy lease is normal and short: retry it for a long while (a crashed holder's
     # lease takes up to the TTL to expire; 240 retries of 0.5-1 s cover two minutes at
-    # least). Anything else: a few times.
+    # least). A registry that cannot answer is not the notification's fault either: retry
+    # it as long as an outage may last (invariant 7). Anything else: a few times.
+    if isinstance(exception, TryLater):
+        return retries < REGISTRY_RETRIES
     return retries < (240 if isinstance(exception, LeaseBusy) else 5)
 
 
@@ -61,7 +83,9 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     :param status: pre_import_complete, import_complete, or a *_failed / *_canceled.
     :param detail: the registry's detail text, kept in the events log.
     """
-    fields: dict[str, Any] = {"container_repository_path": path, "registry_status": status}
+    # ``notified_status``: what the notification says; a step's own fields may carry the
+    # registry's current ``registry_status`` (a stale notification), a key of its own.
+    fields: dict[str, Any] = {"container_repository_path": path, "notified_status": status}
     # The detail goes into the events log; PostgreSQL text and JSON cannot hold NUL, and the
     # step must not fail (and the notification be lost) over free text.
     detail = detail.replace("\x00", "\\0")
@@ -78,6 +102,13 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message is not None else None
     recovered = recover_interrupted_delivery(runtime, message, actor=ACTOR)
+    breaker = runtime.registry_health.admit(runtime.live_settings.get())
+    if breaker is not None:
+        # Nothing to confirm the notification with: wait out the window (invariant 7).
+        log.info("notification_deferred", why="registry breaker open", **fields)
+        raise TryLater(
+            f"registry breaker open: {breaker.reason}", after=max(breaker.remaining, 2.0)
+        )
     key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
     acquisition = try_acquire(
         runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
@@ -95,12 +126,16 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     with acquisition.hold as hold:
         current = runtime.store.get(repository.id)
         assert current is not None
-        report = runtime.migrator.on_registry_status(
-            current,
-            registry_status,
-            Writer(token=hold.token, actor=ACTOR, message_id=message_id),
-            detail=detail,
-        )
+        try:
+            report = runtime.migrator.on_registry_status(
+                current,
+                registry_status,
+                Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
+                detail=detail,
+            )
+        except RegistryUnavailable as error:
+            log.info("notification_deferred", why=str(error), **fields)
+            raise TryLater(str(error), after=2.0) from None
     # Only a step out of the active states frees capacity; the run of a trigger after, say,
     # pre_import_complete -> final import started would find nothing more to do than before.
     # A second delivery of this message finds its step done (IGNORED) when the first one
@@ -121,8 +156,16 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
         step_outcome=report.outcome.value,
         fencing_token=hold.token,
         freed_capacity=freed,
-        **fields,
-        **report.fields,
+        **{**report.fields, **fields},
     )
     if freed:
         trigger_enqueue(runtime, source="notification")
+    if report.outcome is StepOutcome.LEASE_AT_RISK:
+        raise TryLater(f"not applied: {report.fields.get('why', '')}", after=1.0)
+    if report.outcome is StepOutcome.REGISTRY_FAULT:
+        # pre_import_complete applied, but the registry failed the final import's start:
+        # the claim is undone (pre_import_done); this notification, retried, starts it.
+        raise TryLater(
+            f"final import of {path} not started: {report.fields.get('registry_error', '')}",
+            after=2.0,
+        )

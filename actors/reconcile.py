@@ -68,7 +68,9 @@ def reconcile_under_lease(
         if current is None or current.migration_state not in ACTIVE_STATES:
             return MOVED_ON
         return runtime.migrator.reconcile_stale(
-            current, settings, Writer(token=hold.token, actor=actor, message_id=message_id)
+            current,
+            settings,
+            Writer(token=hold.token, actor=actor, message_id=message_id, lease=hold),
         )
 
 

@@ -19,12 +19,13 @@ from dramatiq.middleware import Middleware
 
 from actors.config import CONFIG
 from actors.live_settings import LiveSettings
-from leases import DedupGate, EtcdClient, Session
+from leases import DedupGate, EtcdClient, EtcdNoSpace, Session, SharedBreaker
 from migration import metrics
 from migration.config import Config
-from migration.keys import enqueue_gate_name
+from migration.keys import enqueue_gate_name, registry_breaker_name
 from migration.migrator import Migrator
 from migration.registry import RegistryClient
+from migration.registry_health import THRESHOLD, RegistryHealth
 from migration.store import Store
 
 log = structlog.get_logger(__name__)
@@ -56,6 +57,16 @@ class Runtime:
         self.live_settings = LiveSettings(self.store.settings, max_age=SETTINGS_MAX_AGE)
         self.gate = DedupGate(
             self.etcd, enqueue_gate_name(config.etcd_prefix), slots=1, ttl=GATE_TTL
+        )
+        #: The registry's health shared by every worker: breaker and pause (invariant 7).
+        #: ``on_open`` is set by the actors (it sends the wake-up run).
+        self.registry_health = RegistryHealth(
+            breaker=SharedBreaker(
+                self.etcd, registry_breaker_name(config.etcd_prefix), threshold=THRESHOLD
+            ),
+            store=self.store,
+            registry=self.registry,
+            on_open=_wake_up_after,
         )
         self._session: Session | None = None
         self._session_lock = threading.Lock()
@@ -93,8 +104,36 @@ class Runtime:
         self.store.close()
 
 
+def _wake_up_after(window: float) -> None:
+    """This process opened the registry breaker: one enqueuer run when its window ends."""
+    from actors.enqueuer import wake_up_after  # noqa: PLC0415 - the actors import this module
+
+    wake_up_after(window)
+
+
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+
+
+def note_etcd_failure(error: BaseException | None, *, where: str) -> None:
+    """Count and log an etcd that is out of space (NOSPACE alarm), once per failure.
+
+    Every other failure is already logged where it happened; this one needs an operator
+    (README runbook "etcd out of space"), so it gets its own line at error level and the
+    ``registry_migrator_etcd_nospace`` counter its alert rule watches. Until then, lease and
+    gate writes fail before any repository is claimed, as in any etcd outage.
+
+    :param error: the exception a step or trigger failed with (None: nothing to note).
+    :param where: the actor, ``trigger:<source>`` or ``scheduler``.
+    """
+    if isinstance(error, EtcdNoSpace):
+        metrics.ETCD_NOSPACE.labels(where=where).inc()
+        log.error(
+            "etcd_nospace",
+            where=where,
+            error=str(error),
+            action="compact, defragment, disarm: registry-migrator leases etcd-space --recover",
+        )
 
 
 def get_runtime() -> Runtime:
@@ -146,9 +185,11 @@ class RuntimeMiddleware(Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
+        note_etcd_failure(exception, where=message.actor_name)
         structlog.contextvars.clear_contextvars()
 
-    after_skip_message = after_process_message
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        structlog.contextvars.clear_contextvars()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         close_runtime()

@@ -13,12 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 
-import structlog
-
+from leases import _log
 from leases.errors import EtcdUnavailable, LeaseError, SessionLost
 from leases.etcd import EtcdClient, KeepAliveStream
 
-log = structlog.get_logger(__name__)
+log = _log.get_logger(__name__)
 
 MIN_TTL = 2  # etcd rounds a TTL of 1 up to 2 anyway; below that keep-alive can't keep up
 
@@ -83,6 +82,14 @@ class Session:
     @property
     def seconds_since_refresh(self) -> float:
         return time.monotonic() - self._last_refresh
+
+    def remaining(self) -> float:
+        """Seconds the lease is sure to live: the TTL from the send of the last keep-alive
+        that etcd answered, 0 once lost or closed. A hold must not start anything that can
+        outlast it (invariant 8)."""
+        if self._lost.is_set() or self._closed.is_set():
+            return 0.0
+        return max(0.0, self.ttl - self.seconds_since_refresh)
 
     def check(self) -> None:
         """Raise :class:`SessionLost` when the session is lost or closed."""

@@ -26,3 +26,8 @@ def enqueue_gate_name(prefix: str) -> str:
 def scheduler_election_name(prefix: str) -> str:
     """The election among scheduler replicas."""
     return f"{prefix.rstrip('/')}/elections/scheduler"
+
+
+def registry_breaker_name(prefix: str) -> str:
+    """The breaker every worker shares about the registry (invariant 7)."""
+    return f"{prefix.rstrip('/')}/breakers/registry"

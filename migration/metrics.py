@@ -98,3 +98,13 @@ def count_lease_acquisition(*, actor: str, taken: bool) -> None:
     :param taken: whether it got the key.
     """
     LEASE_ACQUISITIONS.labels(actor, "taken" if taken else "busy").inc()
+
+
+#: etcd writes refused because its database reached its quota (the NOSPACE alarm), by
+#: where the process met it (an actor's name, ``trigger:<source>``, ``scheduler``). Every lease
+#: and gate write fails until an operator recovers etcd (README runbook "etcd out of space").
+ETCD_NOSPACE = Counter(
+    "registry_migrator_etcd_nospace",
+    "etcd writes refused with NOSPACE (database at its quota), by where",
+    ["where"],
+)

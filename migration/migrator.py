@@ -5,14 +5,21 @@ lease's fencing token in every write, so the store refuses the write of a holder
 lease has since passed to someone else. No leases or messages here: the actors wrap these
 steps in a lease and a Dramatiq message; tests can drive them directly.
 
-The outcome mapping follows the reference (GitLab's ContainerRepository, 2022): a start
-that the registry accepted waits for its notification; "already imported" means the
-repository is native and is skipped as ``native_import``; not found is skipped; "too many
-imports" undoes the claim without counting a retry; anything else aborts (retried later).
+The outcome mapping follows the reference (GitLab's ContainerRepository, 2022), by the fault
+class of each answer (``migration/registry.py`` has the table; invariant 7): a start that
+the registry accepted waits for its notification; "already imported" (native) and "not
+found" need no more work: done, with the reason recorded (``finish_import_as``); a failed pre-import
+aborts (a retry is charged); "too many imports" and "already running" are not failures; a
+fault of the registry (unreachable, timeout, 5xx, 401/403, an answer that is not the API's)
+undoes the claim, charges nothing and backs the repository off. A start whose outcome is
+unknown (a timeout, a reset, a 5xx) is reconciled with a status read first: the registry
+may have started it.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -20,13 +27,18 @@ from typing import Any
 
 import structlog
 
+from leases import Hold
 from migration import metrics
 from migration.registry import (
+    CancelResult,
+    FaultClass,
     ImportOutcome,
     ImportResult,
+    ImportType,
     RegistryClient,
     RegistryImportStatus,
     StatusOutcome,
+    StatusResult,
 )
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, Event, SkipReason, State, allowed_retry
@@ -52,8 +64,77 @@ def status_matches_state(status: RegistryImportStatus, state: State) -> bool:
     return state in _MATCHING_STATES.get(status, frozenset())
 
 
+_APPLIED_AS: dict[RegistryImportStatus, tuple[frozenset[State], State | None]] = {
+    RegistryImportStatus.PRE_IMPORT_COMPLETE: (
+        frozenset({State.IMPORTING, State.IMPORT_DONE}),
+        None,
+    ),
+    RegistryImportStatus.IMPORT_COMPLETE: (frozenset({State.IMPORT_DONE}), None),
+}
+for _status, _phase in (
+    (RegistryImportStatus.PRE_IMPORT_FAILED, State.PRE_IMPORTING),
+    (RegistryImportStatus.PRE_IMPORT_CANCELED, State.PRE_IMPORTING),
+    (RegistryImportStatus.IMPORT_FAILED, State.IMPORTING),
+    (RegistryImportStatus.IMPORT_CANCELED, State.IMPORTING),
+):
+    _APPLIED_AS[_status] = (frozenset({State.IMPORT_ABORTED, State.IMPORT_SKIPPED}), _phase)
+
+
+def already_applied(status: RegistryImportStatus, repository: Repository) -> bool:
+    """Whether a notification of ``status`` has already had its effect on ``repository``:
+    a repeated delivery (the registry retries until a 2xx), an idempotent no-op."""
+    states, aborted_in = _APPLIED_AS.get(status, (frozenset(), None))
+    return repository.migration_state in states and (
+        aborted_in is None or repository.migration_aborted_in_state is aborted_in
+    )
+
+
 class RegistryUnavailable(Exception):
     """The registry could not confirm a status before acting on it; try again later."""
+
+
+class LeaseAtRisk(Exception):
+    """The holder's lease might be gone before a registry call could end: no call is made
+    (invariant 8). The repository is left to the next holder."""
+
+
+#: Seconds kept between a registry call's end and the lease's: etcd expires leases by its
+#: own clock, and a keep-alive's answer is dated from its send.
+LEASE_SLACK = 0.5
+#: The shortest timeout worth a registry call; with less lease left, no call.
+MIN_CALL_TIMEOUT = 0.5
+
+
+class AbortCause(StrEnum):
+    """Why an abort was charged: always something the registry said about *this*
+    repository (invariant 7). Recorded as ``detail.cause`` of every ``abort_import`` event."""
+
+    PRE_IMPORT_FAILED = "pre_import_failed"  # 424, or the pre_import_failed notification
+    IMPORT_FAILED = "import_failed"  # the import_failed notification
+    CANCELED = "canceled"  # a *_canceled notification
+    TIMEOUT = "timeout"  # the guard canceled a phase running past its timeout
+    REGISTRY_STATE_MISMATCH = "registry_state_mismatch"  # the registry's status contradicts ours
+    INVALID_PATH = "invalid_path"  # our path cannot be sent to the registry
+    OPERATOR = "operator"  # an operator aborted it
+
+
+_NOTIFIED_CAUSES = {
+    RegistryImportStatus.PRE_IMPORT_FAILED: AbortCause.PRE_IMPORT_FAILED,
+    RegistryImportStatus.IMPORT_FAILED: AbortCause.IMPORT_FAILED,
+    RegistryImportStatus.PRE_IMPORT_CANCELED: AbortCause.CANCELED,
+    RegistryImportStatus.IMPORT_CANCELED: AbortCause.CANCELED,
+}
+# What the registry reports when the phase a start asked for is under way (or already over).
+_PHASE_UNDER_WAY = {
+    ImportType.PRE: frozenset(
+        {RegistryImportStatus.PRE_IMPORT_IN_PROGRESS, RegistryImportStatus.PRE_IMPORT_COMPLETE}
+    ),
+    ImportType.FINAL: frozenset(
+        {RegistryImportStatus.IMPORT_IN_PROGRESS, RegistryImportStatus.IMPORT_COMPLETE}
+    ),
+}
+# A 409 / 425 start answer: the phase the registry says is running.
+_RUNNING_BY_CODE = {409: ImportType.FINAL, 425: ImportType.PRE}
 
 
 class StepOutcome(StrEnum):
@@ -69,6 +150,9 @@ class StepOutcome(StrEnum):
     DISABLED = "disabled"  # claim refused: migration paused
     REFUSED = "refused"  # fenced write refused (stale token or state changed)
     IGNORED = "ignored"  # nothing to do in this state
+    ALIGNED = "aligned"  # the registry already runs the phase: taken over, no start sent
+    REGISTRY_FAULT = "registry_fault"  # the registry failed: claim undone, nothing charged
+    LEASE_AT_RISK = "lease_at_risk"  # our lease might end first: no registry call made
 
 
 _CLAIM_REFUSALS = {
@@ -113,11 +197,54 @@ def _counted(result: StepResult) -> StepResult:
 
 @dataclass(frozen=True)
 class Writer:
-    """Who writes: the fencing token and what the events log records about the writer."""
+    """Who writes: the fencing token and what the events log records about the writer.
+
+    :param token: the fencing token every write names.
+    :param actor: who writes, for the events log.
+    :param message_id: the message being processed, for the events log.
+    :param lease: the hold the token comes from; every registry call asks it first
+        (:meth:`fence`). None only where no lease is held (tests of the steps alone).
+    """
 
     token: int
     actor: str
     message_id: str | None = None
+    lease: Hold | None = None
+
+    def fence(self, timeout: float) -> float:
+        """The timeout a registry call may have so that it ends while the lease surely
+        lives (invariant 8); :class:`LeaseAtRisk` when too little is left for any call.
+
+        :param timeout: the client's own timeout.
+        """
+        if self.lease is None:
+            return timeout
+        left = self.lease.remaining() - LEASE_SLACK
+        if left < MIN_CALL_TIMEOUT:
+            lost = self.lease.lost
+            raise LeaseAtRisk(
+                f"lease of token {self.token} "
+                + ("lost" if lost else f"has {left + LEASE_SLACK:.1f} s left")
+                + ": no registry call"
+            )
+        return min(timeout, left)
+
+
+def _fenced(step: Callable[..., StepReport]) -> Callable[..., StepReport]:
+    """A step that stops, without a write, when the lease is at risk before a registry call
+    (the calls that follow a claim undo it themselves, see ``Migrator._start_claimed``)."""
+
+    @functools.wraps(step)
+    def run(self: Migrator, repository: Repository, *args: Any, **kwargs: Any) -> StepReport:
+        try:
+            return step(self, repository, *args, **kwargs)
+        except LeaseAtRisk as error:
+            log.warning(
+                "registry_call_not_made", container_repository_id=repository.id, why=str(error)
+            )
+            return StepReport(StepOutcome.LEASE_AT_RISK, repository, {"why": str(error)})
+
+    return run
 
 
 class Migrator:
@@ -182,9 +309,76 @@ class Migrator:
             )
         return StepReport(outcome, result.repository, fields)
 
-    def _abort(self, repository: Repository, writer: Writer, why: str) -> StepReport:
-        result = self._step(repository, Event.ABORT_IMPORT, writer, detail={"why": why})
-        return self._report(result, StepOutcome.ABORTED, abort_reason=why)
+    def _abort(
+        self, repository: Repository, writer: Writer, why: str, cause: AbortCause
+    ) -> StepReport:
+        result = self._step(
+            repository, Event.ABORT_IMPORT, writer, detail={"why": why, "cause": cause.value}
+        )
+        return self._report(result, StepOutcome.ABORTED, abort_reason=why, abort_cause=cause.value)
+
+    def _undo(
+        self,
+        repository: Repository,
+        claimed_from: State,
+        writer: Writer,
+        why: str,
+        **detail: Any,
+    ) -> StepResult:
+        return _counted(
+            self.store.undo_claim(
+                repository.id,
+                expected_state=repository.migration_state,
+                claimed_from=claimed_from,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                detail={"why": why, **detail},
+            )
+        )
+
+    def _registry_fault(
+        self,
+        repository: Repository,
+        writer: Writer,
+        answer: ImportResult | StatusResult | CancelResult,
+        *,
+        claimed_from: State | None = None,
+    ) -> StepReport:
+        """The registry failed (invariant 7): undo the claim (when one was made), charge no
+        retry, and back the repository off so that it does not hammer a failing registry."""
+        kind = answer.error_kind.value if answer.error_kind else "error"
+        why = f"registry: {kind}: {answer.detail}".strip()[:300]
+        fields: dict[str, Any] = {"registry_unavailable": True, "registry_error": why}
+        if claimed_from is not None:
+            undone = self._undo(
+                repository, claimed_from, writer, why, fault_class="registry", error_kind=kind
+            )
+            if not undone.ok:
+                return self._report(undone, StepOutcome.REFUSED)
+            repository = undone.repository
+        backed_off = self.store.back_off(repository.id, token=writer.token, error=why)
+        if backed_off is not None:
+            repository = backed_off
+            if backed_off.registry_not_before is not None:
+                fields["backoff_until"] = backed_off.registry_not_before.isoformat()
+        return StepReport(StepOutcome.REGISTRY_FAULT, repository, fields)
+
+    def _registry_answered(self, repository: Repository) -> None:
+        """A repository the registry answered for again leaves its backoff (a cheap no-op
+        for one that never failed: the row read tells)."""
+        if repository.registry_failures:
+            self.store.clear_backoff(repository.id)
+
+    def _finish_as(
+        self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
+    ) -> StepReport:
+        """Done with a reason: native, or unknown to the registry (the reference's
+        finish_import_as); nothing more to do for it."""
+        result = self._step(
+            repository, Event.FINISH_IMPORT_AS, writer, skip_reason=reason, detail={"why": why}
+        )
+        return self._report(result, StepOutcome.FINISHED, finish_reason=reason.value)
 
     def _skip(
         self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
@@ -194,44 +388,104 @@ class Migrator:
         )
         return self._report(result, StepOutcome.SKIPPED, skip_reason=reason.value)
 
+    def _start_claimed(
+        self, claimed: StepResult, claimed_from: State, writer: Writer, import_type: ImportType
+    ) -> StepReport:
+        """Send the start a claim was made for and map its answer. When the lease is at
+        risk the start is not sent and the claim undone, charging nothing (invariant 8)."""
+        repository = claimed.repository
+        start = (
+            self.registry.start_pre_import
+            if import_type is ImportType.PRE
+            else self.registry.start_import
+        )
+        try:
+            answer = start(repository.path, fence=writer.fence)
+            return self._after_start(claimed, claimed_from, answer, writer, import_type)
+        except LeaseAtRisk as error:
+            log.warning(
+                "registry_call_not_made", container_repository_id=repository.id, why=str(error)
+            )
+            undone = self._undo(repository, claimed_from, writer, str(error), fault_class="lease")
+            return StepReport(
+                StepOutcome.LEASE_AT_RISK, undone.repository,
+                {"why": str(error), "undone": undone.ok},
+            )  # fmt: skip
+
     def _after_start(
-        self, claimed: StepResult, claimed_from: State, answer: ImportResult, writer: Writer
+        self,
+        claimed: StepResult,
+        claimed_from: State,
+        answer: ImportResult,
+        writer: Writer,
+        import_type: ImportType,
     ) -> StepReport:
         """Map the registry's answer to a start that followed a successful claim."""
         repository = claimed.repository
         fields = {
             "registry_outcome": answer.outcome.value,
             "registry_http_status": answer.http_status,
+            "registry_fault_class": answer.fault_class.value,
         }
+        if answer.fault_class is FaultClass.REGISTRY and answer.error_kind is not None:
+            if answer.error_kind.outcome_unknown:
+                # The registry may have started it before the answer was lost: ask.
+                status = self.registry.status(repository.path, fence=writer.fence)
+                fields["registry_status_after"] = (
+                    status.status.value if status.status else status.outcome.value
+                )
+                if status.status in _PHASE_UNDER_WAY[import_type]:
+                    fields["why"] = "start answer lost; the registry reports it under way"
+                    return StepReport(StepOutcome.STARTED, repository, fields)
+            report = self._registry_fault(repository, writer, answer, claimed_from=claimed_from)
+            report.fields.update(fields)
+            return report
+        if answer.fault_class is not FaultClass.REGISTRY:
+            self._registry_answered(repository)
         match answer.outcome:
             case ImportOutcome.STARTED:
                 return StepReport(StepOutcome.STARTED, repository, fields)
             case ImportOutcome.ALREADY_IMPORTED:
-                report = self._skip(repository, writer, SkipReason.NATIVE_IMPORT, answer.detail)
-            case ImportOutcome.NOT_FOUND:
-                report = self._skip(repository, writer, SkipReason.NOT_FOUND, answer.detail)
-            case ImportOutcome.TOO_MANY_IMPORTS:
-                undone = _counted(
-                    self.store.undo_claim(
-                        repository.id,
-                        expected_state=repository.migration_state,
-                        claimed_from=claimed_from,
-                        token=writer.token,
-                        actor=writer.actor,
-                        message_id=writer.message_id,
-                        detail={"why": "registry: too many imports"},
-                    )
+                report = self._finish_as(
+                    repository, writer, SkipReason.NATIVE_IMPORT, answer.detail
                 )
+            case ImportOutcome.NOT_FOUND:
+                report = self._finish_as(repository, writer, SkipReason.NOT_FOUND, answer.detail)
+            case ImportOutcome.TOO_MANY_IMPORTS:
+                undone = self._undo(
+                    repository, claimed_from, writer, "registry: too many imports",
+                    fault_class="not_now",
+                )  # fmt: skip
                 report = self._report(undone, StepOutcome.UNDONE)
-            case _:
+            case ImportOutcome.ALREADY_BEING_IMPORTED:
+                running = _RUNNING_BY_CODE.get(answer.http_status or 0)
+                if running is import_type:
+                    # The registry already runs the very phase we claimed: wait for its
+                    # notification, as after a 202.
+                    fields["why"] = f"registry already runs the {import_type} phase"
+                    return StepReport(StepOutcome.ALIGNED, repository, fields)
+                # It runs the other phase: nothing to start now; a retry's status read
+                # aligns the state once it is aborted, or the phase ends and the start works.
+                undone = self._undo(
+                    repository, claimed_from, writer,
+                    f"registry: already importing ({answer.http_status}): {answer.detail}",
+                    fault_class="not_now",
+                )  # fmt: skip
+                report = self._report(undone, StepOutcome.UNDONE)
+            case ImportOutcome.PRE_IMPORT_FAILED:
                 report = self._abort(
-                    repository, writer, f"registry: {answer.outcome}: {answer.detail}"
+                    repository, writer, f"registry: {answer.detail}", AbortCause.PRE_IMPORT_FAILED
+                )
+            case _:  # an invalid path: ours, not the registry's
+                report = self._abort(
+                    repository, writer, f"registry: {answer.detail}", AbortCause.INVALID_PATH
                 )
         report.fields.update(fields)
         return report
 
     # -- the steps ----------------------------------------------------------------------
 
+    @_fenced
     def start(self, repository: Repository, settings: Settings, writer: Writer) -> StepReport:
         """Start a ready repository (state ``default``): tags check, claim, pre-import."""
         if settings.max_tags_count and repository.tags_count > settings.max_tags_count:
@@ -246,20 +500,28 @@ class Migrator:
         claimed = self._claim(repository, Event.START_PRE_IMPORT, writer)
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
-        answer = self.registry.start_pre_import(repository.path)
-        return self._after_start(claimed, State.DEFAULT, answer, writer)
+        return self._start_claimed(claimed, State.DEFAULT, writer, ImportType.PRE)
 
+    @_fenced
     def retry(self, repository: Repository, writer: Writer) -> StepReport:
         """Retry an aborted repository, reconciling with the registry's status first.
 
-        Native or already complete at the registry: finish without another import.
-        Otherwise claim the retry the state machine allows (by the state it was aborted in)
-        and start that phase again.
+        Native or already complete at the registry: finish without another import. A phase
+        the registry is still running: take it over (``align_*``) and send nothing; a new
+        start would be refused (409 / 425) and charged. A registry that cannot be read:
+        nothing is claimed or charged; the repository backs off. Otherwise claim the retry
+        the state machine allows (by the state it was aborted in) and start that phase.
         """
-        status = self.registry.status(repository.path)
+        status = self.registry.status(repository.path, fence=writer.fence)
+        if status.fault_class is FaultClass.REGISTRY:
+            return self._registry_fault(repository, writer, status)
+        self._registry_answered(repository)
+        registry_status = status.status.value if status.status else status.outcome.value
         if status.outcome is StatusOutcome.FOUND:
             if status.status is RegistryImportStatus.NATIVE:
-                return self._skip(repository, writer, SkipReason.NATIVE_IMPORT, "registry: native")
+                return self._finish_as(
+                    repository, writer, SkipReason.NATIVE_IMPORT, "registry: native"
+                )
             if status.status is RegistryImportStatus.IMPORT_COMPLETE:
                 result = self._step(
                     repository,
@@ -268,27 +530,39 @@ class Migrator:
                     detail={"why": "registry: import_complete"},
                 )
                 return self._report(result, StepOutcome.FINISHED)
+            align = {
+                RegistryImportStatus.PRE_IMPORT_IN_PROGRESS: Event.ALIGN_PRE_IMPORTING,
+                RegistryImportStatus.IMPORT_IN_PROGRESS: Event.ALIGN_IMPORTING,
+            }.get(status.status)  # type: ignore[arg-type]
+            if align is not None:
+                aligned = self._claim(
+                    repository, align, writer,
+                    detail={"registry_status": registry_status,
+                            "why": "the registry already runs this phase"},
+                )  # fmt: skip
+                if not aligned.ok:
+                    return StepReport(_CLAIM_REFUSALS[aligned.outcome], aligned.repository)
+                return StepReport(
+                    StepOutcome.ALIGNED, aligned.repository, {"registry_status": registry_status}
+                )
         event = allowed_retry(repository.migration_aborted_in_state)
-        registry_status = status.status.value if status.status else status.outcome.value
         claimed = self._claim(
             repository, event, writer, detail={"registry_status": registry_status}
         )
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
-        if event is Event.RETRY_PRE_IMPORT:
-            answer = self.registry.start_pre_import(repository.path)
-        else:
-            answer = self.registry.start_import(repository.path)
-        return self._after_start(claimed, State.IMPORT_ABORTED, answer, writer)
+        import_type = ImportType.PRE if event is Event.RETRY_PRE_IMPORT else ImportType.FINAL
+        return self._start_claimed(claimed, State.IMPORT_ABORTED, writer, import_type)
 
+    @_fenced
     def start_final_import(self, repository: Repository, writer: Writer) -> StepReport:
         """pre_import_done → importing, and ask the registry for the final import."""
         stepped = self._step(repository, Event.START_IMPORT, writer)
         if not stepped.ok:
             return self._report(stepped, StepOutcome.REFUSED)
-        answer = self.registry.start_import(repository.path)
-        return self._after_start(stepped, State.PRE_IMPORT_DONE, answer, writer)
+        return self._start_claimed(stepped, State.PRE_IMPORT_DONE, writer, ImportType.FINAL)
 
+    @_fenced
     def on_registry_status(
         self,
         repository: Repository,
@@ -321,8 +595,8 @@ class Migrator:
                 {"ignored_status": status.value, "state": state.value},
             )
         if verify:
-            current = self.registry.status(repository.path)
-            if current.outcome in (StatusOutcome.ERROR, StatusOutcome.UNAUTHORIZED):
+            current = self.registry.status(repository.path, fence=writer.fence)
+            if current.fault_class is FaultClass.REGISTRY:
                 raise RegistryUnavailable(
                     f"cannot confirm {status.value} for {repository.path}: {current.outcome}"
                     f" {current.detail}".rstrip()
@@ -349,8 +623,12 @@ class Migrator:
                 repository, Event.FINISH_IMPORT, writer, detail={"registry": detail}
             )
             return self._report(result, StepOutcome.FINISHED)
-        return self._abort(repository, writer, f"registry: {status.value} {detail}".strip())
+        return self._abort(
+            repository, writer, f"registry: {status.value} {detail}".strip(),
+            _NOTIFIED_CAUSES[status],
+        )  # fmt: skip
 
+    @_fenced
     def reconcile_stale(
         self, repository: Repository, settings: Settings, writer: Writer
     ) -> StepReport:
@@ -359,16 +637,20 @@ class Migrator:
         Ask the registry: an ended phase is applied as its notification would have been; a
         phase still running past its timeout is canceled, then aborted (or skipped as
         ``migration_canceled`` when this abort would use the last retry); a registry state
-        that does not match ours aborts. A registry that cannot be asked changes nothing.
+        that does not match ours (or one outside the API's list) is canceled and aborted. A
+        registry that cannot be read or cancelled changes nothing: the guard looks again on
+        its next pass (invariant 7).
         """
         state = repository.migration_state
-        status = self.registry.status(repository.path)
+        status = self.registry.status(repository.path, fence=writer.fence)
         fields: dict[str, Any] = {
             "registry_status": status.status.value if status.status else status.outcome.value
         }
-        if status.outcome is StatusOutcome.ERROR or status.outcome is StatusOutcome.UNAUTHORIZED:
+        if status.fault_class is FaultClass.REGISTRY:
             return StepReport(
-                StepOutcome.IGNORED, repository, {**fields, "why": "registry unreachable"}
+                StepOutcome.IGNORED,
+                repository,
+                {**fields, "why": "registry unreachable", "registry_error": status.detail},
             )
         registry_status = status.status
         if (
@@ -385,7 +667,7 @@ class Migrator:
             State.PRE_IMPORTING: (
                 RegistryImportStatus.PRE_IMPORT_IN_PROGRESS,
                 repository.migration_pre_import_started_at,
-                settings.pre_import_timeout,
+                settings.pre_import_timeout_for(repository.tags_count),
             ),
             State.IMPORTING: (
                 RegistryImportStatus.IMPORT_IN_PROGRESS,
@@ -402,8 +684,15 @@ class Migrator:
                     repository,
                     {**fields, "why": "still running within its timeout"},
                 )
-            cancel = self.registry.cancel(repository.path)
+            cancel = self.registry.cancel(repository.path, fence=writer.fence)
             fields.update(canceled=cancel.outcome.value, running_s=round(age, 1))
+            if cancel.fault_class is FaultClass.REGISTRY:
+                return StepReport(
+                    StepOutcome.IGNORED,
+                    repository,
+                    {**fields, "why": "cancel failed: registry unreachable",
+                     "registry_error": cancel.detail},
+                )  # fmt: skip
             if repository.migration_retries_count + 1 >= settings.max_retries:
                 report = self._skip(
                     repository,
@@ -413,12 +702,30 @@ class Migrator:
                 )
             else:
                 report = self._abort(
-                    repository, writer, f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled"
+                    repository,
+                    writer,
+                    f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled",
+                    AbortCause.TIMEOUT,
                 )
             report.fields.update(fields)
             return report
+        if status.outcome is StatusOutcome.UNKNOWN_STATUS:
+            # A status outside the API's list: whatever runs there, cancel it before the
+            # abort frees its slot, as the reference does.
+            cancel = self.registry.cancel(repository.path, fence=writer.fence)
+            fields["canceled"] = cancel.outcome.value
+            if cancel.fault_class is FaultClass.REGISTRY:
+                return StepReport(
+                    StepOutcome.IGNORED,
+                    repository,
+                    {**fields, "why": "cancel failed: registry unreachable",
+                     "registry_error": cancel.detail},
+                )  # fmt: skip
         report = self._abort(
-            repository, writer, f"registry reports {fields['registry_status']} while {state.value}"
+            repository,
+            writer,
+            f"registry reports {fields['registry_status']} while {state.value}",
+            AbortCause.REGISTRY_STATE_MISMATCH,
         )
         report.fields.update(fields)
         return report

@@ -4,24 +4,39 @@ The client is synchronous (httpx) because it is called from Dramatiq worker thre
 :class:`RegistryClient` holds one pooled ``httpx.Client`` and may be shared by threads.
 
 Every call returns a typed, frozen result and never raises for what a registry can answer
-or a network can do: refused connections, timeouts, 5xx and garbage all come back as an
-``error`` outcome with a detail string. The mapping of HTTP statuses follows the reference
-(GitLab's ``ContainerRegistry::GitlabApiClient``):
+or a network can do. The mapping of HTTP statuses follows the reference (GitLab's
+``ContainerRegistry::GitlabApiClient``), and every result says whose failure it is
+(:class:`FaultClass`, invariant 7 of docs/design.md): this table is the one place that decides.
 
-- 202 → ``started``: the registry began the (pre-)import;
-- 200 → ``already_imported``: the repository is native already;
-- 404 → ``not_found``: no such repository;
-- 409 / 425 → ``already_being_imported``: an import / a pre-import is running;
-- 424 → ``pre_import_failed``: a final import after a failed pre-import;
-- 429 → ``too_many_imports``: after bounded retries with backoff and jitter;
-- 401 → ``unauthorized``: the token was refused;
-- anything else → ``error``: 5xx, unexpected codes, garbage, network errors, timeouts.
+==========================  ==========================  =================================
+answer                      outcome                     fault class
+==========================  ==========================  =================================
+start 202                   ``started``                 ``ok``
+start 200                   ``already_imported``        ``repository`` (native)
+start / status / cancel 404 ``not_found``               ``repository``
+start 424                   ``pre_import_failed``       ``repository`` (charges a retry)
+status 200, unknown status  ``unknown_status``          ``repository`` (guard aborts)
+start 409 / 425             ``already_being_imported``  ``not_now`` (reconcile, align)
+start 429                   ``too_many_imports``        ``not_now`` (claim undone)
+cancel 400                  ``nothing_running``         ``not_now``
+401 / 403                   ``unauthorized``            ``registry`` (pauses the migration)
+5xx, other codes            ``error`` (kind ``server``  ``registry`` (never charged)
+                            / ``bad_answer``)
+not JSON, wrong type        ``error`` (``bad_answer``)  ``registry``
+refused, DNS, TLS           ``error`` (``connect``)     ``registry`` (opens the breaker)
+timeout, reset mid-answer   ``error`` (``timeout`` /    ``registry``; a start's outcome is
+                            ``reset``)                  unknown: reconcile with a status read
+==========================  ==========================  =================================
+
+An invalid repository path (our data, not the registry's answer) is ``error`` of kind
+``invalid_path``, class ``repository``.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -31,11 +46,50 @@ from urllib.parse import quote
 import httpx
 import structlog
 
+from migration import metrics
 from migration.config import Config
 
 log = structlog.get_logger(__name__)
 
 IMPORT_PATH = "/gitlab/v1/import/"
+#: The registry's own compliance check: 200 when it implements this API (a cheap probe).
+API_ROOT = "/gitlab/v1/"
+
+
+#: Asked before every request of a call with the client's timeout; returns the timeout to
+#: use (shorter when the caller's lease would not outlast the full one), or raises to send
+#: nothing (invariant 8: no side effect after the lease is gone).
+Fence = Callable[[float], float]
+
+
+class FaultClass(StrEnum):
+    """Whose failure an answer is (invariant 7): only ``repository`` may charge a retry."""
+
+    OK = "ok"
+    REPOSITORY = "repository"  # what the registry says about this repository
+    NOT_NOW = "not_now"  # busy or already running: try again later, nothing charged
+    REGISTRY = "registry"  # the registry (or the way to it) failed: never charged
+
+
+class ErrorKind(StrEnum):
+    """What went wrong when an answer is the registry's failure."""
+
+    CONNECT = "connect"  # refused, DNS, TLS: the request never reached it
+    TIMEOUT = "timeout"  # no answer in time: the request may have been acted on
+    RESET = "reset"  # the connection broke after sending: may have been acted on
+    SERVER = "server"  # a 5xx answer
+    AUTH = "auth"  # 401 / 403: our token is refused
+    BAD_ANSWER = "bad_answer"  # not the API's answer (unexpected code, not JSON)
+    INVALID_PATH = "invalid_path"  # our repository path cannot be sent
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Whether a start that failed this way may still have been started."""
+        return self in (ErrorKind.TIMEOUT, ErrorKind.RESET, ErrorKind.SERVER)
+
+
+def _fault_of(kind: ErrorKind | None) -> FaultClass:
+    return FaultClass.REPOSITORY if kind is ErrorKind.INVALID_PATH else FaultClass.REGISTRY
 
 
 class ImportOutcome(StrEnum):
@@ -87,6 +141,9 @@ class StatusOutcome(StrEnum):
 
     FOUND = "found"
     NOT_FOUND = "not_found"
+    #: A 200 JSON answer whose status is not one of the API's: the repository's, not a fault
+    #: of the registry as a whole (the guard cancels and aborts it, as the reference does).
+    UNKNOWN_STATUS = "unknown_status"
     UNAUTHORIZED = "unauthorized"
     ERROR = "error"
 
@@ -109,17 +166,24 @@ class ImportResult:
     :param http_status: the last HTTP status received, None when no answer came.
     :param detail: a short human-readable explanation (the registry's, or the error's).
     :param attempts: HTTP requests made (more than one only after 429 answers).
+    :param error_kind: with ``error`` and ``unauthorized``: what went wrong.
     """
 
     outcome: ImportOutcome
     http_status: int | None
     detail: str = ""
     attempts: int = 1
+    error_kind: ErrorKind | None = None
 
     @property
     def started(self) -> bool:
         """True when the registry began the (pre-)import."""
         return self.outcome is ImportOutcome.STARTED
+
+    @property
+    def fault_class(self) -> FaultClass:
+        """Whose failure this answer is (see the module's table)."""
+        return _START_FAULTS.get(self.outcome) or _fault_of(self.error_kind)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +204,16 @@ class StatusResult:
     path: str | None = None
     detail: str = ""
     http_status: int | None = None
+    error_kind: ErrorKind | None = None
+
+    @property
+    def fault_class(self) -> FaultClass:
+        """Whose failure this answer is (see the module's table)."""
+        if self.outcome in (StatusOutcome.FOUND,):
+            return FaultClass.OK
+        if self.outcome in (StatusOutcome.NOT_FOUND, StatusOutcome.UNKNOWN_STATUS):
+            return FaultClass.REPOSITORY
+        return _fault_of(self.error_kind)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,7 +230,42 @@ class CancelResult:
     status: RegistryImportStatus | None = None
     detail: str = ""
     http_status: int | None = None
+    error_kind: ErrorKind | None = None
 
+    @property
+    def fault_class(self) -> FaultClass:
+        """Whose failure this answer is (see the module's table)."""
+        return {
+            CancelOutcome.ACCEPTED: FaultClass.OK,
+            CancelOutcome.NOTHING_RUNNING: FaultClass.NOT_NOW,
+            CancelOutcome.NOT_FOUND: FaultClass.REPOSITORY,
+        }.get(self.outcome) or _fault_of(self.error_kind)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeResult:
+    """The answer to the compliance check ``GET /gitlab/v1/``.
+
+    :param ok: the registry answered 200: it is up and implements the API.
+    :param detail: what went wrong otherwise (404: its metadata database is disabled).
+    :param http_status: the HTTP status, None when no answer came.
+    :param error_kind: what went wrong, when not ok.
+    """
+
+    ok: bool
+    detail: str = ""
+    http_status: int | None = None
+    error_kind: ErrorKind | None = None
+
+
+_START_FAULTS: dict[ImportOutcome, FaultClass] = {
+    ImportOutcome.STARTED: FaultClass.OK,
+    ImportOutcome.ALREADY_IMPORTED: FaultClass.REPOSITORY,
+    ImportOutcome.NOT_FOUND: FaultClass.REPOSITORY,
+    ImportOutcome.PRE_IMPORT_FAILED: FaultClass.REPOSITORY,
+    ImportOutcome.ALREADY_BEING_IMPORTED: FaultClass.NOT_NOW,
+    ImportOutcome.TOO_MANY_IMPORTS: FaultClass.NOT_NOW,
+}
 
 _START_OUTCOMES = {
     202: ImportOutcome.STARTED,
@@ -167,6 +276,7 @@ _START_OUTCOMES = {
     424: ImportOutcome.PRE_IMPORT_FAILED,
     429: ImportOutcome.TOO_MANY_IMPORTS,
     401: ImportOutcome.UNAUTHORIZED,
+    403: ImportOutcome.UNAUTHORIZED,
 }
 
 _CANCEL_OUTCOMES = {
@@ -174,7 +284,28 @@ _CANCEL_OUTCOMES = {
     400: CancelOutcome.NOTHING_RUNNING,
     404: CancelOutcome.NOT_FOUND,
     401: CancelOutcome.UNAUTHORIZED,
+    403: CancelOutcome.UNAUTHORIZED,
 }
+
+
+def _kind_of_status(code: int) -> ErrorKind:
+    """The error kind of an HTTP status the API does not define for the call."""
+    if code in (401, 403):
+        return ErrorKind.AUTH
+    return ErrorKind.SERVER if code >= 500 else ErrorKind.BAD_ANSWER
+
+
+def _api_answer(response: httpx.Response) -> bool:
+    """Whether a 2xx answer is the API's: JSON (or empty), not a proxy's HTML page."""
+    if not response.content.strip():
+        return True
+    if "json" not in response.headers.get("content-type", "json").lower():
+        return False
+    try:
+        response.json()
+    except ValueError:
+        return False
+    return True
 
 
 class InvalidRepositoryPath(ValueError):
@@ -226,6 +357,22 @@ def _transport_detail(error: Exception) -> str:
     return f"{type(error).__name__}: {message.strip().splitlines()[0] if message else ''}"
 
 
+def _transport_kind(error: httpx.HTTPError) -> ErrorKind:
+    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+        return ErrorKind.CONNECT  # nothing was sent: the start cannot have happened
+    if isinstance(error, httpx.TimeoutException):
+        return ErrorKind.TIMEOUT
+    return ErrorKind.RESET
+
+
+@dataclass(frozen=True)
+class _TransportFailure:
+    """A request that got no HTTP answer."""
+
+    detail: str
+    kind: ErrorKind
+
+
 class RegistryClient:
     """Calls the registry import API; safe to share between threads.
 
@@ -256,6 +403,10 @@ class RegistryClient:
         self.base_url = base_url.rstrip("/")
         self.too_many_retries = too_many_retries
         self.backoff = backoff
+        self.timeout = timeout
+        #: Called after every call with (call, fault class, error kind, what went wrong: the
+        #: HTTP status and the detail); see migration.registry_health. Must not raise.
+        self.observer: Callable[[str, FaultClass, ErrorKind | None, str], None] | None = None
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -274,6 +425,7 @@ class RegistryClient:
         :param config: the process configuration.
         :param options: further keyword options of the constructor (timeout, ...).
         """
+        options.setdefault("timeout", config.registry_timeout)
         return cls(config.registry_url, token=config.registry_token, **options)
 
     def __enter__(self) -> RegistryClient:
@@ -293,56 +445,72 @@ class RegistryClient:
 
     # -- start -----------------------------------------------------------------------------
 
-    def start_pre_import(self, path: str) -> ImportResult:
+    def start_pre_import(self, path: str, *, fence: Fence | None = None) -> ImportResult:
         """Ask the registry to pre-import a repository (``import_type=pre``).
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        return self._start(path, ImportType.PRE)
+        return self._start(path, ImportType.PRE, fence)
 
-    def start_import(self, path: str) -> ImportResult:
+    def start_import(self, path: str, *, fence: Fence | None = None) -> ImportResult:
         """Ask the registry for the final import of a repository (``import_type=final``).
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        return self._start(path, ImportType.FINAL)
+        return self._start(path, ImportType.FINAL, fence)
 
-    def _start(self, path: str, import_type: ImportType) -> ImportResult:
+    def _start(self, path: str, import_type: ImportType, fence: Fence | None) -> ImportResult:
+        call = f"start_{import_type}"
         try:
             url = import_url_path(path)
         except InvalidRepositoryPath as error:
             return ImportResult(
-                outcome=ImportOutcome.ERROR, http_status=None, detail=str(error), attempts=0
-            )
+                outcome=ImportOutcome.ERROR, http_status=None, detail=str(error), attempts=0,
+                error_kind=ErrorKind.INVALID_PATH,
+            )  # fmt: skip
         attempts = 0
         while True:
             attempts += 1
-            response = self._request("PUT", url, params={"import_type": str(import_type)})
-            if isinstance(response, str):
+            response = self._request(
+                call, "PUT", url, fence, params={"import_type": str(import_type)}
+            )
+            if isinstance(response, _TransportFailure):
                 result = ImportResult(
                     outcome=ImportOutcome.ERROR,
                     http_status=None,
-                    detail=response,
+                    detail=response.detail,
                     attempts=attempts,
+                    error_kind=response.kind,
                 )
                 break
-            outcome = _START_OUTCOMES.get(response.status_code, ImportOutcome.ERROR)
+            code = response.status_code
+            outcome = _START_OUTCOMES.get(code, ImportOutcome.ERROR)
+            kind = None
+            if outcome is ImportOutcome.ERROR or outcome is ImportOutcome.UNAUTHORIZED:
+                kind = _kind_of_status(code)
+            elif code < 300 and not _api_answer(response):
+                outcome, kind = ImportOutcome.ERROR, ErrorKind.BAD_ANSWER
             result = ImportResult(
                 outcome=outcome,
-                http_status=response.status_code,
+                http_status=code,
                 detail=_detail(response),
                 attempts=attempts,
+                error_kind=kind,
             )
             if outcome is not ImportOutcome.TOO_MANY_IMPORTS or attempts > self.too_many_retries:
                 break
             time.sleep(self._retry_delay(attempts))
+        self._count(call, result.fault_class, result.error_kind, result.detail, result.http_status)
         log.debug(
-            "registry.start",
+            "registry_start",
             path=path,
             import_type=str(import_type),
             outcome=str(result.outcome),
             http_status=result.http_status,
             attempts=result.attempts,
+            error_kind=result.error_kind,
         )
         return result
 
@@ -354,37 +522,58 @@ class RegistryClient:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self, path: str) -> StatusResult:
+    def status(self, path: str, *, fence: Fence | None = None) -> StatusResult:
         """Read a repository's import status.
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
+        result = self._status(path, fence)
+        self._count(
+            "status", result.fault_class, result.error_kind, result.detail, result.http_status
+        )
+        return result
+
+    def _status(self, path: str, fence: Fence | None) -> StatusResult:
         try:
             url = import_url_path(path)
         except InvalidRepositoryPath as error:
-            return StatusResult(outcome=StatusOutcome.ERROR, detail=str(error))
-        response = self._request("GET", url)
-        if isinstance(response, str):
-            return StatusResult(outcome=StatusOutcome.ERROR, detail=response)
+            return StatusResult(
+                outcome=StatusOutcome.ERROR, detail=str(error), error_kind=ErrorKind.INVALID_PATH
+            )
+        response = self._request("status", "GET", url, fence)
+        if isinstance(response, _TransportFailure):
+            return StatusResult(
+                outcome=StatusOutcome.ERROR, detail=response.detail, error_kind=response.kind
+            )
         code = response.status_code
-        if code == 404:
+        if code == 404 and _api_answer(response):
             return StatusResult(
                 outcome=StatusOutcome.NOT_FOUND, detail=_detail(response), http_status=code
             )
-        if code == 401:
+        if code in (401, 403):
             return StatusResult(
-                outcome=StatusOutcome.UNAUTHORIZED, detail=_detail(response), http_status=code
-            )
+                outcome=StatusOutcome.UNAUTHORIZED, detail=_detail(response), http_status=code,
+                error_kind=ErrorKind.AUTH,
+            )  # fmt: skip
         if code != 200:
             return StatusResult(
-                outcome=StatusOutcome.ERROR, detail=_detail(response), http_status=code
-            )
-        body = _json_object(response)
-        status = _known_status(body.get("status")) if body is not None else None
-        if body is None or status is None:
+                outcome=StatusOutcome.ERROR, detail=_detail(response), http_status=code,
+                error_kind=_kind_of_status(code),
+            )  # fmt: skip
+        body = _json_object(response) if _api_answer(response) else None
+        if body is None:
             return StatusResult(
                 outcome=StatusOutcome.ERROR,
                 detail=f"unexpected status body: {response.text.strip()[:200]!r}",
+                http_status=code,
+                error_kind=ErrorKind.BAD_ANSWER,
+            )
+        status = _known_status(body.get("status"))
+        if status is None:
+            return StatusResult(
+                outcome=StatusOutcome.UNKNOWN_STATUS,
+                detail=f"unknown status {str(body.get('status'))[:100]!r}",
                 http_status=code,
             )
         return StatusResult(
@@ -398,45 +587,113 @@ class RegistryClient:
 
     # -- cancel ----------------------------------------------------------------------------
 
-    def cancel(self, path: str) -> CancelResult:
+    def cancel(self, path: str, *, fence: Fence | None = None) -> CancelResult:
         """Ask the registry to cancel the running (pre-)import of a repository.
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
         try:
             url = import_url_path(path)
         except InvalidRepositoryPath as error:
-            return CancelResult(outcome=CancelOutcome.ERROR, detail=str(error))
-        response = self._request("DELETE", url)
-        if isinstance(response, str):
-            return CancelResult(outcome=CancelOutcome.ERROR, detail=response)
-        body = _json_object(response)
-        result = CancelResult(
-            outcome=_CANCEL_OUTCOMES.get(response.status_code, CancelOutcome.ERROR),
-            status=_known_status(body.get("status")) if body is not None else None,
-            detail=_detail(response),
-            http_status=response.status_code,
+            return CancelResult(
+                outcome=CancelOutcome.ERROR, detail=str(error), error_kind=ErrorKind.INVALID_PATH
+            )
+        response = self._request("cancel", "DELETE", url, fence)
+        if isinstance(response, _TransportFailure):
+            result = CancelResult(
+                outcome=CancelOutcome.ERROR, detail=response.detail, error_kind=response.kind
+            )
+        else:
+            body = _json_object(response)
+            code = response.status_code
+            outcome = _CANCEL_OUTCOMES.get(code, CancelOutcome.ERROR)
+            kind = None
+            if outcome in (CancelOutcome.ERROR, CancelOutcome.UNAUTHORIZED):
+                kind = _kind_of_status(code)
+            elif not _api_answer(response):
+                outcome, kind = CancelOutcome.ERROR, ErrorKind.BAD_ANSWER
+            result = CancelResult(
+                outcome=outcome,
+                status=_known_status(body.get("status")) if body is not None else None,
+                detail=_detail(response),
+                http_status=code,
+                error_kind=kind,
+            )
+        self._count(
+            "cancel", result.fault_class, result.error_kind, result.detail, result.http_status
         )
         log.debug(
-            "registry.cancel",
+            "registry_cancel",
             path=path,
             outcome=str(result.outcome),
             http_status=result.http_status,
         )
         return result
 
+    # -- probe -----------------------------------------------------------------------------
+
+    def probe(self) -> ProbeResult:
+        """The registry's compliance check, ``GET /gitlab/v1/``: is it up and speaking the API?
+
+        200 → ok; 401/403 → our token is refused; 404 → its metadata database is disabled;
+        anything else, or no answer, → not ok.
+        """
+        response = self._request("probe", "GET", API_ROOT, None)
+        if isinstance(response, _TransportFailure):
+            result = ProbeResult(ok=False, detail=response.detail, error_kind=response.kind)
+        elif response.status_code == 200 and _api_answer(response):
+            result = ProbeResult(ok=True, http_status=200)
+        else:
+            code = response.status_code
+            detail = _detail(response)
+            if code == 404:
+                detail = f"metadata database disabled (404): {detail}"
+            kind = ErrorKind.BAD_ANSWER if code == 200 else _kind_of_status(code)
+            result = ProbeResult(ok=False, detail=detail, http_status=code, error_kind=kind)
+        fault = FaultClass.OK if result.ok else FaultClass.REGISTRY
+        self._count("probe", fault, result.error_kind, result.detail, result.http_status)
+        return result
+
     # -- transport -------------------------------------------------------------------------
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response | str:
-        """Send one request; a transport failure comes back as its description (a str)."""
+    def _request(
+        self, call: str, method: str, url: str, fence: Fence | None, **kwargs: Any
+    ) -> httpx.Response | _TransportFailure:
+        """Send one request; a transport failure comes back as a :class:`_TransportFailure`.
+
+        The fence (if any) is asked before every request, 429 retries included: it may
+        shorten the timeout, or raise, and then nothing is sent.
+        """
+        if fence is not None:
+            kwargs["timeout"] = httpx.Timeout(fence(self.timeout))
+        began = time.monotonic()
         try:
             response = self._http.request(method, url, **kwargs)
             response.read()
         except httpx.HTTPError as error:
             detail = _transport_detail(error)
-            log.warning("registry.unreachable", method=method, url=url, error=detail)
-            return detail
+            kind = _transport_kind(error)
+            log.warning(
+                "registry_unreachable", method=method, url=url, error=detail, error_kind=kind
+            )
+            return _TransportFailure(detail, kind)
+        finally:
+            metrics.REGISTRY_CALL_SECONDS.labels(call).observe(time.monotonic() - began)
         return response
+
+    def _count(
+        self,
+        call: str,
+        fault_class: FaultClass,
+        kind: ErrorKind | None,
+        detail: str,
+        http_status: int | None,
+    ) -> None:
+        metrics.REGISTRY_CALLS.labels(call, fault_class.value).inc()
+        if self.observer is not None:
+            said = f"{http_status} {detail}" if http_status is not None else detail
+            self.observer(call, fault_class, kind, said)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

@@ -12,6 +12,9 @@ check. The allowed transitions::
     start_import       pre_import_done                            -> importing
     finish_import      importing                                  -> import_done
     already_migrated   default | import_aborted                   -> import_done
+    finish_import_as   any state but import_done, import_skipped  -> import_done (reason:
+                       native_import or not_found: the registry holds it already, or does
+                       not know it; nothing left to do, as the reference's finish_import_as)
     abort_import       pre_importing | pre_import_done | importing -> import_aborted
                        (retries_count + 1; when that reaches max_retries: import_skipped,
                        reason too_many_retries)
@@ -20,6 +23,10 @@ check. The allowed transitions::
                                                                   -> pre_importing
     retry_import       import_aborted (aborted in pre_import_done or importing)
                                                                   -> importing
+    align_pre_importing  import_aborted                           -> pre_importing
+    align_importing      import_aborted                           -> importing
+                       (the registry is already running that phase: a retry takes it over
+                       instead of sending a start the registry would refuse; no retry counted)
 
 Undoing a claim (the registry answered 429 "too many imports" to the request that the claim
 was made for) is not an event of the machine but its own operation, :func:`undo_claim`: it
@@ -52,10 +59,13 @@ class Event(StrEnum):
     START_IMPORT = "start_import"
     FINISH_IMPORT = "finish_import"
     ALREADY_MIGRATED = "already_migrated"
+    FINISH_IMPORT_AS = "finish_import_as"
     ABORT_IMPORT = "abort_import"
     SKIP_IMPORT = "skip_import"
     RETRY_PRE_IMPORT = "retry_pre_import"
     RETRY_IMPORT = "retry_import"
+    ALIGN_PRE_IMPORTING = "align_pre_importing"
+    ALIGN_IMPORTING = "align_importing"
 
 
 class SkipReason(StrEnum):
@@ -69,6 +79,11 @@ class SkipReason(StrEnum):
     ROOT_NAMESPACE_IN_DENY_LIST = "root_namespace_in_deny_list"
 
 
+#: The reasons an import_done repository may carry (:data:`Event.FINISH_IMPORT_AS`).
+DONE_REASONS: frozenset[SkipReason] = frozenset({SkipReason.NATIVE_IMPORT, SkipReason.NOT_FOUND})
+#: Events that take a reason (``skip_reason``); every other event refuses one.
+_REASONED_EVENTS: frozenset[Event] = frozenset({Event.SKIP_IMPORT, Event.FINISH_IMPORT_AS})
+
 #: States that count against the capacity setting (a migration is in flight).
 ACTIVE_STATES: frozenset[State] = frozenset(
     {State.PRE_IMPORTING, State.PRE_IMPORT_DONE, State.IMPORTING}
@@ -78,10 +93,22 @@ TERMINAL_STATES: frozenset[State] = frozenset({State.IMPORT_DONE, State.IMPORT_S
 #: Events that move a repository from a non-active state into an active one. The store
 #: routes them through its capacity-checked claim.
 CLAIM_EVENTS: frozenset[Event] = frozenset(
-    {Event.START_PRE_IMPORT, Event.RETRY_PRE_IMPORT, Event.RETRY_IMPORT}
+    {
+        Event.START_PRE_IMPORT,
+        Event.RETRY_PRE_IMPORT,
+        Event.RETRY_IMPORT,
+        Event.ALIGN_PRE_IMPORTING,
+        Event.ALIGN_IMPORTING,
+    }
 )
 #: The name the store records in the events table for :func:`undo_claim`.
 UNDO_CLAIM = "undo_claim"
+#: The name the store records when an operator puts a repository back in ``default``
+#: (``repositories requeue``): an operator's repair, not an event of the machine.
+REQUEUE = "requeue"
+#: The states an operator may requeue from: where a migration ended or waits for a
+#: retry. Never an active state (a worker may be stepping it), nor import_done.
+REQUEUE_STATES: frozenset[State] = frozenset({State.IMPORT_ABORTED, State.IMPORT_SKIPPED})
 
 # The simple edges: event -> {from state: to state}. Abort, skip and the two retries have
 # extra rules and are handled in ``apply``.
@@ -94,6 +121,8 @@ _EDGES: dict[Event, dict[State, State]] = {
         State.DEFAULT: State.IMPORT_DONE,
         State.IMPORT_ABORTED: State.IMPORT_DONE,
     },
+    Event.ALIGN_PRE_IMPORTING: {State.IMPORT_ABORTED: State.PRE_IMPORTING},
+    Event.ALIGN_IMPORTING: {State.IMPORT_ABORTED: State.IMPORTING},
 }
 # import_aborted -> which retry, by the state the repository was aborted in. ``None``
 # (unknown, e.g. a row written by hand) starts over with the pre-import, which is always safe.
@@ -173,11 +202,11 @@ def apply(
     :raises InvalidTransition: the pair is not allowed.
     """
     state, event = State(state), Event(event)
-    if (skip_reason is not None) != (event is Event.SKIP_IMPORT):
+    if (skip_reason is not None) != (event in _REASONED_EVENTS):
         why = (
-            "skip_import needs a skip reason"
+            f"{event} needs a skip reason"
             if skip_reason is None
-            else "only skip_import takes a skip reason"
+            else "only skip_import and finish_import_as take a reason"
         )
         raise InvalidTransition(state, event, why)
 
@@ -214,11 +243,15 @@ def apply(
                 reason=SkipReason.TOO_MANY_RETRIES,
             )
         return to(State.IMPORT_ABORTED, retries=retries, aborted_in=state)
-    if event is Event.SKIP_IMPORT:
+    if event is Event.SKIP_IMPORT or event is Event.FINISH_IMPORT_AS:
         if state in TERMINAL_STATES:
             raise InvalidTransition(state, event, "the migration has already ended")
         assert skip_reason is not None
-        return to(State.IMPORT_SKIPPED, reason=SkipReason(skip_reason))
+        if event is Event.SKIP_IMPORT:
+            return to(State.IMPORT_SKIPPED, reason=SkipReason(skip_reason))
+        if SkipReason(skip_reason) not in DONE_REASONS:
+            raise InvalidTransition(state, event, f"{skip_reason} is not a reason to be done")
+        return to(State.IMPORT_DONE, reason=SkipReason(skip_reason))
     # retry_pre_import / retry_import
     if state is not State.IMPORT_ABORTED:
         raise InvalidTransition(state, event, "only an aborted migration is retried")

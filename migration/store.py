@@ -45,6 +45,8 @@ from migration.settings import Settings
 from migration.states import (
     ACTIVE_STATES,
     CLAIM_EVENTS,
+    REQUEUE,
+    REQUEUE_STATES,
     UNDO_CLAIM,
     Event,
     InvalidTransition,
@@ -90,18 +92,26 @@ _ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
 _COUNT_ACTIVE = (
     f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
 )
-# Reads the expression index container_repositories_last_step_done.
-_WAITING_TIME_PASSED = (
+# The finished states whose latest step starts the enqueue waiting time (the reference's
+# recently_done_migration_step); the partial expression index container_repositories_
+# last_step_done (schema 0004) has the same literals.
+_FINISHED_SQL = "('pre_import_done', 'import_done', 'import_aborted', 'import_skipped')"
+#: True when the waiting time (%(wait)s seconds) has passed at %(now)s; shared with status.
+WAITING_TIME_PASSED_SQL = (
     # max() of an indexed expression is one step down the index, whatever the plan; an
     # EXISTS with a range condition can be planned as a scan under a generic plan.
-    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
+    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"  # noqa: S608 - constants only
     " migration_aborted_at, migration_skipped_at))"
-    " <= now() - make_interval(secs => %(wait)s), true) FROM container_repositories"
+    " <= coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(wait)s), true)"
+    " AS passed FROM container_repositories"
+    f" WHERE migration_state IN {_FINISHED_SQL}"
 )
+# An active row with no last_step_at (written outside the project, e.g. imported from
+# GitLab's tables) is stale too, and first: the reference counts nil as stale.
 _SELECT_STALE = (
     f"SELECT * FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608
-    " AND last_step_at < now() - make_interval(secs => %(age)s)"
-    " ORDER BY last_step_at LIMIT %(limit)s"
+    " AND (last_step_at IS NULL OR last_step_at < now() - make_interval(secs => %(age)s))"
+    " ORDER BY last_step_at NULLS FIRST LIMIT %(limit)s"
 )
 assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
 # Active repositories whose latest accepted write came from one message: what a delivery of
@@ -125,6 +135,17 @@ _FENCED_WRITE = (
     " %(from_aborted_in)s::text, %(token)s::bigint, %(to)s::text, %(retries)s::integer,"
     " %(aborted_in)s::text, %(reason)s::text, %(arrival)s::text, %(event)s::text,"
     " %(actor)s::text, %(message_id)s::text, %(detail)s::jsonb) AS w"
+)
+
+# A registry fault's backoff: 5 s * 2^(faults so far), capped, then scaled by 0.5-1 (equal
+# jitter). The exponent is capped too, so a repository failing for days cannot overflow it.
+_BACK_OFF = (
+    "UPDATE container_repositories SET registry_failures = registry_failures + 1,"
+    " registry_last_error = %(error)s,"
+    " registry_not_before = now() + make_interval(secs => least("
+    "(SELECT registry_backoff_max FROM migration_settings WHERE id = 1),"
+    " 5 * power(2, least(registry_failures, 20))) * (0.5 + random() / 2))"
+    " WHERE id = %(id)s AND fencing_token <= %(token)s RETURNING *"
 )
 
 #: How :class:`Store` makes fenced writes (see :attr:`Store.write_path`).
@@ -192,6 +213,9 @@ class Repository:
     migration_skipped_reason: SkipReason | None
     fencing_token: int
     last_step_at: datetime | None
+    registry_failures: int = 0
+    registry_not_before: datetime | None = None
+    registry_last_error: str | None = None
 
     @classmethod
     def from_row(cls, **row: Any) -> Repository:
@@ -414,6 +438,8 @@ class Store:
         :raises SettingsError: an unknown key or a bad value; nothing is changed.
         """
         values = settings_module.validate(changes)
+        if values.get("enabled") is True:
+            values["paused_reason"] = None  # a resume ends a pause the system made, too
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = {}").format(sql.Identifier(key), sql.Placeholder(key)) for key in values
         )
@@ -426,6 +452,60 @@ class Store:
         assert row is not None
         log.info("settings changed", changes={k: str(v) for k, v in values.items()})
         return row
+
+    def pause(self, reason: str) -> bool:
+        """Pause the migration (``enabled = false``) for ``reason``, as the system does when
+        the registry refuses our token; ``resume`` (enabled=true) clears the reason.
+
+        :returns: True when this call paused it (it was running), False when already paused.
+        """
+        with self._connection() as conn:
+            row = conn.execute(
+                "UPDATE migration_settings SET enabled = false, paused_reason = %s,"
+                " updated_at = now() WHERE id = 1 AND enabled RETURNING id",
+                (reason[:500],),
+            ).fetchone()
+        return row is not None
+
+    # -- registry backoff (invariant 7) -------------------------------------------------------
+
+    def back_off(self, repository_id: int, *, token: int, error: str) -> Repository | None:
+        """Count a registry fault against a repository's backoff, never its retries.
+
+        The repository is not picked again before ``registry_not_before``: 5 s doubled per
+        fault in a row, capped by the ``registry_backoff_max`` setting, with equal jitter (so
+        repositories that failed together come back apart). Fenced by ``token``.
+
+        :returns: the row after, or None when a newer token has written it (nothing changed).
+        """
+        with self._connection() as conn:
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            return cur.execute(_BACK_OFF, {"id": repository_id, "token": token,
+                                            "error": error[:500]}).fetchone()  # fmt: skip
+
+    def clear_backoff(self, repository_id: int) -> None:
+        """Forget a repository's registry faults (the registry answered for it again)."""
+        with self._connection() as conn:
+            conn.execute(
+                "UPDATE container_repositories SET registry_failures = 0,"
+                " registry_not_before = NULL, registry_last_error = NULL"
+                " WHERE id = %s AND registry_failures > 0",
+                (repository_id,),
+            )
+
+    def backing_off(self, *, limit: int = 20) -> tuple[int, list[Repository]]:
+        """Repositories waiting out a registry backoff: how many, and the next ones due."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM container_repositories WHERE registry_not_before > now()"
+            ).fetchone()
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            rows = cur.execute(
+                "SELECT * FROM container_repositories WHERE registry_not_before > now()"
+                " ORDER BY registry_not_before LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return (int(row[0]) if row else 0), rows
 
     # -- repositories -----------------------------------------------------------------------
 
@@ -633,14 +713,16 @@ class Store:
     def waiting_time_passed(self, settings: Settings) -> bool:
         """True when ``enqueue_waiting_time`` has passed since the last finished step.
 
-        A finished step is a pre-import done, an import done, an abort or a skip (the
-        reference's "last import step done at").
+        A finished step is a pre-import done, an import done, an abort or a skip, of a
+        repository still in that finished state (the reference's "last import step done at"
+        of its recently_done_migration_step).
         """
         if settings.enqueue_waiting_time <= 0:
             return True
         with self._connection() as conn:
             row = conn.execute(
-                _WAITING_TIME_PASSED, {"wait": settings.enqueue_waiting_time}
+                WAITING_TIME_PASSED_SQL,
+                {"now": None, "wait": settings.enqueue_waiting_time},  # the server's now()
             ).fetchone()
         return bool(row and row[0])
 
@@ -866,6 +948,105 @@ class Store:
             written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
 
+    def requeue(
+        self,
+        *,
+        state: State,
+        reason: SkipReason | None = None,
+        since: datetime | None = None,
+        path_prefix: str | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+    ) -> list[Repository]:
+        """Move repositories that ended in ``state`` back to ``default``, retries reset.
+
+        The operator's repair after an incident that skipped or aborted repositories that
+        were not at fault. Each moved row gets ``migration_retries_count = 0`` and no skip
+        reason or aborted-in state, and one accepted ``requeue`` event (actor ``operator``,
+        the row's own fencing token, the old state, reason and retries in the detail). One
+        transaction; the rows are locked, so a run that claims one of them at the same
+        moment either wins (the row is no longer in ``state`` and is left alone) or is
+        refused by its fence.
+
+        :param state: import_skipped or import_aborted (:data:`REQUEUE_STATES`).
+        :param reason: only rows skipped for this reason (import_skipped only).
+        :param since: only rows that arrived in ``state`` at or after this moment.
+        :param path_prefix: only rows whose path starts with this text.
+        :param limit: at most this many rows, those that arrived in ``state`` first.
+        :param dry_run: select and return the rows, change nothing.
+        :returns: the matching rows as they were before (moved unless ``dry_run``).
+        :raises ValueError: a state that may not be requeued, or a reason with
+            import_aborted, or a limit below 1.
+        """
+        state = State(state)
+        reason = SkipReason(reason) if reason is not None else None
+        if state not in REQUEUE_STATES:
+            allowed = ", ".join(sorted(REQUEUE_STATES))
+            raise ValueError(f"cannot requeue from {state}: only from {allowed}")
+        if reason is not None and state is not State.IMPORT_SKIPPED:
+            raise ValueError(f"a skip reason applies to {State.IMPORT_SKIPPED} only")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if since is not None and since.tzinfo is None:
+            raise ValueError(f"since {since.isoformat()} has no UTC offset")
+        arrival = sql.Identifier(_ARRIVAL_COLUMN[state])
+        # The state is a literal, as in the other queries (partial indexes).
+        filters: list[sql.Composable] = [
+            sql.SQL("migration_state = {}").format(sql.Literal(state.value))
+        ]
+        params: dict[str, object] = {}
+        if reason is not None:
+            filters.append(sql.SQL("migration_skipped_reason = %(reason)s"))
+            params["reason"] = reason.value
+        if since is not None:
+            filters.append(sql.SQL("{} >= %(since)s").format(arrival))
+            params["since"] = since
+        if path_prefix:
+            filters.append(sql.SQL("starts_with(path, %(prefix)s)"))
+            params["prefix"] = path_prefix
+        select = sql.SQL(
+            "SELECT * FROM container_repositories WHERE {filters} ORDER BY {arrival}, id{limit}"
+        ).format(
+            filters=sql.SQL(" AND ").join(filters),
+            arrival=arrival,
+            limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit else sql.SQL(""),
+        )
+        if dry_run:
+            return self._many(select, params)
+        with self._connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            # FOR UPDATE re-checks the filters on a row a concurrent write changed meanwhile
+            # and skips it when it no longer matches.
+            rows = cur.execute(select + sql.SQL(" FOR UPDATE"), params).fetchall()
+            if not rows:
+                return []
+            ids = [row.id for row in rows]
+            # The events first: they read the old values of the locked rows.
+            conn.execute(
+                "INSERT INTO migration_events (repository_id, from_state, to_state, event,"
+                " token, actor, message_id, detail, accepted)"
+                " SELECT id, migration_state, %(to)s, %(event)s, fencing_token, %(actor)s,"
+                " NULL, jsonb_build_object('previous_state', migration_state,"
+                " 'skipped_reason', migration_skipped_reason,"
+                " 'retries_count', migration_retries_count,"
+                " 'aborted_in_state', migration_aborted_in_state), true"
+                " FROM container_repositories WHERE id = ANY(%(ids)s) ORDER BY id",
+                {"to": State.DEFAULT.value, "event": REQUEUE, "actor": "operator", "ids": ids},
+            )
+            conn.execute(
+                "UPDATE container_repositories SET migration_state = %(to)s,"
+                " migration_retries_count = 0, migration_skipped_reason = NULL,"
+                " migration_aborted_in_state = NULL, last_step_at = now()"
+                " WHERE id = ANY(%(ids)s)",
+                {"to": State.DEFAULT.value, "ids": ids},
+            )
+        log.info(
+            "repositories requeued", count=len(rows), from_state=state.value,
+            skipped_reason=_value(reason), since=since.isoformat() if since else None,
+            path_prefix=path_prefix or None,
+        )  # fmt: skip
+        return rows
+
     def _write_in_one_call(
         self,
         repository_id: int,
@@ -1044,6 +1225,8 @@ def _select_ordered(
         filters.append(sql.SQL("created_at < %(cutoff)s"))
     if deny:
         filters.append(sql.SQL("root_namespace <> ALL(%(deny)s::text[])"))
+    # A repository backing off after registry faults waits (invariant 7).
+    filters.append(sql.SQL("(registry_not_before IS NULL OR registry_not_before <= now())"))
     order_by = sql.SQL(", ").join(sql.Identifier(c) for c in order)
     return sql.SQL(
         "SELECT * FROM container_repositories WHERE id IN ("

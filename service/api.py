@@ -8,6 +8,7 @@ notification does not fit, a broker that is down) gets an error the registry can
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 from collections.abc import Callable
@@ -23,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.runtime import Runtime
 from leases import LeaseError
-from migration.config import Config
+from migration.config import Config, split_broker_urls
 from migration.keys import leases_prefix
-from migration.migrator import status_matches_state
+from migration.migrator import already_applied, status_matches_state
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES, State
 from migration.store import StoreError
@@ -171,14 +172,16 @@ def create_app(
     @app.put(
         "/notifications/registry/repositories/{path:path}/status",
         status_code=202,
-        responses={401: {}, 404: {}, 409: {}, 422: {}, 503: {}},
+        response_model=None,
+        responses={200: {}, 401: {}, 404: {}, 409: {}, 422: {}, 503: {}},
     )
     def notify(
         path: str,
         notification: Notification,
         authorization: Annotated[str | None, Header()] = None,
-    ) -> dict[str, Any]:
-        """Accept a registry notification; 202 once it is safely queued."""
+    ) -> dict[str, Any] | JSONResponse:
+        """Accept a registry notification; 202 once it is safely queued, 200 when its step
+        is already done (a repeated delivery)."""
         authorize(authorization)
         if notification.path != path:
             metrics.notifications.labels("invalid").inc()
@@ -196,6 +199,20 @@ def create_app(
         if repository is None:
             metrics.notifications.labels("unknown_repository").inc()
             raise HTTPException(status_code=404, detail=f"no repository {path!r}")
+        if already_applied(notification.status, repository):
+            # A repeated delivery of a notification whose step is done: the idempotent
+            # no-op the registry's retry needs to stop (the reference answers 200 too).
+            metrics.notifications.labels("already_applied").inc()
+            log.info(
+                "notification_already_applied", container_repository_id=repository.id,
+                container_repository_path=path, registry_status=notification.status.value,
+                container_repository_migration_state=repository.migration_state.value,
+            )  # fmt: skip
+            return JSONResponse(
+                {"accepted": False, "already_applied": True,
+                 "container_repository_id": repository.id},
+                status_code=200,
+            )  # fmt: skip
         if not status_matches_state(notification.status, repository.migration_state):
             metrics.notifications.labels("state_mismatch").inc()
             log.warning(
@@ -238,7 +255,15 @@ def create_app(
         """PostgreSQL, etcd and RabbitMQ are reachable (readiness)."""
         results = checks.run()
         ready = all(v == "ok" for v in results.values())
-        return JSONResponse({"ready": ready, "checks": results}, status_code=200 if ready else 503)
+        body: dict[str, Any] = {"ready": ready, "checks": results}
+        # A paused migration does not make the API unready (notifications must still come
+        # in), but an operator looking here must see why nothing starts.
+        with contextlib.suppress(Exception):
+            settings = runtime().store.settings()
+            body["migration_enabled"] = settings.enabled
+            if settings.paused_reason:
+                body["paused_reason"] = settings.paused_reason
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     queue = config.queue_name
     # Dramatiq's RabbitMQ broker: <queue>.DQ holds delayed (retrying) messages, <queue>.XQ
@@ -422,13 +447,20 @@ def rabbitmq_queue_counts(url: str) -> Callable[[list[str]], dict[str, int]]:
 
 
 def rabbitmq_check(url: str) -> Callable[[], None]:
-    """A readiness check that opens and closes one AMQP connection."""
+    """A readiness check that opens and closes one AMQP connection.
+
+    :param url: ``MIGRATOR_BROKER_URL``: with several nodes, ready when one of them answers
+        (the publisher fails over to it).
+    """
 
     def check() -> None:
-        parameters = pika.URLParameters(url)
-        parameters.socket_timeout = 2
-        parameters.blocked_connection_timeout = 2
-        parameters.connection_attempts = 1
-        pika.BlockingConnection(parameters).close()
+        candidates = []
+        for node in split_broker_urls(url):
+            parameters = pika.URLParameters(node)
+            parameters.socket_timeout = 2
+            parameters.blocked_connection_timeout = 2
+            parameters.connection_attempts = 1
+            candidates.append(parameters)
+        pika.BlockingConnection(candidates).close()
 
     return check

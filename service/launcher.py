@@ -43,7 +43,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from migration.config import Config
+from migration.config import Config, split_broker_urls
 
 #: A line every Dramatiq worker process logs once it consumes.
 WORKER_READY = b"Worker process is ready for action"
@@ -133,6 +133,11 @@ class LocalMigration:
     :param worker_env: extra variables of worker i (``worker_env[i]``), e.g. the port and
         folder of Dramatiq's Prometheus middleware (``dramatiq_prom_port``, ``dramatiq_prom_db``).
     :param scheduler_metrics_ports: ``--metrics-port`` of scheduler i; none: no metrics.
+    :param command_for: how the API, the workers and the schedulers are started: given a
+        process's name (``api``, ``worker-0``, ``scheduler-0``) and its command line with
+        the bare program name first (``["dramatiq", "actors", ...]``), the command line to
+        run. None runs this virtualenv's programs; ``tests/image`` runs the image's with
+        ``podman run``. The simulator always runs from this virtualenv.
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class LocalMigration:
         worker_shutdown_timeout: float = 20,
         worker_env: Sequence[Mapping[str, str]] = (),
         scheduler_metrics_ports: Sequence[int] = (),
+        command_for: Callable[[str, list[str]], list[str]] | None = None,
     ) -> None:
         if workers < 0 or schedulers < 0 or threads < 1:
             raise ValueError("workers and schedulers must be >= 0, threads >= 1")
@@ -179,30 +185,42 @@ class LocalMigration:
         if die_with_parent:  # read by the worker child (actors.runtime.RuntimeMiddleware)
             self.env["MIGRATOR_DIE_WITH_PARENT"] = "1"
         executables = Path(sys.executable).parent
+
+        def local(name: str, command: list[str]) -> list[str]:
+            return [str(executables / command[0]), *command[1:]]
+
+        program = command_for or local
         cli = str(executables / "registry-migrator")
         self._ready_file = self.log_dir / f"simulator-{run_id}.url"
+        # The registry's state survives stop_simulator/start_simulator: an outage, not a wipe.
+        self.simulator_state_file = self.log_dir / f"simulator-{run_id}.state"
         simulator_command = [
             cli, "simulator", "--host", "127.0.0.1", "--port", str(simulator_port),
             "--secret", self.env["MIGRATOR_NOTIFICATION_SECRET"],
-            "--ready-file", str(self._ready_file), *simulator_args,
+            "--ready-file", str(self._ready_file),
+            "--state-file", str(self.simulator_state_file), *simulator_args,
         ]  # fmt: skip
         if api:
             simulator_command += ["--notify-url", self.api_url]
         self._simulator = _Child("simulator", simulator_command, self.log_dir / "simulator.log")
         self._api = (
-            _Child("api", [cli, "api", "--port", str(api_port)], self.log_dir / "api.log")
+            _Child(
+                "api",
+                program("api", ["registry-migrator", "api", "--port", str(api_port)]),
+                self.log_dir / "api.log",
+            )
             if api
             else None
         )
         worker_command = [
-            str(executables / "dramatiq"), "actors", "--processes", "1",
+            "dramatiq", "actors", "--processes", "1",
             "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(worker_shutdown_timeout * 1000)),
         ]  # fmt: skip
         self._workers = [
             _Child(
                 f"worker-{i}",
-                list(worker_command),
+                program(f"worker-{i}", list(worker_command)),
                 self.log_dir / f"worker-{i}.log",
                 env=dict(worker_env[i]) if i < len(worker_env) else {},
             )
@@ -211,14 +229,16 @@ class LocalMigration:
         self._schedulers = [
             _Child(
                 f"scheduler-{i}",
-                [
-                    cli, "scheduler", "--health-port", "0", "--metrics-port",
-                    str(scheduler_metrics_ports[i] if i < len(scheduler_metrics_ports) else 0),
-                ],
+                program(f"scheduler-{i}", self._scheduler_command(i, scheduler_metrics_ports)),
                 self.log_dir / f"scheduler-{i}.log",
             )
             for i in range(schedulers if scheduler else 0)
-        ]  # fmt: skip
+        ]
+
+    @staticmethod
+    def _scheduler_command(index: int, metrics_ports: Sequence[int]) -> list[str]:
+        port = metrics_ports[index] if index < len(metrics_ports) else 0
+        return ["registry-migrator", "scheduler", "--health-port", "0", "--metrics-port", str(port)]
 
     # -- processes ------------------------------------------------------------------------
 
@@ -396,6 +416,34 @@ class LocalMigration:
         self._spawn(child)
         self._wait_ready(child, self._logged(child, WORKER_READY), time.monotonic() + timeout)
 
+    def stop_simulator(self, *, timeout: float = 15) -> int | None:
+        """Stop the registry (SIGTERM; it saves its state): calls are refused until
+        :meth:`start_simulator`. Returns its exit status."""
+        self._finish([self._simulator], time.monotonic() + timeout)
+        return self._simulator.exit_codes[-1] if self._simulator.exit_codes else None
+
+    def start_simulator(self, *, timeout: float = 60) -> None:
+        """Start the registry again on its port, from its saved state; return once it listens.
+
+        :raises LaunchError: it exited or did not listen within ``timeout`` seconds.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            self._ready_file.unlink()
+        self._spawn(self._simulator)
+        self._wait_ready(self._simulator, self._ready_file.exists, time.monotonic() + timeout)
+
+    def configure_simulator(self, **changes: Any) -> dict[str, Any]:
+        """``POST /simulator/config`` (e.g. ``fault="status:503", fault_seconds=5``).
+
+        :raises ValueError: the simulator refused a knob (its reason).
+        """
+        response = httpx.post(f"{self.simulator_url}/simulator/config", json=changes, timeout=10)
+        if response.status_code == 400:
+            raise ValueError(response.json()["detail"])
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
     def kill_scheduler(self, index: int) -> None:
         """SIGKILL scheduler ``index`` (a crash: its candidacy expires with its lease)."""
         child = self._schedulers[index]
@@ -460,8 +508,8 @@ class LocalMigration:
 @contextlib.contextmanager
 def _amqp(env: Mapping[str, str]) -> Iterator[BlockingChannel]:
     """A channel to the run's RabbitMQ (``MIGRATOR_BROKER_URL``), closed afterwards."""
-    url = env.get("MIGRATOR_BROKER_URL", Config().broker_url)
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    urls = split_broker_urls(env.get("MIGRATOR_BROKER_URL", Config().broker_url))
+    connection = pika.BlockingConnection([pika.URLParameters(url) for url in urls])
     try:
         yield connection.channel()
     finally:

@@ -14,7 +14,21 @@ asyncio event loop (Starlette on uvicorn):
 Paths decide some answers, by substring: ``native`` → 200 (already imported), ``missing`` →
 404, ``fail-once`` / ``fail-always`` → the first / every pre-import fails,
 ``fail-import-once`` / ``fail-import-always`` → the same for the final import,
-``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's.
+``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's,
+``unknown-status`` → a status read answers 200 with a status outside the API's list.
+
+- ``GET /gitlab/v1/`` is the registry's own compliance check: 200 when it serves the API,
+  401 with a wrong token, 404 when its metadata database is off (``metadata_database``).
+
+A fleet-wide fault switch (knobs ``fault``, ``fault_calls``, ``fault_seconds``) answers every
+call, or only calls of some kinds (``start``, ``status``, ``cancel``, ``probe``), for a while:
+``status:CODE`` (401, 403 or any 5xx), ``slow:SECONDS`` (the call acts at once, its answer
+comes that much later: a client that timed out does not know what happened), ``garbage``
+(200 with an HTML body), ``reset`` (the connection is closed after the headers, mid-answer).
+Only ``slow`` lets the call act; the others refuse it before it reaches the registry, as a
+proxy in front of it would. A registry that is *down* is its process stopped: with
+``--state-file`` the state survives a stop and start (imports go on where they were,
+undelivered notifications are sent again), so an outage is not a wipe.
 
 Test hooks (no token needed): ``GET /simulator/report``, ``GET|POST /simulator/config``
 (change knobs at runtime), ``POST /simulator/reset``.
@@ -22,8 +36,9 @@ Test hooks (no token needed): ``GET /simulator/report``, ``GET|POST /simulator/c
 The report is what benchmarks check: the most imports ever running at once, the starts that
 came while the repository already had a running phase (refused with 409/425 — "double start
 attempted"; or, with the guard switched off, accepted — an "overlap", which a correct
-migrator never causes), starts per repository, notifications sent/refused/failed/pending and
-the counts of each outcome.
+migrator never causes; ``overlapping_imports`` counts them), starts per repository,
+notifications sent/refused/failed/pending, the counts of each outcome and the answers the
+fault switch gave (``faulted_answers``, ``fault``).
 """
 
 from __future__ import annotations
@@ -31,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
 import math
 import os
 import random
@@ -73,8 +90,69 @@ FAIL_IMPORT_ONCE_MARKER = "fail-import-once"
 FAIL_IMPORT_ALWAYS_MARKER = "fail-import-always"
 SERVER_ERROR_MARKER = "server-error"
 GARBAGE_MARKER = "garbage"
+UNKNOWN_STATUS_MARKER = "unknown-status"
 SLOW_START_MARKER = "slow-start"
 SLOW_DECIDE_MARKER = "slow-decide"
+
+#: The kinds of call the fault switch can be limited to (``fault_calls``).
+CALL_KINDS = ("start", "status", "cancel", "probe")
+#: Config knobs that belong to the fault switch (not kept across a restart).
+FAULT_KNOBS = ("fault", "fault_calls", "fault_seconds")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A parsed ``fault`` knob: how every affected call is answered.
+
+    :param mode: ``status``, ``slow``, ``garbage`` or ``reset``.
+    :param code: the HTTP status of a ``status`` fault.
+    :param seconds: the delay of a ``slow`` fault.
+    """
+
+    mode: str
+    code: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Fault:
+        """``status:503``, ``status:401``, ``status:403``, ``slow:SECONDS``, ``garbage``,
+        ``reset``.
+
+        :raises ValueError: for anything else, saying what is accepted.
+        """
+        mode, _, argument = text.partition(":")
+        if mode in ("garbage", "reset") and not argument:
+            return cls(mode)
+        if mode == "status" and argument.isdigit():
+            code = int(argument)
+            if code in (401, 403) or 500 <= code <= 599:
+                return cls(mode, code=code)
+        if mode == "slow":
+            with contextlib.suppress(ValueError):
+                seconds = float(argument)
+                if 0 < seconds < math.inf:
+                    return cls(mode, seconds=seconds)
+        raise ValueError(
+            f"fault must be status:CODE (401, 403 or 5xx), slow:SECONDS, garbage or reset,"
+            f" got {text!r}"
+        )
+
+
+def parse_fault_calls(text: str) -> frozenset[str]:
+    """``all`` or a comma-separated list of :data:`CALL_KINDS`.
+
+    :raises ValueError: naming the unknown kind.
+    """
+    kinds = {kind.strip() for kind in text.split(",") if kind.strip()}
+    if kinds == {"all"}:
+        return frozenset(CALL_KINDS)
+    unknown = sorted(kinds - set(CALL_KINDS))
+    if unknown or not kinds:
+        raise ValueError(
+            f"fault_calls must be 'all' or a comma-separated list of {', '.join(CALL_KINDS)},"
+            f" got {text!r}"
+        )
+    return frozenset(kinds)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +174,16 @@ class SimulatorConfig:
         paths containing ``slow-decide``: the wait comes first, and nothing starts when the
         caller has gone by then (answered 499). For benchmarks that kill a caller mid-call.
     :param guard_double_start: answer 425/409 to a start while a phase runs for the path;
-        False accepts it (an overlap, flagged in the report) — for testing the report.
+        False accepts it (an overlap, flagged in the report and counted in
+        ``overlapping_imports``) — what a migrator must never cause, even without the guard.
+    :param metadata_database: False: the compliance check ``GET /gitlab/v1/`` answers 404,
+        as a registry whose metadata database is disabled does.
+    :param fault: the fault switch; None = off. ``status:CODE`` (401, 403, 5xx),
+        ``slow:SECONDS``, ``garbage`` or ``reset`` (see the module's docstring).
+    :param fault_calls: the calls the fault hits: ``all`` or a comma-separated list of
+        ``start``, ``status``, ``cancel``, ``probe`` (``GET /gitlab/v1/``).
+    :param fault_seconds: the fault ends by itself this long after it was set; 0 = until
+        cleared (``fault: null``). Setting ``fault`` or ``fault_seconds`` restarts the clock.
     :param token: the bearer token required on import calls; None = no authentication.
     :param notify_url: base URL of the notification API; None = send no notifications.
     :param secret: the ``Authorization`` header value of notifications.
@@ -118,6 +205,10 @@ class SimulatorConfig:
     start_latency_seconds: float = 0.0
     slow_start_seconds: float = 0.0
     guard_double_start: bool = True
+    metadata_database: bool = True
+    fault: str | None = None
+    fault_calls: str = "all"
+    fault_seconds: float = 0.0
     token: str | None = None
     notify_url: str | None = None
     secret: str | None = None
@@ -142,6 +233,7 @@ class SimulatorConfig:
         for name in (
             "start_latency_seconds",
             "slow_start_seconds",
+            "fault_seconds",
             "notify_backoff",
             "notify_backoff_max",
         ):
@@ -155,6 +247,16 @@ class SimulatorConfig:
             problems.append("max_concurrent_imports must not be negative (0 = no limit)")
         if self.notify_max_attempts < 1 or self.notify_refused_attempts < 1:
             problems.append("notify_max_attempts and notify_refused_attempts must be at least 1")
+        checks: list[tuple[Callable[[str], object], str | None]] = [
+            (Fault.parse, self.fault),
+            (parse_fault_calls, self.fault_calls or ""),
+        ]
+        for check, value in checks:
+            if value is not None:
+                try:
+                    check(value)
+                except ValueError as error:
+                    problems.append(str(error))
         if self.notify_url is not None and not self.notify_url.startswith(("http://", "https://")):
             problems.append(f"notify_url must be an http(s) URL, got {self.notify_url!r}")
         if problems:
@@ -274,7 +376,7 @@ class Notifier:
     def __init__(self, config_of: Callable[[], SimulatorConfig]) -> None:
         self._config_of = config_of
         self._client: httpx.AsyncClient | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], tuple[str, str, str]] = {}
         self.counts: Counter[str] = Counter()
         self.deliveries: list[dict[str, Any]] = []
 
@@ -285,8 +387,11 @@ class Notifier:
             self.counts["skipped_no_url"] += 1
             return
         task = asyncio.create_task(self._deliver(config, path, status, detail))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = (path, str(status), detail)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     @property
     def pending(self) -> int:
@@ -350,10 +455,15 @@ class Notifier:
         self.counts.clear()
         self.deliveries.clear()
 
-    async def close(self, *, grace: float) -> None:
-        """Wait up to ``grace`` seconds for pending deliveries, cancel the rest, close."""
+    async def close(self, *, grace: float) -> list[tuple[str, str, str]]:
+        """Wait up to ``grace`` seconds for pending deliveries, cancel the rest, close.
+
+        :returns: the notifications given up on, ``(path, status, detail)`` each.
+        """
+        undelivered = []
         if self._tasks:
             _done, still = await asyncio.wait(set(self._tasks), timeout=grace)
+            undelivered = [self._tasks[task] for task in still if task in self._tasks]
             for task in still:
                 task.cancel()
             if still:
@@ -361,6 +471,7 @@ class Notifier:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        return undelivered
 
 
 class SimulatedRegistry:
@@ -375,6 +486,8 @@ class SimulatedRegistry:
         self.config = config or SimulatorConfig()
         self._random = random.Random(self.config.seed)
         self.notifier = Notifier(lambda: self.config)
+        self._fault_set_at = time.time()
+        self._fault_cleared_at: float | None = None
         self._clear()
 
     def _clear(self) -> None:
@@ -387,14 +500,62 @@ class SimulatedRegistry:
         self._overlaps: list[dict[str, Any]] = []
         self._outcomes: Counter[str] = Counter()
         self._answers: Counter[str] = Counter()
+        self._faulted: Counter[str] = Counter()
 
     def configure(self, changes: Mapping[str, Any]) -> SimulatorConfig:
         """Apply knob changes; raise ValueError (naming the knob) when one is bad."""
+        was_active = self.fault_active()
         self.config = self.config.with_changes(changes)
         if "seed" in changes:
             self._random.seed(self.config.seed)
-        log.info("simulator.configured", changes=sorted(changes))
+        if "fault" in changes or "fault_seconds" in changes:
+            # The fault's clock starts when it is set.
+            self._fault_set_at = time.time()
+            self._fault_cleared_at = None
+            if was_active and self.config.fault is None:
+                self._fault_cleared_at = self._fault_set_at
+        log.info("simulator.configured", changes=sorted(changes), fault=self.config.fault)
         return self.config
+
+    # -- the fault switch --------------------------------------------------------------------
+
+    def _fault_ends_at(self) -> float | None:
+        """When the fault ends by itself (wall time); None: until cleared, or no fault."""
+        if self.config.fault is None or not self.config.fault_seconds:
+            return None
+        return self._fault_set_at + self.config.fault_seconds
+
+    def fault_active(self) -> bool:
+        """True while the fault switch answers the calls it covers."""
+        if self.config.fault is None:
+            return False
+        ends_at = self._fault_ends_at()
+        return ends_at is None or time.time() < ends_at
+
+    def fault_for(self, kind: str) -> Fault | None:
+        """The fault that answers a call of ``kind`` now (one of :data:`CALL_KINDS`), if any;
+        counted in the report's ``faulted_answers``."""
+        if not self.fault_active() or kind not in parse_fault_calls(self.config.fault_calls):
+            return None
+        assert self.config.fault is not None
+        self._faulted[f"{kind} {self.config.fault}"] += 1
+        return Fault.parse(self.config.fault)
+
+    def fault_state(self) -> dict[str, Any]:
+        """The fault switch as the report shows it (times are Unix seconds)."""
+        ends_at = self._fault_ends_at()
+        if self.config.fault is None:
+            ended_at = self._fault_cleared_at
+        else:
+            ended_at = ends_at if ends_at is not None and time.time() >= ends_at else None
+        return {
+            "fault": self.config.fault,
+            "calls": sorted(parse_fault_calls(self.config.fault_calls)),
+            "active": self.fault_active(),
+            "set_at": self._fault_set_at,
+            "ends_at": ends_at,
+            "ended_at": ended_at,
+        }
 
     async def reset(self) -> None:
         """Stop every running phase without notifying, forget all state and the report."""
@@ -402,10 +563,114 @@ class SimulatedRegistry:
         self._clear()
         await self.notifier.reset()
 
-    async def close(self, *, grace: float = 1.0) -> None:
-        """Stop running phases; give pending notifications ``grace`` seconds."""
+    async def close(self, *, grace: float = 1.0, state_file: str | None = None) -> None:
+        """Stop running phases; give pending notifications ``grace`` seconds.
+
+        :param state_file: save the state there first (see :meth:`restore`), with the
+            notifications still undelivered after the grace.
+        """
+        state = self._snapshot() if state_file else None
         await self._stop_runs()
-        await self.notifier.close(grace=grace)
+        undelivered = await self.notifier.close(grace=grace)
+        if state_file and state is not None:
+            state["undelivered"] = [list(note) for note in undelivered]
+            state["notifier_counts"] = dict(self.notifier.counts)
+            state["deliveries"] = list(self.notifier.deliveries)
+            with open(state_file + ".tmp", "w") as out:
+                json.dump(state, out)
+            os.replace(state_file + ".tmp", state_file)
+            log.info("simulator.state_saved", state_file=state_file,
+                     repositories=len(state["repositories"]), running=self._running_in(state),
+                     undelivered=len(undelivered))  # fmt: skip
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything a restart needs to go on: repositories, running phases, the report."""
+        now = time.time()
+        repositories = {
+            path: {
+                "status": str(repo.status) if repo.status else None,
+                "detail": repo.detail,
+                "pre_import_starts": repo.pre_import_starts,
+                "import_starts": repo.import_starts,
+                "runs": [
+                    {
+                        "phase": str(run.phase),
+                        "remaining": max(0.0, run.started_at + run.duration - now),
+                        "cancel_requested": run.cancel_requested.is_set(),
+                    }
+                    for run in repo.runs
+                ],
+            }
+            for path, repo in self._repositories.items()
+        }
+        return {
+            "version": 1,
+            "saved_at": now,
+            # What was set at start and changed since, but no fault: a restart ends it.
+            "config": {k: v for k, v in self.config.as_dict().items() if k not in FAULT_KNOBS},
+            "repositories": repositories,
+            "next_run_id": self._next_run_id,
+            "max_running": self._max_running,
+            "events": self._events,
+            "double_start_attempts": self._double_start_attempts,
+            "overlaps": self._overlaps,
+            "outcomes": dict(self._outcomes),
+            "answers": dict(self._answers),
+            "faulted": dict(self._faulted),
+        }
+
+    @staticmethod
+    def _running_in(state: Mapping[str, Any]) -> int:
+        return sum(len(repo["runs"]) for repo in state["repositories"].values())
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Go on from a state saved by :meth:`close` (call on the event loop, at start).
+
+        Running phases resume with the time they had left; notifications undelivered when
+        the registry stopped are sent again.
+
+        :param state: what :func:`load_state` read.
+        """
+        self.config = self.config.with_changes(state["config"])
+        self._random.seed(self.config.seed)
+        self._clear()
+        for path, saved in state["repositories"].items():
+            repository = self._repository(path)
+            status = saved["status"]
+            repository.status = RegistryImportStatus(status) if status else None
+            repository.detail = saved["detail"]
+            repository.pre_import_starts = saved["pre_import_starts"]
+            repository.import_starts = saved["import_starts"]
+            for saved_run in saved["runs"]:
+                run = _Run(
+                    run_id=self._next_run_id,
+                    path=path,
+                    phase=ImportType(saved_run["phase"]),
+                    started_at=time.time(),
+                    duration=float(saved_run["remaining"]),
+                )
+                self._next_run_id += 1
+                if saved_run["cancel_requested"]:
+                    run.cancel_requested.set()
+                repository.runs.append(run)
+                self._running += 1
+                run.task = asyncio.create_task(self._run(repository, run))
+        self._next_run_id = max(self._next_run_id, int(state["next_run_id"]))
+        self._max_running = max(int(state["max_running"]), self._running)
+        self._events = list(state["events"])
+        self._double_start_attempts = list(state["double_start_attempts"])
+        self._overlaps = list(state["overlaps"])
+        self._outcomes = Counter(state["outcomes"])
+        self._answers = Counter(state["answers"])
+        self._faulted = Counter(state["faulted"])
+        self.notifier.counts.update(state.get("notifier_counts", {}))
+        self.notifier.deliveries.extend(state.get("deliveries", []))
+        for path, status, detail in state.get("undelivered", []):
+            self.notifier.send(path=path, status=RegistryImportStatus(status), detail=detail)
+        log.info("simulator.state_restored",
+                 repositories=len(self._repositories), running=self._running,
+                 undelivered=len(state.get("undelivered", [])),
+                 down_seconds=round(time.time() - float(state["saved_at"]), 2))  # fmt: skip
 
     async def _stop_runs(self) -> None:
         tasks = [r.task for repo in self._repositories.values() for r in repo.runs if r.task]
@@ -615,9 +880,12 @@ class SimulatedRegistry:
             "double_start_attempts": list(self._double_start_attempts),
             "double_started_repositories": sorted({a["path"] for a in self._double_start_attempts}),
             "overlapping_starts": list(self._overlaps),
+            "overlapping_imports": len(self._overlaps),
             "overlapping_repositories": sorted({a["path"] for a in self._overlaps}),
             "outcomes": dict(self._outcomes),
             "answers": dict(self._answers),
+            "faulted_answers": dict(self._faulted),
+            "fault": self.fault_state(),
             "notifications": notifications,
         }
         if events:
@@ -626,21 +894,100 @@ class SimulatedRegistry:
         return report
 
 
+def load_state(state_file: str) -> dict[str, Any] | None:
+    """The state a simulator saved in ``state_file`` when it stopped; None when there is none.
+
+    :raises ValueError: when the file cannot be read or is not a simulator's state.
+    """
+    try:
+        with open(state_file) as source:
+            state = json.load(source)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the state file {state_file}: {error}") from error
+    if not isinstance(state, dict) or state.get("version") != 1:
+        raise ValueError(f"{state_file} is not a simulator state file")
+    return state
+
+
 # -- HTTP --------------------------------------------------------------------------------------
 
 
-def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> Starlette:
+class SimulatedReset(Exception):
+    """Raised mid-answer by the ``reset`` fault: the server closes the connection."""
+
+
+class _CutAnswer(Response):
+    """Headers and the start of a body, then the connection is closed (``reset`` fault)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"64")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b'{"name": "', "more_body": True})
+        # uvicorn closes the transport of an answer that raised after it started.
+        raise SimulatedReset("connection closed mid-answer by the fault switch")
+
+
+class _QuietResets(logging.Filter):
+    """Keeps uvicorn from logging a traceback for every simulated reset."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], SimulatedReset))
+
+
+_QUIET_RESETS = _QuietResets()
+
+
+def _fault_answer(fault: Fault, kind: str) -> Response:
+    """The answer of a fault that refuses the call (every mode but ``slow``)."""
+    if fault.mode == "status":
+        body = {"detail": f"simulated fault: {kind} answered {fault.code}"}
+        return JSONResponse(body, status_code=fault.code)
+    if fault.mode == "garbage":
+        return PlainTextResponse("<html><body>simulated fault: not the API</body></html>",
+                                 status_code=200, media_type="text/html")  # fmt: skip
+    return _CutAnswer()
+
+
+def create_app(
+    registry: SimulatedRegistry, *, shutdown_grace: float = 1.0, state_file: str | None = None
+) -> Starlette:
     """The Starlette application serving ``registry`` (import API and ``/simulator/*``).
 
     :param registry: the simulated registry the routes act on.
     :param shutdown_grace: seconds pending notifications get when the server stops.
+    :param state_file: restore the registry from it at start, save it there at stop.
     """
+    logging.getLogger("uvicorn.error").addFilter(_QUIET_RESETS)
 
     def authorized(request: Request) -> bool:
         token = registry.config.token
         return not token or request.headers.get("authorization") == f"Bearer {token}"
 
+    async def faulted(kind: str, act: Callable[[], Awaitable[Response]]) -> Response:
+        """``act``'s answer, unless the fault switch answers calls of ``kind`` now."""
+        fault = registry.fault_for(kind)
+        if fault is None:
+            return await act()
+        if fault.mode == "slow":
+            # The call acts at once; only its answer is late (a caller that timed out does
+            # not know whether it happened).
+            answer = await act()
+            await asyncio.sleep(fault.seconds)
+            return answer
+        return _fault_answer(fault, kind)
+
     async def import_endpoint(request: Request) -> Response:
+        kind = {"PUT": "start", "GET": "status", "DELETE": "cancel"}[request.method]
+        return await faulted(kind, lambda: import_call(request))
+
+    async def import_call(request: Request) -> Response:
         raw = request.path_params["path"]
         path = raw.strip("/")
         try:
@@ -655,6 +1002,9 @@ def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> S
             code = 502 if request.method == "PUT" else 200
             return PlainTextResponse("<html><body>oops</body></html>", status_code=code,
                                      media_type="text/html")  # fmt: skip
+        if request.method == "GET" and UNKNOWN_STATUS_MARKER in path:
+            return JSONResponse({"name": _name(path), "path": path, "status": "import_paused",
+                                 "detail": "a status this API does not define"})  # fmt: skip
         if request.method == "GET":
             answer = registry.status(path)
         elif request.method == "DELETE":
@@ -675,8 +1025,16 @@ def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> S
             )
         return JSONResponse(answer.body, status_code=answer.status_code)
 
-    async def api_root(_request: Request) -> Response:
-        return JSONResponse({})
+    async def api_root(request: Request) -> Response:
+        return await faulted("probe", lambda: probe_call(request))
+
+    async def probe_call(request: Request) -> Response:
+        # The registry's compliance check: what GitLab asks before it uses the import API.
+        if not authorized(request):
+            return JSONResponse({"detail": "unauthorized"}, status_code=401)
+        if not registry.config.metadata_database:
+            return JSONResponse({"detail": "metadata database disabled"}, status_code=404)
+        return JSONResponse({}, headers={"Gitlab-Container-Registry-Version": "simulator"})
 
     async def report_endpoint(request: Request) -> Response:
         events = request.query_params.get("events", "true").lower() not in ("0", "false", "no")
@@ -702,8 +1060,11 @@ def create_app(registry: SimulatedRegistry, *, shutdown_grace: float = 1.0) -> S
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        state = load_state(state_file) if state_file else None
+        if state is not None:
+            registry.restore(state)
         yield
-        await registry.close(grace=shutdown_grace)
+        await registry.close(grace=shutdown_grace, state_file=state_file)
 
     return Starlette(
         routes=[
@@ -758,6 +1119,7 @@ def serve(
     port: int = 5005,
     log_level: str = "info",
     ready_file: str | None = None,
+    state_file: str | None = None,
 ) -> None:
     """Run the simulator in the foreground until SIGINT/SIGTERM (the CLI's entry).
 
@@ -766,14 +1128,19 @@ def serve(
     :param port: the port to listen on (0: a free one).
     :param log_level: uvicorn's log level.
     :param ready_file: a file to write the base URL into once listening (for port 0).
+    :param state_file: where the registry's state is saved at stop and restored from at
+        start (a stop and start is then an outage, not a new registry).
     :raises OSError: when ``host:port`` cannot be bound.
+    :raises ValueError: when ``state_file`` exists but is not a simulator's state.
     """
+    if state_file:
+        load_state(state_file)  # a bad file stops here, with its reason, not in uvicorn
     sock = listen(host, port)
     port = sock.getsockname()[1]
     url = f"http://{host}:{port}"
-    app = create_app(SimulatedRegistry(config))
+    app = create_app(SimulatedRegistry(config), state_file=state_file)
     server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level=log_level))
-    log.info("simulator.listening", url=url, notify_url=config.notify_url)
+    log.info("simulator.listening", url=url, notify_url=config.notify_url, fault=config.fault)
     if ready_file:
         # Written before serving: the socket already listens, connections queue up.
         with open(ready_file + ".tmp", "w") as out:
@@ -901,8 +1268,11 @@ class SimulatorProcess(_SimulatorEndpoints):
     :param log_level: the process's log level.
     :param log_path: where the process's output goes; None discards it.
     :param start_timeout: seconds to wait for the process to listen.
+    :param state_file: ``--state-file``: the registry's state survives :meth:`stop` and a
+        later :meth:`start` (a registry outage, not a new registry).
 
     :meth:`stop` sends SIGTERM and waits; the process is killed if it does not end in time.
+    :meth:`start` after :meth:`stop` starts it again on the same port.
     """
 
     def __init__(
@@ -914,8 +1284,11 @@ class SimulatorProcess(_SimulatorEndpoints):
         log_level: str = "warning",
         log_path: str | None = None,
         start_timeout: float = 30.0,
+        state_file: str | None = None,
     ) -> None:
         self._config = config or SimulatorConfig()
+        self._state_file = state_file
+        self._started_once = False
         self._host = host
         self._port = port
         self._log_level = log_level
@@ -932,13 +1305,14 @@ class SimulatorProcess(_SimulatorEndpoints):
     def start(self) -> SimulatorProcess:
         """Start the process; return once it listens and has the configured knobs."""
         command = str(Path(sys.executable).with_name("registry-migrator"))
+        state = ["--state-file", self._state_file] if self._state_file else []
         with tempfile.TemporaryDirectory(prefix="simulator-") as scratch:
             ready = os.path.join(scratch, "url")
             output = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
             try:
                 self._process = subprocess.Popen(
                     [command, "simulator", "--host", self._host, "--port", str(self._port),
-                     "--log-level", self._log_level, "--ready-file", ready],
+                     "--log-level", self._log_level, "--ready-file", ready, *state],
                     stdout=output,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, "MIGRATOR_REGISTRY_TOKEN": "",
@@ -956,7 +1330,10 @@ class SimulatorProcess(_SimulatorEndpoints):
                 time.sleep(0.05)
             with open(ready) as url_file:
                 self.url = url_file.read().strip()
-        self.configure(**self._config.as_dict())
+        self._port = int(self.url.rsplit(":", 1)[1])  # a restart comes back on this port
+        if not (self._started_once and self._state_file):  # else the saved knobs hold
+            self.configure(**self._config.as_dict())
+        self._started_once = True
         return self
 
     def stop(self, *, timeout: float = 10.0) -> int | None:

@@ -1,4 +1,8 @@
-"""``registry-migrator leases``: inspect, take, hold and release repository leases."""
+"""``registry-migrator leases``: inspect, take, hold and release repository leases.
+
+The ``leases`` package (etcd3, gRPC) is imported inside each command, so ``leases --help``
+does not load it.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,15 @@ import signal
 import sys
 import threading
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import click
 
-from leases import (
-    EtcdUnavailable,
-    HolderInfo,
-    LeaseError,
-    Session,
-    list_held,
-    release,
-    take,
-    try_acquire,
-)
 from migration.config import Config
 from migration.keys import leases_prefix, repository_lease_key
-from service.cli import main
+
+if TYPE_CHECKING:
+    from leases import SpaceReport
 
 
 def _fail(message: str, status: int = 1) -> None:
@@ -30,7 +27,7 @@ def _fail(message: str, status: int = 1) -> None:
     sys.exit(status)
 
 
-@main.group()
+@click.group()
 def leases() -> None:
     """Inspect and manage the per-repository etcd leases.
 
@@ -39,6 +36,7 @@ def leases() -> None:
       registry-migrator leases list
       registry-migrator leases take 42 --ttl 1800   # block repository 42 for 30 minutes
       registry-migrator leases release 42
+      registry-migrator leases etcd-space --recover # after a NOSPACE alarm
     """
 
 
@@ -51,6 +49,8 @@ def list_command(as_json: bool) -> None:
     Example:
       registry-migrator leases list --json
     """
+    from leases import EtcdUnavailable, list_held
+
     config = Config.from_env()
     try:
         with config.etcd_client() as client:
@@ -91,6 +91,8 @@ def take_command(repository_id: int, ttl: int) -> None:
     Example:
       registry-migrator leases take 42 --ttl 1800
     """
+    from leases import EtcdUnavailable, HolderInfo, take
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     try:
@@ -117,6 +119,8 @@ def hold_command(repository_id: int) -> None:
     Example:
       registry-migrator leases hold 42
     """
+    from leases import HolderInfo, LeaseError, Session, try_acquire
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     stop = threading.Event()
@@ -155,6 +159,8 @@ def release_command(repository_id: int) -> None:
     Example:
       registry-migrator leases release 42
     """
+    from leases import EtcdUnavailable, release
+
     config = Config.from_env()
     key = repository_lease_key(config.etcd_prefix, repository_id)
     try:
@@ -165,3 +171,77 @@ def release_command(repository_id: int) -> None:
     if not released:
         _fail(f"no lease held for repository {repository_id}")
     click.echo(f"released {key}")
+
+
+def _space_lines(report: SpaceReport) -> list[str]:
+    lines = [f"{'MEMBER':<22} {'DB BYTES':>12} {'IN USE':>12} {'REVISION':>10}"]
+    for member in report.members:
+        status = member.status
+        lines.append(
+            f"{member.endpoint:<22} {status.db_size:>12} {status.db_size_in_use:>12}"
+            f" {status.revision:>10}"
+        )
+    alarms = ", ".join(f"{name} on {member:x}" for member, name in report.alarms) or "none"
+    lines.append(f"alarms: {alarms}")
+    return lines
+
+
+@leases.command("etcd-space")
+@click.option(
+    "--recover",
+    is_flag=True,
+    help="Compact the history, defragment each member, disarm the NOSPACE alarm.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def etcd_space_command(recover: bool, as_json: bool) -> None:
+    """Show etcd's database size per member and its alarms; --recover gives space back.
+
+    Every hold, release and gate marker adds etcd history. An etcd run with
+    auto-compaction keeps it bounded; one without it grows until --quota-backend-bytes,
+    raises the NOSPACE alarm and refuses every lease write (the migration stops, nothing
+    is charged). --recover compacts at the current revision, defragments the members one
+    after another and disarms the alarm; the migration then goes on by itself. Safe while
+    it runs. Exits 1 when etcd cannot be reached, or (without --recover) when the NOSPACE
+    alarm is raised.
+
+    \b
+    Examples:
+      registry-migrator leases etcd-space
+      registry-migrator leases etcd-space --recover
+    """
+    from leases import EtcdUnavailable, recover_space, space_report
+
+    config = Config.from_env()
+    try:
+        with config.etcd_client(timeout=10) as client:
+            if recover:
+                done = recover_space(client)
+                report = done.after
+            else:
+                report = space_report(client)
+    except EtcdUnavailable as error:
+        _fail(f"etcd unreachable at {config.etcd_endpoints_text}: {error}")
+    if as_json:
+        body: dict[str, object] = {
+            "members": [{"endpoint": m.endpoint, **asdict(m.status)} for m in report.members],
+            "alarms": [{"member_id": f"{m:x}", "alarm": a} for m, a in report.alarms],
+        }
+        if recover:
+            body["recovered"] = {
+                "compacted_at": done.revision,
+                "db_bytes_before": [m.status.db_size for m in done.before.members],
+                "disarmed": done.disarmed,
+            }
+        click.echo(json.dumps(body))
+    else:
+        if recover:
+            before = ", ".join(str(m.status.db_size) for m in done.before.members)
+            click.echo(
+                f"compacted at revision {done.revision}, defragmented"
+                f" {len(report.members)} member(s) (db bytes before: {before}),"
+                f" disarmed {done.disarmed} NOSPACE alarm(s)"
+            )
+        for line in _space_lines(report):
+            click.echo(line)
+    if report.nospace and not recover:
+        sys.exit(1)

@@ -7,13 +7,12 @@ import sys
 import click
 
 from migration.logging import configure as configure_logging
-from service.cli import main
 from service.simulator import SimulatorConfig, serve
 
 _DEFAULTS = SimulatorConfig()
 
 
-@main.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",
@@ -109,6 +108,43 @@ _DEFAULTS = SimulatorConfig()
     help="Accept a start while a phase runs (flagged as an overlap in the report).",
 )
 @click.option(
+    "--no-metadata-database",
+    is_flag=True,
+    help="Answer the compliance check GET /gitlab/v1/ with 404, as a registry whose "
+    "metadata database is disabled does.",
+)
+@click.option(
+    "--fault",
+    default=None,
+    metavar="MODE",
+    help="Fault switch, on from the start: status:CODE (401, 403 or 5xx), slow:SECONDS "
+    "(the call acts, its answer comes late), garbage (200 with HTML) or reset (connection "
+    'closed mid-answer). At runtime: POST /simulator/config {"fault": ...}.',
+)
+@click.option(
+    "--fault-calls",
+    default="all",
+    show_default=True,
+    metavar="KINDS",
+    help="Calls the fault hits: 'all' or a comma-separated list of start, status, cancel, "
+    "probe (GET /gitlab/v1/).",
+)
+@click.option(
+    "--fault-seconds",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="The fault ends by itself after this many seconds; 0 = until cleared.",
+)
+@click.option(
+    "--state-file",
+    default=None,
+    metavar="PATH",
+    help="Save the registry's state (repositories, running imports, undelivered "
+    "notifications, the report) to PATH on SIGTERM and load it at start: a stop and a "
+    "start is then a registry outage, not a new registry.",
+)
+@click.option(
     "--notify-max-attempts",
     type=int,
     default=_DEFAULTS.notify_max_attempts,
@@ -146,6 +182,11 @@ def simulator(
     max_concurrent: int,
     start_latency: float,
     no_double_start_guard: bool,
+    no_metadata_database: bool,
+    fault: str | None,
+    fault_calls: str,
+    fault_seconds: float,
+    state_file: str | None,
     notify_max_attempts: int,
     seed: int | None,
     ready_file: str | None,
@@ -160,12 +201,22 @@ def simulator(
     GET /simulator/report shows what happened; POST /simulator/config changes knobs
     (JSON object of SimulatorConfig fields); POST /simulator/reset clears the state.
 
+    The fault switch makes the whole registry misbehave for a while (--fault or, at
+    runtime, the config's fault, fault_calls and fault_seconds). The double-start guard
+    (409/425 to a start while the repository imports) can be switched off
+    (--no-double-start-guard, or guard_double_start); the report then counts the starts
+    that ran two imports of one repository at once (overlapping_imports).
+
     \b
     Example:
       registry-migrator simulator --port 5005 \\
           --notify-url http://127.0.0.1:8080 --secret s3cret \\
-          --pre-import-seconds 1 3 --import-seconds 2 5 --max-concurrent 20
+          --pre-import-seconds 1 3 --import-seconds 2 5 --max-concurrent 20 \\
+          --state-file /tmp/registry.state
       curl -s http://127.0.0.1:5005/simulator/report?events=false
+      # 30 s of 503 on every start call, then the registry answers again:
+      curl -s -X POST http://127.0.0.1:5005/simulator/config \\
+          -d '{"fault": "status:503", "fault_calls": "start", "fault_seconds": 30}'
     """
     try:
         config = SimulatorConfig(
@@ -178,6 +229,10 @@ def simulator(
             max_concurrent_imports=max_concurrent,
             start_latency_seconds=start_latency,
             guard_double_start=not no_double_start_guard,
+            metadata_database=not no_metadata_database,
+            fault=fault or None,
+            fault_calls=fault_calls,
+            fault_seconds=fault_seconds,
             token=token or None,
             notify_url=notify_url or None,
             secret=secret or None,
@@ -189,7 +244,17 @@ def simulator(
         sys.exit(2)
     configure_logging(log_level)
     try:
-        serve(config, host=host, port=port, log_level=log_level, ready_file=ready_file)
+        serve(
+            config,
+            host=host,
+            port=port,
+            log_level=log_level,
+            ready_file=ready_file,
+            state_file=state_file,
+        )
+    except ValueError as error:  # the state file
+        click.echo(f"registry-migrator simulator: {error}", err=True)
+        sys.exit(2)
     except OSError as error:
         reason = error.strerror or error
         click.echo(

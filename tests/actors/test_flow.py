@@ -45,11 +45,14 @@ def test_repositories_migrate_with_two_workers(
         repository = clean_store.get(repository_id)
         assert repository is not None
         path = repository.path
-        if "native" in path:
+        if "native" in path:  # done, as the reference's finish_import_as
+            assert repository.migration_state is State.IMPORT_DONE, path
             assert repository.migration_skipped_reason == "native_import", path
         elif "missing" in path:
+            assert repository.migration_state is State.IMPORT_DONE, path
             assert repository.migration_skipped_reason == "not_found", path
         elif "fail-always" in path:
+            assert repository.migration_state is State.IMPORT_SKIPPED, path
             assert repository.migration_skipped_reason == "too_many_retries", path
         else:  # plain and fail-once (retried once) end imported
             assert repository.migration_state is State.IMPORT_DONE, (path, repository)

@@ -61,3 +61,8 @@ def test_throughput_quick(stack: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_recovery_quick(stack: dict[str, str]) -> None:
     _run("recovery", stack, timeout=240)
+
+
+@pytest.mark.slow
+def test_outage_quick(stack: dict[str, str]) -> None:
+    _run("outage", stack, timeout=600)

@@ -5,7 +5,10 @@
 ``FaultInjector`` runs two threads while the migration runs: one SIGKILLs a random worker
 every few seconds; the other injects the heavy faults once each, in a random order at
 random times (SIGSTOP a worker past its lease TTL then SIGCONT, restart RabbitMQ, kill the
-etcd leader then restart it, restart PostgreSQL). Every fault is logged with its time.
+etcd leader then restart it, restart PostgreSQL) mixed with the registry's faults (the
+simulator stopped then started again, 503 on every start, every answer slower than the
+client's timeout, 401 on every call ended by an automated ``registry-migrator resume``).
+Every fault is logged with its time, wall clock included (stalls are measured from its end).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from service.launcher import LaunchError, LocalMigration
 from tests.servers import EtcdCluster
@@ -27,16 +31,20 @@ class Fault:
     """One injected fault.
 
     :param kind: worker_kill, worker_pause, rabbitmq_restart, etcd_leader_kill,
-        postgres_restart.
+        postgres_restart, registry_down, registry_5xx, registry_slow, registry_401.
     :param at_s: seconds after the run started.
     :param took_s: how long the fault lasted (outage, pause), seconds.
     :param detail: which worker or member.
+    :param began: when it began, wall clock (UTC).
+    :param ended: when it was over (the service back, the pause lifted), wall clock (UTC).
     """
 
     kind: str
     at_s: float
     took_s: float
     detail: str
+    began: datetime
+    ended: datetime
 
 
 @dataclass
@@ -49,8 +57,15 @@ class FaultLog:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, began: float, detail: str) -> None:
+        took = time.monotonic() - began
+        ended = datetime.now(UTC)
         fault = Fault(
-            kind, round(began - self.started, 2), round(time.monotonic() - began, 2), detail
+            kind,
+            round(began - self.started, 2),
+            round(took, 2),
+            detail,
+            began=datetime.fromtimestamp(ended.timestamp() - took, UTC),
+            ended=ended,
         )
         with self._lock:
             self.faults.append(fault)
@@ -65,6 +80,11 @@ class FaultLog:
 
     def counts(self) -> Counter[str]:
         return Counter(f.kind for f in self.faults)
+
+    def windows(self) -> list[tuple[datetime, datetime]]:
+        """``(began, ended)`` of every fault, wall clock."""
+        with self._lock:
+            return [(f.began, f.ended) for f in self.faults]
 
 
 class WorkerSupervisor(threading.Thread):
@@ -146,9 +166,17 @@ class FaultInjector:
     :param etcd_down_s: seconds the killed etcd leader stays down.
     :param lease_holder: the index of a worker holding a repository lease now, if any: the
         pause goes to it (a holder paused mid-step writes with a stale token on resuming).
+    :param resume: runs ``registry-migrator resume`` (after the 401 fault); returns what it
+        did, raises when it failed.
+    :param registry_fault_s: seconds each registry fault lasts.
+    :param slow_s: the delay of every answer during the slow fault (longer than the
+        workers' registry client timeout).
     """
 
     HEAVY = ("worker_pause", "rabbitmq_restart", "etcd_leader_kill", "postgres_restart")
+    REGISTRY = ("registry_down", "registry_5xx", "registry_slow", "registry_401")
+    #: Every fault injected once per run.
+    ONCE = HEAVY + REGISTRY
 
     def __init__(
         self,
@@ -164,8 +192,14 @@ class FaultInjector:
         heavy_gap: tuple[float, float] = (6.0, 10.0),
         etcd_down_s: float = 3.0,
         lease_holder: Callable[[], int | None] = lambda: None,
+        resume: Callable[[], str],
+        registry_fault_s: float = 4.0,
+        slow_s: float = 6.0,
     ) -> None:
         self.lease_holder = lease_holder
+        self.resume = resume
+        self.registry_fault_s = registry_fault_s
+        self.slow_s = slow_s
         self.run = run
         self.locks = locks
         self.etcd = etcd
@@ -230,7 +264,7 @@ class FaultInjector:
 
     def _heavy_loop(self) -> None:
         rng = self._heavy_random
-        order = list(self.HEAVY)
+        order = list(self.ONCE)
         rng.shuffle(order)
         for kind in order:
             if self._stop.wait(rng.uniform(*self.heavy_gap)):
@@ -279,3 +313,34 @@ class FaultInjector:
         return (
             f"m{leader} SIGKILL (new leader m{new_leader}), restarted after {self.etcd_down_s:g} s"
         )
+
+    # -- the registry's faults: the migration must stall, charge nothing, and go on --------
+
+    def _registry_down(self, _rng: random.Random) -> str:
+        code = self.run.stop_simulator()
+        time.sleep(self.registry_fault_s)
+        self.run.start_simulator()
+        return f"simulator stopped (exit {code}) for {self.registry_fault_s:g} s, started again"
+
+    def _registry_5xx(self, _rng: random.Random) -> str:
+        self.run.configure_simulator(
+            fault="status:503", fault_calls="start", fault_seconds=self.registry_fault_s
+        )
+        time.sleep(self.registry_fault_s)
+        return f"503 on every start for {self.registry_fault_s:g} s"
+
+    def _registry_slow(self, _rng: random.Random) -> str:
+        self.run.configure_simulator(
+            fault=f"slow:{self.slow_s:g}", fault_calls="all", fault_seconds=self.registry_fault_s
+        )
+        # Over when the last slow answer has come.
+        time.sleep(self.registry_fault_s + self.slow_s)
+        return f"every answer {self.slow_s:g} s late for {self.registry_fault_s:g} s"
+
+    def _registry_401(self, _rng: random.Random) -> str:
+        self.run.configure_simulator(
+            fault="status:401", fault_calls="all", fault_seconds=self.registry_fault_s
+        )
+        time.sleep(self.registry_fault_s)
+        # The operator fixed the token: resume (the migration paused itself on the 401).
+        return f"401 on every call for {self.registry_fault_s:g} s; {self.resume()}"

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from migration.migrator import (
+    AbortCause,
     Migrator,
     RegistryUnavailable,
     StepOutcome,
@@ -101,16 +102,19 @@ def test_start_claims_and_starts_the_pre_import(
         ("group/missing-app/image", SkipReason.NOT_FOUND),
     ],
 )
-def test_start_skips_native_and_missing(
+def test_start_finishes_native_and_missing_as_done_with_the_reason(
     migrator: Migrator, tokens: Tokens, path: str, reason: SkipReason
 ) -> None:
+    """As the reference's finish_import_as: no more work, so done, the reason recorded."""
     store = migrator.store
     repo_id = add(store, path)
     report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
-    assert report.outcome is StepOutcome.SKIPPED
+    assert report.outcome is StepOutcome.FINISHED
+    assert report.fields["finish_reason"] == reason.value
     row = current(store, repo_id)
-    assert row.migration_state is State.IMPORT_SKIPPED
+    assert row.migration_state is State.IMPORT_DONE
     assert row.migration_skipped_reason is reason
+    assert row.migration_import_done_at is not None
     assert store.in_flight() == 0
 
 
@@ -145,22 +149,138 @@ def test_too_many_imports_undoes_the_claim_without_a_retry(
     assert store.in_flight() == 1
 
 
-def test_registry_error_aborts_and_the_retry_starts_again(
-    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+def _events(database_url: str, repo_id: int) -> list[tuple[str, bool, dict]]:  # type: ignore[type-arg]
+    with psycopg.connect(database_url) as conn:
+        return [
+            (event, accepted, detail)
+            for event, accepted, detail in conn.execute(
+                "SELECT event, accepted, detail FROM migration_events WHERE repository_id = %s"
+                " ORDER BY id",
+                (repo_id,),
+            )
+        ]
+
+
+def _starts(simulator: SimulatorServer, path: str) -> int:
+    return sum(
+        1
+        for e in simulator.report(events=True)["events"]
+        if e.get("action") == "start" and e.get("path") == path
+    )
+
+
+def test_a_registry_5xx_undoes_the_claim_charges_nothing_and_backs_off(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
 ) -> None:
+    """Invariant 7: a 503 is the registry's failure, never the repository's."""
     store = migrator.store
     repo_id = add(store, "group/flaky/image")
     simulator.configure(start_error_rate=1.0)
     report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
-    assert report.outcome is StepOutcome.ABORTED
+    assert report.outcome is StepOutcome.REGISTRY_FAULT
+    assert report.fields["registry_unavailable"] is True
     row = current(store, repo_id)
-    assert row.migration_state is State.IMPORT_ABORTED
-    assert row.migration_retries_count == 1
-    assert row.migration_aborted_in_state is State.PRE_IMPORTING
+    assert (row.migration_state, row.migration_retries_count) == (State.DEFAULT, 0)
+    assert row.registry_failures == 1 and row.registry_not_before is not None
+    # 5 s doubled per fault, times 0.5-1: the first backoff is 2.5-5 s from now.
+    wait = (row.registry_not_before - datetime.now(UTC)).total_seconds()
+    assert 1.5 < wait <= 5.5
+    assert "503" in (row.registry_last_error or "") or "server" in (row.registry_last_error or "")
+    [claim, undo] = _events(database_url, repo_id)
+    assert (claim[0], undo[0]) == ("start_pre_import", "undo_claim")
+    assert undo[2]["fault_class"] == "registry" and undo[2]["error_kind"] == "server"
+    # Backing off: not a candidate until registry_not_before.
+    assert repo_id not in [c.id for c in store.candidates(store.settings(), limit=10)]
+    # A second fault in a row doubles the backoff (before the jitter: 10 s).
+    again = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert again.outcome is StepOutcome.REGISTRY_FAULT
+    assert current(store, repo_id).registry_failures == 2
+    assert current(store, repo_id).migration_retries_count == 0
+    # The registry answers again: the start goes through and the backoff is forgotten.
     simulator.configure(start_error_rate=0.0)
-    retried = migrator.retry(row, tokens.writer())
-    assert retried.outcome is StepOutcome.STARTED
-    assert retried.repository.migration_state is State.PRE_IMPORTING
+    started = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert started.outcome is StepOutcome.STARTED
+    row = current(store, repo_id)
+    assert (row.registry_failures, row.registry_not_before, row.registry_last_error) == (
+        0, None, None,
+    )  # fmt: skip
+
+
+def test_a_refused_token_charges_nothing(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/locked/image")
+    simulator.configure(token="not-ours")
+    report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.REGISTRY_FAULT
+    assert report.fields["registry_http_status"] == 401
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.DEFAULT, 0)
+
+
+def test_a_start_answered_after_the_timeout_is_reconciled_not_failed(
+    clean_store: Store, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    """The registry started it, the answer came too late: the repository is pre_importing."""
+    simulator.configure(start_latency_seconds=1.5)
+    with RegistryClient(simulator.url, timeout=0.5, too_many_retries=0) as registry:
+        migrator = Migrator(clean_store, registry)
+        repo_id = add(clean_store, "group/slow/image")
+        report = migrator.start(
+            current(clean_store, repo_id), clean_store.settings(), tokens.writer()
+        )
+        if report.outcome is StepOutcome.REGISTRY_FAULT:
+            # The status read raced the registry's own start (it answers after 1.5 s):
+            # undone, nothing charged; the next start finds it running (425) and aligns.
+            assert current(clean_store, repo_id).migration_retries_count == 0
+            time.sleep(1.5)  # the registry's delayed start has happened
+            report = migrator.start(
+                current(clean_store, repo_id), clean_store.settings(), tokens.writer()
+            )
+            assert report.outcome in (StepOutcome.STARTED, StepOutcome.ALIGNED)
+        else:
+            assert report.outcome is StepOutcome.STARTED
+    row = current(clean_store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 0)
+
+
+def test_a_retry_takes_over_an_import_the_registry_still_runs(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    """An aborted repository whose import the registry still runs: aligned, nothing sent,
+    nothing charged (it used to get 409, be aborted again and end too_many_retries)."""
+    store = migrator.store
+    repo_id = add(store, "group/busy/image")
+    path = "group/busy/image"
+    started = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert started.outcome is StepOutcome.STARTED
+    aborted = migrator._abort(  # as the guard does, while the registry goes on
+        current(store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR
+    )
+    assert aborted.repository.migration_state is State.IMPORT_ABORTED
+    starts_before = _starts(simulator, path)
+    retried = migrator.retry(current(store, repo_id), tokens.writer())
+    assert retried.outcome is StepOutcome.ALIGNED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 1)
+    assert _starts(simulator, path) == starts_before
+    assert _events(database_url, repo_id)[-1][0] == "align_pre_importing"
+
+
+def test_a_retry_that_cannot_read_the_registry_claims_nothing(
+    clean_store: Store, tokens: Tokens
+) -> None:
+    repo_id = add(clean_store, "group/dark/image")
+    claim_without_registry(clean_store, repo_id, tokens)
+    with unreachable_registry() as registry:
+        migrator = Migrator(clean_store, registry)
+        migrator._abort(current(clean_store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR)
+        report = migrator.retry(current(clean_store, repo_id), tokens.writer())
+    assert report.outcome is StepOutcome.REGISTRY_FAULT
+    row = current(clean_store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORT_ABORTED, 1)
+    assert row.registry_not_before is not None
 
 
 def test_full_path_through_notifications(
@@ -323,3 +443,36 @@ def test_guard_leaves_things_alone_when_the_registry_is_unreachable(
         )
     assert report.outcome is StepOutcome.IGNORED
     assert current(clean_store, repo_id).migration_state is State.PRE_IMPORTING
+
+
+def test_guard_cancels_and_aborts_a_repository_whose_status_it_does_not_know(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    """A 200 with a status outside the API's list is the repository's, not the registry's:
+    the guard cancels and aborts it, as the reference does, instead of keeping its slot."""
+    store = migrator.store
+    repo_id = add(store, "group/unknown-status/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ABORTED
+    assert report.fields["registry_status"] == "unknown_status"
+    assert "canceled" in report.fields
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORT_ABORTED, 1)
+    assert _events(database_url, repo_id)[-1][2]["cause"] == "registry_state_mismatch"
+    cancels = [e for e in simulator.report(events=True)["events"] if e.get("action") == "cancel"]
+    assert cancels, "the guard did not cancel before aborting"
+
+
+def test_guard_postpones_when_the_registry_answers_5xx(
+    migrator: Migrator, tokens: Tokens, database_url: str
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/server-error/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.IGNORED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 0)

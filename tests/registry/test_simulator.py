@@ -5,13 +5,24 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from migration.registry import ImportOutcome, RegistryClient, RegistryImportStatus
+from migration.registry import (
+    CancelOutcome,
+    CancelResult,
+    ErrorKind,
+    FaultClass,
+    ImportOutcome,
+    ImportResult,
+    RegistryClient,
+    RegistryImportStatus,
+    StatusOutcome,
+    StatusResult,
+)
 from service.simulator import SimulatorConfig, SimulatorProcess, SimulatorServer
 from tests.registry.conftest import NotificationReceiver
 from tests.registry.test_client import wait_for_status
@@ -23,7 +34,9 @@ MakeReceiver = Callable[..., NotificationReceiver]
 
 
 def wait_for_report(
-    simulator: SimulatorServer, check: Callable[[dict], bool], timeout: float = 5.0
+    simulator: SimulatorServer | SimulatorProcess,
+    check: Callable[[dict], bool],
+    timeout: float = 5.0,
 ) -> dict:
     deadline = time.monotonic() + timeout
     report = simulator.report()
@@ -264,3 +277,355 @@ def test_command_rejects_bad_options() -> None:
     assert done.stderr.strip().splitlines() == [
         "registry-migrator simulator: start_error_rate must be between 0 and 1"
     ]
+
+
+# -- the fault switch, the compliance check, outages: against the simulator's own process ------
+
+#: The knobs every test of the running process starts from (and is put back to).
+PROCESS_KNOBS = SimulatorConfig(pre_import_seconds=(0.05, 0.05), import_seconds=(0.05, 0.05))
+
+
+@pytest.fixture(scope="module")
+def simulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulatorProcess]:
+    """One ``registry-migrator simulator`` process for the fault tests of this module."""
+    log_path = tmp_path_factory.mktemp("simulator") / "simulator.log"
+    with SimulatorProcess(PROCESS_KNOBS, log_path=str(log_path)) as process:
+        process.log_path = log_path  # type: ignore[attr-defined]
+        yield process
+
+
+@pytest.fixture
+def process(simulator_process: SimulatorProcess) -> Iterator[SimulatorProcess]:
+    """The module's simulator process, forgotten and with its starting knobs (no fault)."""
+    simulator_process.reset()
+    simulator_process.configure(**PROCESS_KNOBS.as_dict())
+    yield simulator_process
+    simulator_process.configure(**PROCESS_KNOBS.as_dict())
+
+
+def probe(url: str, *, token: str | None = None, timeout: float = 5.0) -> httpx.Response:
+    """``GET /gitlab/v1/``, the registry's compliance check (the client has no call for it)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(f"{url}/gitlab/v1/", headers=headers, timeout=timeout)
+
+
+def test_compliance_check_answers_200_401_and_404(process: SimulatorProcess) -> None:
+    answer = probe(process.url)
+    assert answer.status_code == 200
+    assert answer.json() == {}
+    assert answer.headers["Gitlab-Container-Registry-Version"] == "simulator"
+
+    with RegistryClient(process.url) as client:
+        assert client.probe().ok
+
+    process.configure(token="t0ken")
+    assert probe(process.url).status_code == 401
+    for token in (None, "wrong"):
+        with RegistryClient(process.url, token=token) as client:
+            refused = client.probe()
+            assert (refused.ok, refused.http_status, refused.error_kind) == (
+                False,
+                401,
+                ErrorKind.AUTH,
+            )
+    with RegistryClient(process.url, token="t0ken") as client:
+        assert client.probe().ok
+
+    process.configure(token=None, metadata_database=False)
+    with RegistryClient(process.url) as client:
+        disabled = client.probe()
+    assert (disabled.ok, disabled.http_status) == (False, 404)
+    assert "metadata database disabled" in disabled.detail
+    assert process.report()["answers"] == {}  # a probe is no import call
+
+
+ERROR = (ImportOutcome.ERROR, StatusOutcome.ERROR, CancelOutcome.ERROR)
+UNAUTHORIZED = (ImportOutcome.UNAUTHORIZED, StatusOutcome.UNAUTHORIZED, CancelOutcome.UNAUTHORIZED)
+
+
+def assert_registry_fault(
+    results: list[ImportResult | StatusResult | CancelResult], kind: ErrorKind
+) -> None:
+    """Each result is the registry's failure (never the repository's), of ``kind``."""
+    for result in results:
+        assert (result.fault_class, result.error_kind) == (FaultClass.REGISTRY, kind), result
+
+
+@pytest.mark.parametrize(
+    ("code", "outcomes", "kind"),
+    [
+        (503, ERROR, ErrorKind.SERVER),
+        (500, ERROR, ErrorKind.SERVER),
+        (401, UNAUTHORIZED, ErrorKind.AUTH),
+        (403, UNAUTHORIZED, ErrorKind.AUTH),
+    ],
+)
+def test_a_status_fault_refuses_every_call(
+    process: SimulatorProcess,
+    code: int,
+    outcomes: tuple[ImportOutcome, StatusOutcome, CancelOutcome],
+    kind: ErrorKind,
+) -> None:
+    with RegistryClient(process.url) as client:
+        assert client.start_pre_import("g/running").started
+        process.configure(fault=f"status:{code}")
+        start = client.start_pre_import("g/app")
+        status = client.status("g/running")
+        cancel = client.cancel("g/running")
+        assert [(r.outcome, r.http_status) for r in (start, status, cancel)] == [
+            (outcome, code) for outcome in outcomes
+        ]
+        assert "simulated fault" in start.detail
+        assert_registry_fault([start, status, cancel], kind)
+        probed = client.probe()
+        assert (probed.ok, probed.http_status, probed.error_kind) == (False, code, kind)
+        report = process.report()
+        # Refused before the registry: nothing started, nothing canceled.
+        assert report["starts"] == {"g/running": {"pre": 1, "final": 0}}
+        assert report["answers"] == {"start_202": 1}
+        assert report["faulted_answers"] == {
+            f"{kind} status:{code}": 1 for kind in ("start", "status", "cancel", "probe")
+        }
+        assert report["fault"]["active"] is True and report["fault"]["ended_at"] is None
+
+        process.configure(fault=None)
+        assert client.start_pre_import("g/app").started
+    report = process.report()
+    assert report["fault"]["active"] is False
+    assert report["fault"]["ended_at"] is not None
+
+
+def test_a_fault_can_hit_only_some_calls(process: SimulatorProcess) -> None:
+    process.configure(fault="status:503", fault_calls="start,probe")
+    with RegistryClient(process.url) as client:
+        assert client.start_pre_import("g/app").http_status == 503
+        assert probe(process.url).status_code == 503
+        # status and cancel reach the registry: it has never heard of g/app.
+        assert client.status("g/app").outcome is StatusOutcome.NOT_FOUND
+        assert client.cancel("g/app").outcome is CancelOutcome.NOTHING_RUNNING
+    assert process.report()["faulted_answers"] == {"start status:503": 1, "probe status:503": 1}
+
+
+def test_a_fault_ends_by_itself_after_its_seconds(process: SimulatorProcess) -> None:
+    process.configure(fault="status:502", fault_seconds=1.0)
+    with RegistryClient(process.url) as client:
+        assert client.start_pre_import("g/app").http_status == 502
+        set_at = process.report()["fault"]["set_at"]
+        answers = []
+        deadline = time.monotonic() + 10
+        while not (answers and answers[-1] == 202):
+            assert time.monotonic() < deadline, answers
+            answers.append(client.start_pre_import("g/app").http_status)
+            time.sleep(0.05)
+    finished = time.time()
+    assert set(answers[:-1]) <= {502}
+    fault = process.report()["fault"]
+    assert fault["active"] is False
+    assert fault["ended_at"] == pytest.approx(set_at + 1.0)
+    assert set_at + 1.0 <= finished
+
+
+def test_a_slow_fault_acts_at_once_and_answers_after_the_client_gave_up(
+    process: SimulatorProcess,
+) -> None:
+    process.configure(fault="slow:1.5", fault_calls="start", pre_import_seconds=[5, 5])
+    with (
+        RegistryClient(process.url, timeout=0.3) as impatient,
+        RegistryClient(process.url) as patient,
+    ):
+        began = time.monotonic()
+        start = impatient.start_pre_import("g/app")
+        assert (start.outcome, start.http_status) == (ImportOutcome.ERROR, None)
+        assert_registry_fault([start], ErrorKind.TIMEOUT)
+        assert start.error_kind is not None and start.error_kind.outcome_unknown
+        assert time.monotonic() - began < 1.4
+        # The registry started it anyway: only a status read tells.
+        assert patient.status("g/app").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
+        # A caller patient enough gets the answer, late.
+        began = time.monotonic()
+        late = patient.start_pre_import("g/other")
+        assert late.started
+        assert time.monotonic() - began >= 1.4
+        process.configure(fault="slow:1.5", fault_calls="status")
+        began = time.monotonic()
+        assert_registry_fault([impatient.status("g/app")], ErrorKind.TIMEOUT)
+        assert patient.status("g/app").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
+        assert time.monotonic() - began >= 1.4
+    assert process.report()["starts"] == {
+        "g/app": {"pre": 1, "final": 0},
+        "g/other": {"pre": 1, "final": 0},
+    }
+
+
+def test_a_garbage_fault_answers_200_with_html(process: SimulatorProcess) -> None:
+    process.configure(fault="garbage")
+    answer = httpx.put(f"{process.url}/gitlab/v1/import/g/app/", params={"import_type": "pre"})
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/html")
+    with pytest.raises(ValueError):
+        answer.json()
+    assert probe(process.url).headers["content-type"].startswith("text/html")
+    with RegistryClient(process.url) as client:
+        results: list[ImportResult | StatusResult | CancelResult] = [
+            client.start_pre_import("g/app"),
+            client.status("g/app"),
+            client.cancel("g/app"),
+        ]
+        # A 200 that is not the API's is no "already imported": the registry's fault.
+        assert [(r.outcome, r.http_status) for r in results] == [(o, 200) for o in ERROR]
+        assert_registry_fault(results, ErrorKind.BAD_ANSWER)
+        assert client.probe().error_kind is ErrorKind.BAD_ANSWER
+    report = process.report()
+    assert report["starts"] == {} and report["answers"] == {}
+
+
+def test_a_reset_fault_closes_the_connection_mid_answer(process: SimulatorProcess) -> None:
+    process.configure(fault="reset")
+    with RegistryClient(process.url) as client:
+        results: list[ImportResult | StatusResult | CancelResult] = [
+            client.start_pre_import("g/app"),
+            client.status("g/app"),
+            client.cancel("g/app"),
+        ]
+        for result in results:
+            assert (result.outcome, result.http_status) == ("error", None), result
+            assert "RemoteProtocolError" in result.detail, result
+        assert_registry_fault(results, ErrorKind.RESET)
+        assert client.probe().error_kind is ErrorKind.RESET
+        process.configure(fault=None)
+        assert client.start_pre_import("g/app").started  # the server itself is fine
+    report = process.report()
+    assert report["starts"] == {"g/app": {"pre": 1, "final": 0}}
+    assert report["faulted_answers"] == {
+        f"{kind} reset": 1 for kind in ("start", "status", "cancel", "probe")
+    }
+    # The closed connections are no errors of the simulator's: no traceback logged.
+    log_path: Path = process.log_path  # type: ignore[attr-defined]
+    assert "Traceback" not in log_path.read_text()
+
+
+def test_bad_faults_are_refused(process: SimulatorProcess) -> None:
+    for bad, says in (
+        ("status:404", "fault must be status:CODE"),
+        ("slow:-1", "fault must be"),
+        ("slow:soon", "fault must be"),
+        ("explode", "fault must be"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            process.configure(fault=bad)
+    with pytest.raises(ValueError, match="fault_calls must be 'all' or"):
+        process.configure(fault_calls="start,push")
+    with pytest.raises(ValueError, match="fault_seconds must not be negative"):
+        process.configure(fault_seconds=-2)
+    assert process.report()["fault"]["fault"] is None
+    done = subprocess.run(
+        [COMMAND, "simulator", "--fault", "status:200"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "registry-migrator simulator: fault must be status:CODE (401, 403 or 5xx),"
+        " slow:SECONDS, garbage or reset, got 'status:200'"
+    ]
+
+
+def test_overlapping_imports_are_counted_with_the_guard_off(process: SimulatorProcess) -> None:
+    process.configure(pre_import_seconds=[2, 2])
+    with RegistryClient(process.url) as client:
+        assert client.start_pre_import("g/app").started
+        refused = client.start_pre_import("g/app")
+        assert (refused.outcome, refused.http_status) == (ImportOutcome.ALREADY_BEING_IMPORTED, 425)
+        assert process.report()["overlapping_imports"] == 0
+        process.configure(guard_double_start=False)
+        assert client.start_pre_import("g/app").started
+        assert client.start_pre_import("g/app").started
+    report = process.report()
+    assert report["overlapping_imports"] == 2
+    assert report["overlapping_repositories"] == ["g/app"]
+    assert report["running_imports"] == 3
+
+
+def test_a_stopped_registry_refuses_connections_and_comes_back_with_its_state(
+    tmp_path: Path, make_receiver: MakeReceiver
+) -> None:
+    receiver = make_receiver()
+    knobs = SimulatorConfig(
+        pre_import_seconds=(0.05, 0.05), import_seconds=(1.5, 1.5), notify_url=receiver.url
+    )
+    state_file = tmp_path / "registry.state"
+    registry = SimulatorProcess(
+        knobs, log_path=str(tmp_path / "simulator.log"), state_file=str(state_file)
+    )
+    with registry:
+        with RegistryClient(registry.url, timeout=1) as client:
+            assert client.start_pre_import("g/done").started
+            receiver.wait_for(1)
+            assert client.start_import("g/running").started
+            registry.configure(token="t0ken")  # a knob changed at runtime survives the outage
+            assert registry.stop() == 0
+            assert state_file.exists()
+
+            down: list[ImportResult | StatusResult | CancelResult] = [
+                client.start_pre_import("g/other"),
+                client.status("g/done"),
+                client.cancel("g/done"),
+            ]
+            assert_registry_fault(down, ErrorKind.CONNECT)
+            assert client.probe().error_kind is ErrorKind.CONNECT
+
+        registry.start()  # same port, same state
+        with RegistryClient(registry.url, token="t0ken") as client:
+            assert client.status("g/done").status is RegistryImportStatus.PRE_IMPORT_COMPLETE
+            # The import that ran when the registry stopped goes on and is notified.
+            assert client.status("g/running").status is RegistryImportStatus.IMPORT_IN_PROGRESS
+            notes = receiver.wait_for(2, timeout=10)
+        assert notes[1]["body"]["path"] == "g/running"
+        assert notes[1]["body"]["status"] == "import_complete"
+        report = wait_for_report(registry, lambda r: r["notifications"]["sent"] == 2)
+    assert report["starts"] == {
+        "g/done": {"pre": 1, "final": 0},
+        "g/running": {"pre": 0, "final": 1},
+    }
+    assert report["outcomes"] == {"pre_import_complete": 1, "import_complete": 1}
+
+
+def test_a_notification_undelivered_when_the_registry_stops_is_sent_after_it_restarts(
+    tmp_path: Path, make_receiver: MakeReceiver
+) -> None:
+    receiver = make_receiver(default=503)
+    knobs = SimulatorConfig(
+        pre_import_seconds=(0.05, 0.05), notify_url=receiver.url, notify_backoff=0.05
+    )
+    registry = SimulatorProcess(knobs, state_file=str(tmp_path / "registry.state"))
+    with registry:
+        with RegistryClient(registry.url) as client:
+            assert client.start_pre_import("g/app").started
+        receiver.wait_for(2)  # refused, being retried
+        registry.stop()
+        receiver.default = 200
+        registry.start()
+        receiver.wait_for(len(receiver.received) + 1, timeout=10)
+        report = wait_for_report(registry, lambda r: r["notifications"]["sent"] == 1)
+    assert receiver.received[-1]["answered"] == 200
+    assert receiver.received[-1]["body"]["status"] == "pre_import_complete"
+    assert report["notifications"]["pending"] == 0
+
+
+def test_a_bad_state_file_stops_the_command_with_one_line(tmp_path: Path) -> None:
+    state_file = tmp_path / "registry.state"
+    state_file.write_text("{not json")
+    done = subprocess.run(
+        [COMMAND, "simulator", "--port", "0", "--state-file", str(state_file)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"registry-migrator simulator: cannot read the state file {state_file}"
+    ), lines
