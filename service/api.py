@@ -36,6 +36,9 @@ log = structlog.get_logger(__name__)
 #: The routes anyone may call (probes and the Prometheus scraper); all others need the secret.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
+#: A system pause's reason is a label value: the first characters are enough to say why.
+PAUSED_REASON_CHARS = 200
+
 #: The statuses a notification may carry: a phase that ended.
 NOTIFIED_STATUSES = tuple(s for s in RegistryImportStatus if s.ended)
 
@@ -82,15 +85,21 @@ class Metrics:
             "registry_migrator_repositories_skipped", "Skipped repositories by skip reason",
             ["reason"], registry=self.registry,
         )  # fmt: skip
-        # 1 while the migration runs, 0 while paused (the ``enabled`` setting).
-        # TODO(paused_reason): once the settings carry ``paused_reason`` (NULL unless the
-        # system paused it), export it as registry_migrator_migration_paused{reason} here, and
-        # the repositories backing off (``not_before`` in the future) as
-        # registry_migrator_repositories_backing_off; the rules in deploy/prometheus/ then
-        # name the reason in RegistryMigratorPaused.
         self.enabled = Gauge(
             "registry_migrator_migration_enabled",
             "1 while the migration is enabled, 0 while paused",
+            registry=self.registry,
+        )
+        # One series while paused: reason "operator" (paused_reason NULL), else the reason
+        # the system gave (e.g. the registry refused the token); none while running.
+        self.paused = Gauge(
+            "registry_migrator_migration_paused",
+            "1 while paused, with why (operator, or the reason the system paused it)",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+        self.backing_off = Gauge(
+            "registry_migrator_repositories_backing_off",
+            "Repositories waiting out a registry backoff (registry_not_before in the future)",
             registry=self.registry,
         )
         self.queue_messages = Gauge(
@@ -285,6 +294,11 @@ def create_app(
             metrics.in_flight.set(sum(counts.get(s, 0) for s in ACTIVE_STATES))
             metrics.capacity.set(settings.capacity)
             metrics.enabled.set(1 if settings.enabled else 0)
+            metrics.paused.clear()
+            if not settings.enabled:
+                reason = (settings.paused_reason or "operator").strip()[:PAUSED_REASON_CHARS]
+                metrics.paused.labels(reason or "operator").set(1)
+            metrics.backing_off.set(store.backing_off(limit=0)[0])
             for reason, n in store.counts_by_skip_reason().items():
                 metrics.skipped.labels(reason.value).set(n)
             metrics.eligible.set(store.count_eligible(settings))

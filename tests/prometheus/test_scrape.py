@@ -294,11 +294,8 @@ def test_prometheus_scrapes_a_real_migration(
         skipped = _nonzero(prometheus.by("reason", "registry_migrator:repositories_skipped:max"))
         expected_skips = {r.value: n for r, n in clean_store.counts_by_skip_reason().items() if n}
         assert skipped == expected_skips
-        assert set(skipped) == {
-            SkipReason.NATIVE_IMPORT.value,
-            SkipReason.NOT_FOUND.value,
-            SkipReason.TOO_MANY_RETRIES.value,
-        }
+        # native and not-found repositories end import_done (with the reason), not skipped.
+        assert set(skipped) == {SkipReason.TOO_MANY_RETRIES.value}
         assert prometheus.scalar("registry_migrator:repositories_finished:max") == COUNT
         assert prometheus.scalar("registry_migrator:repositories_remaining:max") == 0
         assert prometheus.scalar("registry_migrator:capacity:max") == CAPACITY
@@ -336,16 +333,36 @@ def test_prometheus_scrapes_a_real_migration(
         )
         assert len(rules) == expected_rules
         assert [(r["name"], r["lastError"]) for r in rules if r["health"] != "ok"] == []
-        # The recording rules produce series; the registry-call ones wait for the registry
-        # client's counts (registry_migrator_registry_calls_total), and a rate of refusals
-        # exists only when some write was refused.
-        waiting = {
-            "registry_migrator:registry_calls:rate5m",
-            "registry_migrator:registry_call_seconds:p95_5m",
+        # The recording rules produce series; a rate of refusals exists only when some write
+        # was refused, the paused series only while paused (below).
+        sometimes = {
             "registry_migrator:fenced_writes_refused:rate5m",
+            "registry_migrator:migration_paused:max",
         }
         recorded = {rule["name"] for rule in rules if rule["type"] == "recording"}
-        assert [name for name in sorted(recorded - waiting) if not prometheus.query(name)] == []
+        assert [name for name in sorted(recorded - sometimes) if not prometheus.query(name)] == []
+
+        # -- registry health: calls answered, breaker closed, nothing backing off ---------
+        calls = prometheus.by(
+            "outcome_class", "sum by (outcome_class) (registry_migrator_registry_calls_total)"
+        )
+        assert calls.get("ok", 0) >= accepted[State.IMPORT_DONE.value], calls
+        assert prometheus.scalar("registry_migrator:registry_breaker_open:max") == 0
+        assert prometheus.scalar("registry_migrator:repositories_backing_off:max") == 0
+        assert prometheus.query("registry_migrator:registry_call_seconds:p95_5m")
+
+        # -- a pause shows, with who paused it -------------------------------------------
+        assert clean_store.pause("registry refused the token (test)")
+        wait_until(
+            lambda: (
+                prometheus.by("reason", "registry_migrator:migration_paused:max")
+                == {"registry refused the token (test)": 1}
+                and prometheus.scalar("registry_migrator:migration_enabled:max") == 0
+            ),
+            timeout=20,
+            interval=0.5,
+            what="the pause and its reason in Prometheus",
+        )
     finally:
         run.stop(timeout=20)
         run.delete_queues()
