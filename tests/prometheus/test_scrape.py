@@ -2,7 +2,7 @@
 
 The simulator, the API, two ``dramatiq actors`` workers (Dramatiq's Prometheus middleware on)
 and a scheduler run against the shared stack, on a fresh database, queue and etcd prefix; a
-``prometheus`` process scrapes them every second with the rules of deploy/prometheus loaded.
+``prometheus`` process scrapes them every 2 s with the rules of deploy/prometheus loaded.
 Through its HTTP API the test shows:
 
 - every target is up and every rule loads and evaluates with health ``ok``;
@@ -57,9 +57,11 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.folder = folder
         config = {
+            # Short, but with room for an API scrape (a table scan, etcd, RabbitMQ) on two
+            # busy cores: a scrape that times out leaves a gap in the series.
             "global": {
-                "scrape_interval": "1s",
-                "scrape_timeout": "1s",
+                "scrape_interval": "2s",
+                "scrape_timeout": "2s",
                 "evaluation_interval": "1s",
             },
             "rule_files": [str(path) for path in rule_files],
@@ -312,7 +314,9 @@ def test_prometheus_scrapes_a_real_migration(
             step=1,
         )["result"]
         values = [float(v) for _, v in series[0]["values"]]
-        assert values == sorted(values) and values[-1] == COUNT and len(set(values)) >= 5, values
+        print(f"finished repositories, one value a second: {values}")
+        assert values == sorted(values), "the finished count went down"
+        assert max(values) == COUNT and len(set(values)) >= 5
         peak = prometheus.scalar("max_over_time(registry_migrator:in_flight:max[1h])")
         assert peak is not None and 0 < peak <= CAPACITY, peak
 
@@ -351,6 +355,12 @@ def test_prometheus_scrapes_a_real_migration(
         assert prometheus.scalar("registry_migrator:repositories_backing_off:max") == 0
         assert prometheus.query("registry_migrator:registry_call_seconds:p95_5m")
 
+        names = sorted(
+            name
+            for name in prometheus.api("label/__name__/values")
+            if name.startswith(("registry_migrator", "dramatiq_"))
+        )
+
         # -- a pause shows, with who paused it -------------------------------------------
         assert clean_store.pause("registry refused the token (test)")
         wait_until(
@@ -371,3 +381,4 @@ def test_prometheus_scrapes_a_real_migration(
         f"{COUNT} repositories in {finished - started:.1f} s; transitions {accepted};"
         f" refused {refused}; enqueuer runs {runs}; leases {leases}; scheduler {published}"
     )
+    print(f"{len(names)} series names scraped or recorded: {' '.join(names)}")
