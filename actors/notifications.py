@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -13,7 +14,7 @@ from actors.config import CONFIG
 from actors.enqueuer import trigger_enqueue
 from actors.reconcile import recover_interrupted_delivery, redelivered
 from actors.runtime import get_runtime
-from leases import HolderInfo, try_acquire
+from leases import HolderInfo, LeaseError, try_acquire
 from migration import metrics
 from migration.keys import repository_lease_key
 from migration.migrator import RegistryUnavailable, StepOutcome, Writer
@@ -25,8 +26,21 @@ log = structlog.get_logger(__name__)
 ACTOR = "handle_registry_notification"
 
 
-class LeaseBusy(Exception):
-    """The repository's lease is held (the enqueuer is still finishing it): retry soon."""
+class LeaseBusy(dramatiq.Retry):
+    """The repository's lease is held (the enqueuer is still finishing it): retry soon, with
+    no traceback (a busy lease is normal).
+
+    :param why: one line, logged by Dramatiq's retry message.
+    :param after: seconds the holder's lease has left (etcd's time-to-live).
+    """
+
+    def __init__(self, why: str, *, after: float) -> None:
+        # A live holder (the usual case) keeps its lease full and finishes within a second
+        # or so; a dead one is indistinguishable until its lease runs out. So: try again
+        # within a second (the recovery bound is TTL + 1 s), sooner when the lease ends
+        # sooner. Jittered, so retries of many notifications do not come back together.
+        wait = min(max(after, 0.2), 1.0) * (0.75 + random.random() / 2)
+        super().__init__(why, delay=int(wait * 1000))
 
 
 def _delivered_before(message: Any) -> bool:
@@ -122,7 +136,11 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
             container_repository_id=repository.id,
             **fields,
         )
-        raise LeaseBusy(f"lease of repository {repository.id} held by {holder}")
+        left = 1.0
+        if acquisition.holder_lease_id:
+            with contextlib.suppress(LeaseError):
+                left = float(runtime.etcd.time_to_live(acquisition.holder_lease_id))
+        raise LeaseBusy(f"lease of repository {repository.id} held by {holder}", after=left)
     with acquisition.hold as hold:
         current = runtime.store.get(repository.id)
         assert current is not None

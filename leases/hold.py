@@ -165,6 +165,9 @@ class Acquisition:
     hold: Hold | None
     holder: HolderInfo | None = None
     holder_token: int | None = None
+    #: The etcd lease the holder's key is attached to (0: none known), for
+    #: :meth:`EtcdClient.time_to_live`: how long a holder that died may still block.
+    holder_lease_id: int = 0
 
     def __bool__(self) -> bool:
         return self.hold is not None
@@ -233,7 +236,9 @@ def _create(
         )
     if current is None:  # held a moment ago, gone before the read: report busy, caller retries
         return Acquisition(None, None, None)
-    return Acquisition(None, HolderInfo.from_json(current.value), current.create_revision)
+    return Acquisition(
+        None, HolderInfo.from_json(current.value), current.create_revision, current.lease_id
+    )
 
 
 @contextmanager

@@ -116,6 +116,10 @@ class AbortCause(StrEnum):
     REGISTRY_STATE_MISMATCH = "registry_state_mismatch"  # the registry's status contradicts ours
     INVALID_PATH = "invalid_path"  # our path cannot be sent to the registry
     OPERATOR = "operator"  # an operator aborted it
+    #: its worker died between the claim and the start; found by the redelivered message
+    #: (the registry never heard of it). Not the repository's fault either: a chaos run
+    #: excuses these retries.
+    INTERRUPTED = "interrupted"
 
 
 _NOTIFIED_CAUSES = {
@@ -308,6 +312,22 @@ class Migrator:
                 StepOutcome.REFUSED, result.repository, {"refused": result.outcome.value}
             )
         return StepReport(outcome, result.repository, fields)
+
+    def abort(
+        self, repository: Repository, writer: Writer, why: str, cause: AbortCause
+    ) -> StepReport:
+        """Abort an active repository (a retry is charged; at max_retries it is skipped).
+
+        :param why: kept in the events log.
+        :param cause: the repository-specific cause (invariant 7: never a registry fault).
+        """
+        return self._abort(repository, writer, why, cause)
+
+    def skip(
+        self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
+    ) -> StepReport:
+        """Skip a repository for good (any state but done and skipped)."""
+        return self._skip(repository, writer, reason, why)
 
     def _abort(
         self, repository: Repository, writer: Writer, why: str, cause: AbortCause
@@ -630,7 +650,12 @@ class Migrator:
 
     @_fenced
     def reconcile_stale(
-        self, repository: Repository, settings: Settings, writer: Writer
+        self,
+        repository: Repository,
+        settings: Settings,
+        writer: Writer,
+        *,
+        mismatch_cause: AbortCause = AbortCause.REGISTRY_STATE_MISMATCH,
     ) -> StepReport:
         """The guard's step for an active repository that has not moved for too long.
 
@@ -725,7 +750,7 @@ class Migrator:
             repository,
             writer,
             f"registry reports {fields['registry_status']} while {state.value}",
-            AbortCause.REGISTRY_STATE_MISMATCH,
+            mismatch_cause,
         )
         report.fields.update(fields)
         return report

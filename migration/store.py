@@ -148,6 +148,19 @@ _BACK_OFF = (
     " WHERE id = %(id)s AND fencing_token <= %(token)s RETURNING *"
 )
 
+# First in line: an aborted row just before the oldest abort (candidates take aborted rows
+# by migration_aborted_at), and no registry backoff for either kind.
+_TO_FRONT = (
+    "UPDATE container_repositories SET registry_failures = 0, registry_not_before = NULL,"
+    " registry_last_error = NULL, fencing_token = %(token)s,"
+    " migration_aborted_at = CASE WHEN migration_state = 'import_aborted' THEN"
+    " (SELECT coalesce(min(migration_aborted_at), now()) - interval '1 second'"
+    "  FROM container_repositories WHERE migration_state = 'import_aborted')"
+    " ELSE migration_aborted_at END"
+    " WHERE id = %(id)s AND fencing_token <= %(token)s"
+    " AND migration_state IN ('import_aborted', 'default') RETURNING *"
+)
+
 #: How :class:`Store` makes fenced writes (see :attr:`Store.write_path`).
 WritePath = Literal["function", "locked"]
 
@@ -492,6 +505,28 @@ class Store:
                 " WHERE id = %s AND registry_failures > 0",
                 (repository_id,),
             )
+
+    def to_front(
+        self, repository_id: int, *, token: int, actor: str, why: str
+    ) -> Repository | None:
+        """Put a waiting repository first in line: an aborted one before every other aborted
+        one, and either kind out of its registry backoff. Fenced by ``token``; one accepted
+        ``to_front`` event records it. Only ``import_aborted`` and ``default`` rows move.
+
+        :returns: the row after, or None when it is in another state or a newer token wrote it.
+        """
+        with self._connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            row = cur.execute(_TO_FRONT, {"id": repository_id, "token": token}).fetchone()
+            if row is not None:
+                conn.execute(
+                    "INSERT INTO migration_events (repository_id, from_state, to_state, event,"
+                    " token, actor, message_id, detail, accepted)"
+                    " VALUES (%s, %s, %s, 'to_front', %s, %s, NULL, %s, true)",
+                    (row.id, row.migration_state.value, row.migration_state.value, token, actor,
+                     Jsonb({"why": why})),
+                )  # fmt: skip
+        return row
 
     def backing_off(self, *, limit: int = 20) -> tuple[int, list[Repository]]:
         """Repositories waiting out a registry backoff: how many, and the next ones due."""

@@ -36,9 +36,6 @@ log = structlog.get_logger(__name__)
 #: The routes anyone may call (probes and the Prometheus scraper); all others need the secret.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
-#: A system pause's reason is a label value: the first characters are enough to say why.
-PAUSED_REASON_CHARS = 200
-
 #: The statuses a notification may carry: a phase that ended.
 NOTIFIED_STATUSES = tuple(s for s in RegistryImportStatus if s.ended)
 
@@ -85,21 +82,22 @@ class Metrics:
             "registry_migrator_repositories_skipped", "Skipped repositories by skip reason",
             ["reason"], registry=self.registry,
         )  # fmt: skip
+        # 1 while the migration runs, 0 while paused (the ``enabled`` setting).
         self.enabled = Gauge(
             "registry_migrator_migration_enabled",
             "1 while the migration is enabled, 0 while paused",
             registry=self.registry,
         )
-        # One series while paused: reason "operator" (paused_reason NULL), else the reason
-        # the system gave (e.g. the registry refused the token); none while running.
-        self.paused = Gauge(
-            "registry_migrator_migration_paused",
-            "1 while paused, with why (operator, or the reason the system paused it)",
+        # 1 while the system paused the migration (the registry refused our token), with
+        # the reason as a label; 0 otherwise. An operator's pause is enabled=0 alone.
+        self.paused_by_system = Gauge(
+            "registry_migrator_migration_paused_by_system",
+            "1 while the system paused the migration (paused_reason set)",
             ["reason"], registry=self.registry,
         )  # fmt: skip
         self.backing_off = Gauge(
             "registry_migrator_repositories_backing_off",
-            "Repositories waiting out a registry backoff (registry_not_before in the future)",
+            "Repositories waiting out a registry backoff (registry faults; never charged)",
             registry=self.registry,
         )
         self.queue_messages = Gauge(
@@ -294,10 +292,9 @@ def create_app(
             metrics.in_flight.set(sum(counts.get(s, 0) for s in ACTIVE_STATES))
             metrics.capacity.set(settings.capacity)
             metrics.enabled.set(1 if settings.enabled else 0)
-            metrics.paused.clear()
-            if not settings.enabled:
-                reason = (settings.paused_reason or "operator").strip()[:PAUSED_REASON_CHARS]
-                metrics.paused.labels(reason or "operator").set(1)
+            metrics.paused_by_system.clear()
+            if settings.paused_reason:
+                metrics.paused_by_system.labels(settings.paused_reason[:120]).set(1)
             metrics.backing_off.set(store.backing_off(limit=0)[0])
             for reason, n in store.counts_by_skip_reason().items():
                 metrics.skipped.labels(reason.value).set(n)

@@ -109,6 +109,10 @@ COMMANDS = {
         "service.commands.run:enqueue",
         "Send one enqueue_next_migration run through the dedup gate (like perform_async).",
     ),
+    "guard": LazyCommand(
+        "service.commands.repair:guard",
+        "Run one pass of the stale-migration guard now and print what it did.",
+    ),
     "leases": LazyCommand(
         "service.commands.leases:leases", "Inspect and manage the per-repository etcd leases."
     ),
@@ -118,7 +122,7 @@ COMMANDS = {
     ),
     "repositories": LazyCommand(
         "service.commands.repositories:repositories",
-        "Add, seed, inspect and requeue the repositories to migrate.",
+        "Add, seed, inspect, repair and requeue the repositories to migrate.",
     ),
     "resume": LazyCommand("service.commands.settings:resume", "Start new migrations again."),
     "scheduler": LazyCommand(

@@ -72,7 +72,7 @@ def list_command(as_json: bool) -> None:
 
 
 @leases.command("take")
-@click.argument("repository_id", type=click.IntRange(min=1))
+@click.argument("repository_id", type=click.IntRange(min=1), required=False)
 @click.option(
     "--ttl",
     type=click.IntRange(min=2),
@@ -80,21 +80,37 @@ def list_command(as_json: bool) -> None:
     show_default=True,
     help="Seconds the lease lives; nobody keeps it alive.",
 )
-def take_command(repository_id: int, ttl: int) -> None:
+@click.option(
+    "--global",
+    "global_key",
+    is_flag=True,
+    help="Take the one fixed key every run takes under lease_scope=global instead.",
+)
+def take_command(repository_id: int | None, ttl: int, global_key: bool) -> None:
     """Take a repository's lease for TTL seconds, then exit (the lease stays).
 
     The reference's "take the lease for 30 minutes": runs that pick this repository log
-    lease_already_taken until the TTL runs out or `leases release` frees it. Exits 0 when
-    taken, 1 with the holder named when the lease is busy.
+    lease_already_taken until the TTL runs out or `leases release` frees it. With
+    --global, the fixed key of lease_scope=global: every run stops (lease_taken), as the
+    reference's runbook does to hold the whole migration. Exits 0 when taken, 1 with the
+    holder named when the lease is busy.
 
     \b
-    Example:
+    Examples:
       registry-migrator leases take 42 --ttl 1800
+      registry-migrator leases take --global --ttl 1800
     """
     from leases import EtcdUnavailable, HolderInfo, take
+    from migration.keys import global_lease_key
 
+    if (repository_id is None) == (not global_key):
+        _fail("give a REPOSITORY_ID or --global (one of them)", 2)
     config = Config.from_env()
-    key = repository_lease_key(config.etcd_prefix, repository_id)
+    key = (
+        global_lease_key(config.etcd_prefix)
+        if global_key
+        else repository_lease_key(config.etcd_prefix, repository_id or 0)
+    )
     try:
         with config.etcd_client() as client:
             acquisition = take(client, key, ttl=ttl, holder=HolderInfo(actor="leases take"))
@@ -102,7 +118,8 @@ def take_command(repository_id: int, ttl: int) -> None:
         _fail(f"etcd unreachable at {config.etcd_endpoints_text}: {error}")
     if acquisition.hold is None:
         holder = acquisition.holder.describe() if acquisition.holder else "someone"
-        _fail(f"lease of repository {repository_id} is busy: held by {holder}")
+        what = "the global lease" if global_key else f"lease of repository {repository_id}"
+        _fail(f"{what} is busy: held by {holder}")
     assert acquisition.hold is not None
     click.echo(f"took {key} for {ttl} s (token {acquisition.hold.token})")
 

@@ -17,21 +17,44 @@ import click
 from migration.config import Config
 from migration.keys import repository_lease_key
 from migration.states import REQUEUE_STATES, SkipReason, State
+from service.cli import LazyCommand, LazyGroup
 from service.commands.db import fail, open_store
 
 if TYPE_CHECKING:
     from migration.store import Repository
 
 
-@click.group()
+#: The operator's repair of one repository (service/commands/repair.py), loaded on use.
+REPAIR_COMMANDS = {
+    "abort": LazyCommand(
+        "service.commands.repair:abort",
+        "Abort an active migration, as the guard does (a retry is charged).",
+    ),
+    "cancel": LazyCommand(
+        "service.commands.repair:cancel",
+        "Ask the registry to cancel a running (pre-)import, then abort the repository.",
+    ),
+    "retry": LazyCommand(
+        "service.commands.repair:retry",
+        "Put an aborted or waiting repository first in line now, and send one run.",
+    ),
+    "skip": LazyCommand(
+        "service.commands.repair:skip",
+        "Skip a repository for good, with a reason (any state but done or skipped).",
+    ),
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=REPAIR_COMMANDS)
 def repositories() -> None:
-    """Add, seed, inspect and requeue the repositories to migrate.
+    """Add, seed, inspect, repair and requeue the repositories to migrate.
 
     \b
     Examples:
       registry-migrator repositories add gitlab-org/gitlab/build --tags 120
       registry-migrator repositories seed --count 100000
       registry-migrator repositories show gitlab-org/gitlab/build
+      registry-migrator repositories abort gitlab-org/gitlab/build --dry-run
       registry-migrator repositories requeue --state import_skipped \\
           --reason too_many_retries --since 2h --dry-run
     """

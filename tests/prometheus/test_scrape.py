@@ -341,7 +341,7 @@ def test_prometheus_scrapes_a_real_migration(
         # was refused, the paused series only while paused (below).
         sometimes = {
             "registry_migrator:fenced_writes_refused:rate5m",
-            "registry_migrator:migration_paused:max",
+            "registry_migrator:migration_paused_by_system:max",
         }
         recorded = {rule["name"] for rule in rules if rule["type"] == "recording"}
         assert [name for name in sorted(recorded - sometimes) if not prometheus.query(name)] == []
@@ -365,7 +365,7 @@ def test_prometheus_scrapes_a_real_migration(
         assert clean_store.pause("registry refused the token (test)")
         wait_until(
             lambda: (
-                prometheus.by("reason", "registry_migrator:migration_paused:max")
+                prometheus.by("reason", "registry_migrator:migration_paused_by_system:max")
                 == {"registry refused the token (test)": 1}
                 and prometheus.scalar("registry_migrator:migration_enabled:max") == 0
             ),

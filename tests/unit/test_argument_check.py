@@ -109,7 +109,11 @@ def test_the_real_actors_signatures_are_what_the_check_enforces() -> None:
 
 
 def test_a_busy_lease_is_retried_far_longer_than_other_errors() -> None:
-    busy = LeaseBusy("held")
+    busy = LeaseBusy("held", after=9.0)
+    # A Retry: no traceback; within a second (jittered), sooner when the lease ends sooner.
+    assert busy.delay is not None and 750 <= busy.delay <= 1250
+    soon = LeaseBusy("held", after=0.4)
+    assert soon.delay is not None and 300 <= soon.delay <= 500
     other = RuntimeError("database gone")
     assert _retry_when(0, busy) and _retry_when(239, busy)
     assert not _retry_when(240, busy)
