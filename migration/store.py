@@ -690,7 +690,9 @@ class Store:
         """How many repositories a run could still start or retry: the candidates, uncapped.
 
         Aborted ones and ready ones (``default``, created before the cut-off when set), both
-        outside the deny list; what :meth:`candidates` reads, counted. Scans the table.
+        outside the deny list; what :meth:`candidates` reads, counted, except that those
+        backing off after registry faults count too (they are work left; :meth:`backing_off`
+        counts them). Scans the table.
         """
         query = sql.SQL(
             "SELECT count(*) FROM container_repositories WHERE (migration_state = 'import_aborted'"
