@@ -86,6 +86,8 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
     exit_codes: list[int | None] = field(default_factory=list)
+    #: Variables of this process alone, over the run's (see :meth:`LocalMigration.set_env`).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -215,7 +217,7 @@ class LocalMigration:
         if child.running():
             return
         child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
-        environment = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, **self.env, **child.env, "PYTHONUNBUFFERED": "1"}
         with open(child.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%H:%M:%S')} starting {child.name}\n".encode())
             log.flush()
@@ -336,6 +338,19 @@ class LocalMigration:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def set_env(self, name: str, env: Mapping[str, str]) -> None:
+        """Variables for process ``name`` alone (``worker-0``, ``api``...), over the run's
+        ``env``, from its next start: e.g. one worker's ``MIGRATOR_ETCD_ENDPOINTS`` pointed
+        at a proxy that a test can cut (``tests/partition``).
+
+        :raises KeyError: no process is called ``name``.
+        """
+        for child in self._children():
+            if child.name == name:
+                child.env = dict(env)
+                return
+        raise KeyError(name)
 
     # -- workers and schedulers -----------------------------------------------------------
 
