@@ -86,7 +86,7 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
     exit_codes: list[int | None] = field(default_factory=list)
-    #: Variables of this child only, over the run's.
+    #: Variables of this process alone, over the run's (see :meth:`LocalMigration.set_env`).
     env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -371,6 +371,19 @@ class LocalMigration:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def set_env(self, name: str, env: Mapping[str, str]) -> None:
+        """Variables for process ``name`` alone (``worker-0``, ``api``...), over the run's
+        ``env``, from its next start: e.g. one worker's ``MIGRATOR_ETCD_ENDPOINTS`` pointed
+        at a proxy that a test can cut (``tests/partition``).
+
+        :raises KeyError: no process is called ``name``.
+        """
+        for child in self._children():
+            if child.name == name:
+                child.env = {**child.env, **env}
+                return
+        raise KeyError(name)
 
     # -- workers and schedulers -----------------------------------------------------------
 

@@ -6,7 +6,6 @@ Each test drives :class:`migration.migrator.Migrator` the way an actor does unde
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +24,8 @@ from migration.registry import RegistryClient, RegistryImportStatus
 from migration.states import SkipReason, State
 from migration.store import Store
 from service.simulator import SimulatorConfig, SimulatorServer
+from tests.fixtures import wait_until
+from tests.registry.test_client import wait_for_status
 
 SLOW_IMPORTS = SimulatorConfig(pre_import_seconds=(30, 30), import_seconds=(30, 30))
 
@@ -234,7 +235,12 @@ def test_a_start_answered_after_the_timeout_is_reconciled_not_failed(
             # The status read raced the registry's own start (it answers after 1.5 s):
             # undone, nothing charged; the next start finds it running (425) and aligns.
             assert current(clean_store, repo_id).migration_retries_count == 0
-            time.sleep(1.5)  # the registry's delayed start has happened
+            # Wait for the registry's delayed start to have happened (its event is
+            # recorded once decided), not for a guessed time.
+            wait_until(
+                lambda: _starts(simulator, "group/slow/image") >= 1,
+                timeout=10, what="the registry's delayed start",
+            )  # fmt: skip
             report = migrator.start(
                 current(clean_store, repo_id), clean_store.settings(), tokens.writer()
             )
@@ -290,13 +296,16 @@ def test_full_path_through_notifications(
     simulator.configure(pre_import_seconds=[0.05, 0.05], import_seconds=[0.05, 0.05])
     repo_id = add(store, "group/happy/image")
     migrator.start(current(store, repo_id), store.settings(), tokens.writer())
-    time.sleep(0.2)  # the simulated pre-import has ended (its notification goes nowhere)
+    # The simulated pre-import has ended (its notification goes nowhere): the registry says so.
+    wait_for_status(
+        migrator.registry, "group/happy/image", RegistryImportStatus.PRE_IMPORT_COMPLETE
+    )
     report = migrator.on_registry_status(
         current(store, repo_id), RegistryImportStatus.PRE_IMPORT_COMPLETE, tokens.writer()
     )
     assert report.outcome is StepOutcome.STARTED
     assert report.repository.migration_state is State.IMPORTING
-    time.sleep(0.2)
+    wait_for_status(migrator.registry, "group/happy/image", RegistryImportStatus.IMPORT_COMPLETE)
     report = migrator.on_registry_status(
         current(store, repo_id), RegistryImportStatus.IMPORT_COMPLETE, tokens.writer()
     )
