@@ -28,7 +28,7 @@ REGISTRY_CALL_SECONDS = Histogram(
 REGISTRY_BREAKER_OPEN = Gauge(
     "registry_migrator_registry_breaker_open",
     "1 while the shared registry breaker is open (as this process last saw it)",
-    multiprocess_mode="max",
+    multiprocess_mode="livemax",
 )
 #: Times this process opened (or re-opened) the shared breaker, by reason.
 REGISTRY_BREAKER_OPENED = Counter(
