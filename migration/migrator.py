@@ -328,17 +328,6 @@ class Migrator:
         :param why: kept in the events log.
         :param cause: the repository-specific cause (invariant 7: never a registry fault).
         """
-        return self._abort(repository, writer, why, cause)
-
-    def skip(
-        self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
-    ) -> StepReport:
-        """Skip a repository for good (any state but done and skipped)."""
-        return self._skip(repository, writer, reason, why)
-
-    def _abort(
-        self, repository: Repository, writer: Writer, why: str, cause: AbortCause
-    ) -> StepReport:
         result = self._step(
             repository, Event.ABORT_IMPORT, writer, detail={"why": why, "cause": cause.value}
         )
@@ -407,9 +396,10 @@ class Migrator:
         )
         return self._report(result, StepOutcome.FINISHED, finish_reason=reason.value)
 
-    def _skip(
+    def skip(
         self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
     ) -> StepReport:
+        """Skip a repository for good (any state but done and skipped)."""
         result = self._step(
             repository, Event.SKIP_IMPORT, writer, skip_reason=reason, detail={"why": why}
         )
@@ -500,11 +490,11 @@ class Migrator:
                 )  # fmt: skip
                 report = self._report(undone, StepOutcome.UNDONE)
             case ImportOutcome.PRE_IMPORT_FAILED:
-                report = self._abort(
+                report = self.abort(
                     repository, writer, f"registry: {answer.detail}", AbortCause.PRE_IMPORT_FAILED
                 )
             case _:  # an invalid path: ours, not the registry's
-                report = self._abort(
+                report = self.abort(
                     repository, writer, f"registry: {answer.detail}", AbortCause.INVALID_PATH
                 )
         report.fields.update(fields)
@@ -516,7 +506,7 @@ class Migrator:
     def start(self, repository: Repository, settings: Settings, writer: Writer) -> StepReport:
         """Start a ready repository (state ``default``): tags check, claim, pre-import."""
         if settings.max_tags_count and repository.tags_count > settings.max_tags_count:
-            report = self._skip(
+            report = self.skip(
                 repository, writer, SkipReason.TOO_MANY_TAGS,
                 f"{repository.tags_count} tags > max_tags_count {settings.max_tags_count}",
             )  # fmt: skip
@@ -650,7 +640,7 @@ class Migrator:
                 repository, Event.FINISH_IMPORT, writer, detail={"registry": detail}
             )
             return self._report(result, StepOutcome.FINISHED)
-        return self._abort(
+        return self.abort(
             repository, writer, f"registry: {status.value} {detail}".strip(),
             _NOTIFIED_CAUSES[status],
         )  # fmt: skip
@@ -726,14 +716,14 @@ class Migrator:
                      "registry_error": cancel.detail},
                 )  # fmt: skip
             if is_last_retry(repository.migration_retries_count, settings.max_retries):
-                report = self._skip(
+                report = self.skip(
                     repository,
                     writer,
                     SkipReason.MIGRATION_CANCELED,
                     f"ran {age:.0f} s > {timeout:.0f} s",
                 )
             else:
-                report = self._abort(
+                report = self.abort(
                     repository,
                     writer,
                     f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled",
@@ -753,7 +743,7 @@ class Migrator:
                     {**fields, "why": "cancel failed: registry unreachable",
                      "registry_error": cancel.detail},
                 )  # fmt: skip
-        report = self._abort(
+        report = self.abort(
             repository,
             writer,
             f"registry reports {fields['registry_status']} while {state.value}",

@@ -261,7 +261,7 @@ def test_a_retry_takes_over_an_import_the_registry_still_runs(
     path = "group/busy/image"
     started = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
     assert started.outcome is StepOutcome.STARTED
-    aborted = migrator._abort(  # as the guard does, while the registry goes on
+    aborted = migrator.abort(  # as the guard does, while the registry goes on
         current(store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR
     )
     assert aborted.repository.migration_state is State.IMPORT_ABORTED
@@ -281,7 +281,7 @@ def test_a_retry_that_cannot_read_the_registry_claims_nothing(
     claim_without_registry(clean_store, repo_id, tokens)
     with unreachable_registry() as registry:
         migrator = Migrator(clean_store, registry)
-        migrator._abort(current(clean_store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR)
+        migrator.abort(current(clean_store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR)
         report = migrator.retry(current(clean_store, repo_id), tokens.writer())
     assert report.outcome is StepOutcome.REGISTRY_FAULT
     row = current(clean_store, repo_id)
