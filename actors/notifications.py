@@ -20,6 +20,7 @@ from migration.keys import repository_lease_key
 from migration.migrator import RegistryUnavailable, StepOutcome, Writer
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES
+from migration.store import StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +98,16 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     :param status: pre_import_complete, import_complete, or a *_failed / *_canceled.
     :param detail: the registry's detail text, kept in the events log.
     """
+    try:
+        _handle(path, status, detail)
+    except (LeaseError, StoreUnavailable) as error:
+        # etcd or PostgreSQL is down: like a registry that cannot answer, no fault of the
+        # notification's. Retry it as long (not 5 times, then a dead letter).
+        log.warning("notification_deferred", container_repository_path=path, why=str(error))
+        raise TryLater(f"{type(error).__name__}: {error}", after=2.0) from None
+
+
+def _handle(path: str, status: str, detail: str) -> None:
     # ``notified_status``: what the notification says; a step's own fields may carry the
     # registry's current ``registry_status`` (a stale notification), a key of its own.
     fields: dict[str, Any] = {"container_repository_path": path, "notified_status": status}

@@ -17,7 +17,13 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
 
 from actors.enqueuer import enqueue_next_migration
-from actors.notifications import LeaseBusy, _retry_when, handle_registry_notification
+from actors.notifications import (
+    REGISTRY_RETRIES,
+    LeaseBusy,
+    TryLater,
+    _retry_when,
+    handle_registry_notification,
+)
 from actors.validation import ArgumentCheck, argument_problem
 
 QUEUE = "argument-check"
@@ -119,3 +125,8 @@ def test_a_busy_lease_is_retried_far_longer_than_other_errors() -> None:
     assert not _retry_when(240, busy)
     assert _retry_when(4, other)
     assert not _retry_when(5, other)
+    # A dependency that cannot answer (registry, etcd, PostgreSQL): retried for hours.
+    later = TryLater("etcd down", after=2.0)
+    assert later.delay is not None and 2000 <= later.delay <= 3000
+    assert _retry_when(REGISTRY_RETRIES - 1, later)
+    assert not _retry_when(REGISTRY_RETRIES, later)
