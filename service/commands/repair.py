@@ -34,10 +34,15 @@ def _fail(message: str, status: int = 1) -> None:
 def _runtime() -> Runtime:
     from actors.runtime import Runtime
     from leases import LeaseError
+    from migration.logging import configure as configure_logging
     from migration.store import StoreError
 
+    config = Config.from_env()
+    # A command's output is its lines; the process's own log says only what went wrong
+    # (warnings: a refused write, a registry fault), unless asked for more.
+    configure_logging(config.log_level if config.log_level == "debug" else "warning")
     try:
-        return Runtime(Config.from_env(), pool_size=2)
+        return Runtime(config, pool_size=2)
     except (StoreError, LeaseError) as error:
         _fail(str(error))
         raise  # unreachable: _fail exits
