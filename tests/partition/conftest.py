@@ -28,7 +28,7 @@ def partitioned(
         run = LocalMigration(
             env={**stack, "MIGRATOR_DATABASE_URL": database_url, "MIGRATOR_LOG_LEVEL": "info"},
             log_dir=tmp_path / f"run-{len(made)}",
-            workers=workers, threads=threads, lease_ttl=lease_ttl,
+            workers=workers, threads=threads, lease_ttl=lease_ttl, worker_shutdown_timeout=5,
             simulator_args=["--no-double-start-guard", "--pre-import-seconds", "0.1", "0.3",
                             "--import-seconds", "0.1", "0.3"],
         )  # fmt: skip
@@ -41,7 +41,8 @@ def partitioned(
 
     yield make
     for partition in made:
-        partition.links and [links.restore() for links in partition.links]
+        for links in partition.links:
+            links.restore()
         partition.run.stop(timeout=20)
         partition.run.delete_queues()
         partition.close()

@@ -38,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
@@ -140,6 +140,9 @@ class FaultProxy:
         self.target = target
         self.record_http = record_http
         self.requests: list[SeenRequest] = []
+        #: Called with each request line seen, from the proxy's thread, before the request
+        #: is forwarded: a test acts at the very moment a call leaves the process.
+        self.on_request: Callable[[SeenRequest], None] | None = None
         self.closed = False
         self._cut = threading.Event()
         self._refusing = False
@@ -210,9 +213,10 @@ class FaultProxy:
     def _saw(self, data: bytes) -> None:
         now, held = time.time(), self.is_cut()
         for match in _HTTP_REQUEST.finditer(data):
-            self.requests.append(
-                SeenRequest(now, match[1].decode(), match[2].decode(errors="replace"), held)
-            )
+            seen = SeenRequest(now, match[1].decode(), match[2].decode(errors="replace"), held)
+            self.requests.append(seen)
+            if self.on_request is not None:
+                self.on_request(seen)
 
     def _reset_all(self) -> None:
         with self._lock:

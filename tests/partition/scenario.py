@@ -12,6 +12,7 @@ would be accepted and reported as an overlap, never hidden by a 409/425.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from migration.store import Store
 from service.launcher import LocalMigration
 from tests.fixtures import seed_spread, wait_until
 from tests.invariants import accepted_events, all_terminal, replay_in_flight, stale_accepted_writes
-from tests.partition.links import ProcessLinks
+from tests.partition.links import ProcessLinks, SeenRequest
 
 CAPACITY = 4
 VICTIM = "zombie/victim/slow-start-app"
@@ -110,6 +111,8 @@ class PartitionRun:
         self.ids: list[int] = []
         self.victim_id = 0
         self.victim = VICTIM
+        self._faulted = threading.Event()
+        self._fault: tuple[int, float] = (-1, 0.0)
 
     def close(self) -> None:
         for links in self.links:
@@ -120,7 +123,7 @@ class PartitionRun:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def start(self, *, plain: int = 6, seed: int = 13, victim: str = VICTIM,
+    def start(self, *, plain: int = 3, seed: int = 13, victim: str = VICTIM,
               **settings: Any) -> None:  # fmt: skip
         """Seed the victim (oldest: first candidate) and ``plain`` others, start paused,
         make the victim's start slow, then enable the migration.
@@ -154,27 +157,36 @@ class PartitionRun:
             return None
         return HolderInfo.from_json(kv.value), kv.create_revision
 
-    def victim_in_start_call(self, timeout: float = 60) -> tuple[int, int]:
-        """Wait until the victim's start reached the registry while a worker holds its
-        lease: (that worker's index, its token)."""
+    def on_victim_start(self, fault: Callable[[int], None]) -> None:
+        """Inject ``fault(worker index)`` the moment the victim's first start request leaves
+        a worker (seen by its registry proxy, before it is forwarded): the worker is then
+        inside its start call for sure, whatever the load of the machine. Call before
+        :meth:`start`; :meth:`victim_in_start_call` waits for it."""
+        fired = threading.Lock()
 
-        def found() -> tuple[int, int] | None:
-            held = self.holder(self.victim_id)
-            if held is None:
-                return None
-            if "slow-decide" in self.victim:  # the registry records it only once decided
-                row = self.store.get(self.victim_id)
-                if row is None or row.migration_state is not State.PRE_IMPORTING:
-                    return None
-            elif not self.starts(self.victim):
-                return None
-            index = self.run.worker_index_of(held[0].pid)
-            return None if index is None else (index, held[1])
+        def hook(index: int) -> Callable[[SeenRequest], None]:
+            def seen(request: SeenRequest) -> None:
+                if request.method != "PUT" or f"/import/{self.victim}/" not in request.target:
+                    return
+                if fired.acquire(blocking=False):
+                    fault(index)
+                    self._fault = (index, time.time())
+                    self._faulted.set()
 
-        result: tuple[int, int] = wait_until(
-            found, timeout=timeout, interval=0.05, what="the victim inside its start call"
-        )
-        return result
+            return seen
+
+        for index, links in enumerate(self.links):
+            links["registry"].on_request = hook(index)
+
+    def victim_in_start_call(self, timeout: float = 60) -> tuple[int, int, float]:
+        """Wait for the fault of :meth:`on_victim_start`: (the worker's index, its token,
+        when the fault was injected)."""
+        assert self._faulted.wait(timeout), "the victim's start never left a worker"
+        index, at = self._fault
+        held = self.holder(self.victim_id)
+        assert held is not None, "nobody holds the victim's lease"
+        assert self.run.worker_index_of(held[0].pid) == index, "another worker holds it"
+        return index, held[1], at
 
     def starts(self, path: str) -> list[dict[str, Any]]:
         events = self.run.report(events=True)["events"]
@@ -229,7 +241,12 @@ class PartitionRun:
     # -- the end ---------------------------------------------------------------------------
 
     def finish_and_check(self, *, timeout: float = 120) -> dict[str, Any]:
-        """Wait until every repository is terminal, then check issue 13's invariants."""
+        """Wait until every repository is terminal, then check issue 13's invariants.
+
+        The victim's later starts are answered at once (the fault is over): each slow one
+        would only cost another fenced timeout.
+        """
+        self.configure_simulator(slow_start_seconds=0)
         wait_until(lambda: all_terminal(self.store), timeout=timeout, interval=0.5,
                    what="every repository terminal")  # fmt: skip
         report = self.run.report()

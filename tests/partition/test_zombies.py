@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.invariants import accepted_events
 from tests.partition.links import FaultProxy
 from tests.partition.scenario import VICTIM, Figures, PartitionRun, _ts, until
 
@@ -42,12 +43,15 @@ def test_a_worker_cut_from_etcd_mid_import(partitioned: Make) -> None:
     lease expired and the next holder wrote: refused. (With a fast PostgreSQL link the
     fence makes it undo its claim before the lease expires: see the next test.)"""
     partition = partitioned(lease_ttl=TTL)
+
+    def cut(index: int) -> None:
+        partition.links[index]["etcd"].cut()
+        partition.links[index]["postgres"].degrade(delay=2.0)
+
+    partition.on_victim_start(cut)
     partition.start()
-    index, token = partition.victim_in_start_call()
+    index, token, cut_at = partition.victim_in_start_call()
     links = partition.links[index]
-    cut_at = time.time()
-    links["etcd"].cut()
-    links["postgres"].degrade(delay=2.0)
     figures = Figures("a: worker<->etcd cut, slow PostgreSQL", extra={"zombie": index})
     gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
     next_at = partition.next_holder_step(token, timeout=30)
@@ -69,6 +73,7 @@ def test_a_worker_cut_from_etcd_mid_import(partitioned: Make) -> None:
     assert figures.zombie_calls_after_loss == 0
 
 
+@pytest.mark.slow
 def test_a_worker_cut_from_etcd_with_postgresql_fast(partitioned: Make) -> None:
     """(a') The same cut with PostgreSQL fast. The start call ends at its fenced timeout,
     before the lease can expire; what the zombie writes after it (the undo of its claim,
@@ -76,11 +81,10 @@ def test_a_worker_cut_from_etcd_with_postgresql_fast(partitioned: Make) -> None:
     the lease and refused once the next holder has written: either way no write of it
     overrides the next holder's, and it calls the registry no more."""
     partition = partitioned(lease_ttl=TTL)
+    partition.on_victim_start(lambda index: partition.links[index]["etcd"].cut())
     partition.start()
-    index, token = partition.victim_in_start_call()
+    index, token, cut_at = partition.victim_in_start_call()
     links = partition.links[index]
-    cut_at = time.time()
-    links["etcd"].cut()
     figures = Figures("a': worker<->etcd cut, PostgreSQL fast", extra={"zombie": index})
     gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
     next_at = partition.next_holder_step(token, timeout=30)
@@ -121,10 +125,9 @@ def test_e_a_worker_paused_inside_its_start_call_past_the_ttl(partitioned: Make)
     SIGCONT: its call times out, it asks its lease before any other call (gone: no call)
     and its undo is refused."""
     partition = partitioned(lease_ttl=TTL)
+    partition.on_victim_start(partition.run.pause_worker)
     partition.start()
-    index, token = partition.victim_in_start_call()
-    paused_at = time.time()
-    partition.run.pause_worker(index)
+    index, token, paused_at = partition.victim_in_start_call()
     figures = Figures("e: SIGSTOP in the start call", extra={"zombie": index})
     try:
         gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
@@ -161,14 +164,13 @@ def test_b_a_worker_cut_from_postgresql_mid_step(partitioned: Make) -> None:
     reachable): the victim waits for it, the other worker goes on with the rest; once
     PostgreSQL is back the write lands, as the holder's, accepted."""
     partition = partitioned(lease_ttl=TTL)
+    partition.on_victim_start(lambda index: partition.links[index]["postgres"].cut())
     partition.start(victim="zombie/victim/slow-decide-app")
-    index, token = partition.victim_in_start_call()
+    index, token, cut_at = partition.victim_in_start_call()
     links = partition.links[index]
-    cut_at = time.time()
-    links["postgres"].cut()
     figures = Figures("b: worker<->PostgreSQL cut", extra={"zombie": index})
     terminal_before = partition.store.counts_by_state()
-    time.sleep(8)  # the cut lasts 8 s (a bounded outage, not a wait for an outcome)
+    time.sleep(6)  # the cut lasts 6 s (a bounded outage, not a wait for an outcome)
     still = partition.holder(partition.victim_id)
     terminal_during = partition.store.counts_by_state()
     links.restore()
@@ -200,14 +202,13 @@ def test_c_a_worker_cut_from_rabbitmq_while_it_processes_a_message(partitioned: 
     broker misses its heartbeats (4 s) and redelivers the unacked message to the other
     worker, which reconciles the victim; the zombie's ack goes nowhere."""
     partition = partitioned(lease_ttl=TTL)
+    partition.on_victim_start(lambda index: partition.links[index]["rabbitmq"].cut())
     partition.start()
-    index, token = partition.victim_in_start_call()
+    index, token, cut_at = partition.victim_in_start_call()
     holder = partition.holder(partition.victim_id)
     assert holder is not None
     message_id = holder[0].message_id
     links = partition.links[index]
-    cut_at = time.time()
-    links["rabbitmq"].cut()
     figures = Figures("c: worker<->RabbitMQ cut", extra={"zombie": index})
     other = f"worker-{1 - index}"
 
@@ -226,26 +227,38 @@ def test_c_a_worker_cut_from_rabbitmq_while_it_processes_a_message(partitioned: 
     figures.zombie_refusals = len(partition.refusals(token))
     figures.extra.update(partition.finish_and_check())
     log = partition.run.log_path(f"worker-{index}").read_text(errors="replace")
-    # Dramatiq's words when the delivery's channel is gone: the ack cannot be sent.
-    figures.extra["zombie_ack_failed"] = (
-        "Failed to ack message" in log or "Failed to post_process_message" in log
+    # The zombie finished its run of the message; its ack either failed at once (Dramatiq
+    # logs it, when the lost connection was seen first) or went into the cut link and was
+    # lost with the connection the broker closed: the redelivery above shows it never
+    # counted.
+    zombie_ran = [
+        _ts(line) for line in partition.run.log_events(f"worker-{index}", "enqueue_next_migration")
+        if line.get("message_id") == message_id
+    ]  # fmt: skip
+    figures.extra["zombie_ran_s"] = round(min(zombie_ran) - cut_at, 2) if zombie_ran else None
+    figures.extra["zombie_ack"] = (
+        "failed"
+        if "Failed to ack message" in log or "Failed to post_process_message" in log
+        else "lost in the cut"
     )
     print(figures.line())
-    assert figures.extra["zombie_ack_failed"]
+    assert zombie_ran, "the zombie never finished its run of the message"
 
 
-def test_d_the_api_cut_from_rabbitmq_answers_503_never_202(partitioned: Make) -> None:
-    """(d) The API loses RabbitMQ: no notification is accepted (202) while it cannot queue
-    it; the registry retries, and delivers once the link is back."""
+def test_d_the_api_cut_from_rabbitmq_accepts_nothing_until_it_is_back(partitioned: Make) -> None:
+    """(d) The API loses RabbitMQ (silence): no notification is accepted (202) while it
+    cannot queue it; the registry retries, and delivers once the link is back. (Measured:
+    the API does not answer 503 within the registry's 5 s timeout: its publish waits on
+    the silent connection; see the figures' ``registry_saw_during_cut``.)"""
     partition = partitioned(lease_ttl=TTL, api_links=True)
-    partition.start(plain=10)
+    partition.start(plain=6)
     assert partition.api_links is not None
     link = partition.api_links["rabbitmq"]
     until(lambda: partition.run.log_events("api", "notification_accepted"), timeout=60,
           what="a first notification")  # fmt: skip
     cut_at = time.time()
     link.cut()
-    time.sleep(10)  # a bounded outage: the registry's notifications keep coming meanwhile
+    time.sleep(8)  # a bounded outage: the registry's notifications keep coming meanwhile
     restored_at = time.time()
     link.restore()
     figures = Figures("d: API<->RabbitMQ cut")
@@ -287,32 +300,40 @@ def _notification_answers(
 )
 def test_f_a_slow_lossy_etcd_link_loses_no_session(partitioned: Make, minute: bool) -> None:
     """(f) 200 ms ± 50 ms and 5 % loss on every worker's etcd link at TTL 10: no session is
-    lost, the migration goes on. 20 s in CI, a minute with --long."""
-    lasting = 60.0 if minute else 20.0
+    lost, the migration goes on. 15 s in CI, a minute with --long."""
+    lasting = 60.0 if minute else 15.0
     partition = partitioned(lease_ttl=10)
+    partition.start(plain=30 if minute else 12, victim="zombie/victim/plain-app")
+    started = time.time()
     for links in partition.links:
         links["etcd"].degrade(delay=0.2, jitter=0.05, loss=0.05)
-    started = time.time()
-    partition.start(plain=30 if minute else 12)
-    partition.configure_simulator(slow_start_seconds=0)
-    time.sleep(max(0.0, started + lasting - time.time()))
+    time.sleep(lasting)
+    ended = time.time()
     for links in partition.links:
         links.restore()
+    workers = range(len(partition.links))
     lost = [
-        t for i in range(len(partition.links))
+        t for i in workers
         for t in partition.log_times(f"worker-{i}", "lease_session_lost", after=started)
     ]  # fmt: skip
     at_risk = [
-        line for i in range(len(partition.links))
+        line for i in workers
         for line in partition.run.log_events(f"worker-{i}", "registry_call_not_made")
+    ]  # fmt: skip
+    stepped = [
+        e for e in accepted_events(partition.database_url)
+        if started <= e.at.timestamp() <= ended
     ]  # fmt: skip
     figures = Figures(f"f: etcd 200±50 ms, 5 % loss, {lasting:.0f} s", extra={
         "sessions_lost": len(lost), "calls_not_made": len(at_risk),
-        "terminal_in_window": _terminal(partition.store.counts_by_state()),
+        "steps_in_window": len(stepped),
+        "terminal_in_window": sum(e.to_state in ("import_done", "import_skipped")
+                                  for e in stepped),
     })  # fmt: skip
     figures.extra.update(partition.finish_and_check())
     print(figures.line())
     assert lost == []
+    assert at_risk == []
     assert figures.extra["terminal_in_window"] >= 1
 
 
