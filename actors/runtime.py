@@ -99,6 +99,7 @@ class Runtime:
                 self._session.close()
                 log.info("lease_session_revoked", lease_id=f"{self._session.lease_id:x}")
                 self._session = None
+        self.registry_health.close()
         self.registry.close()
         self.etcd.close()
         self.store.close()

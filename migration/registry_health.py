@@ -17,6 +17,7 @@ registry client's answers into fleet-wide decisions:
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import structlog
 
@@ -60,6 +61,11 @@ class RegistryHealth:
         # Whether soft failures may be on record: a success then clears them (one etcd
         # write), and only then, so a healthy migration's calls cost etcd nothing.
         self._failures_seen = False
+        # The etcd and PostgreSQL writes an answer leads to are made by one thread of their
+        # own, not in the step that got the answer: with etcd cut off, a write waits out the
+        # client's timeout, and the step must not outlive its lease for it (invariant 8).
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-health")
+        self._pending: Future[None] | None = None
         registry.observer = self.observe
 
     def admit(self, settings: Settings) -> BreakerState | None:
@@ -100,6 +106,23 @@ class RegistryHealth:
         """
         if call == "probe":
             return  # admit() acts on its own probes
+        if fault is not FaultClass.REGISTRY and not self._failures_seen:
+            return  # the common case: nothing to record, no thread hand-off
+        if fault is FaultClass.REGISTRY and kind not in (ErrorKind.AUTH, ErrorKind.CONNECT):
+            self._failures_seen = True  # now, so that the next success clears it
+        self._pending = self._recorder.submit(self._record, call, fault, kind, detail)
+
+    def close(self) -> None:
+        """Record what was observed, then stop the recording thread."""
+        self._recorder.shutdown(wait=True)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until what was observed so far is recorded (tests; a clean stop)."""
+        pending = self._pending
+        if pending is not None:
+            pending.result(timeout=timeout)
+
+    def _record(self, call: str, fault: FaultClass, kind: ErrorKind | None, detail: str) -> None:
         try:
             if fault is not FaultClass.REGISTRY:
                 if self._failures_seen:
@@ -112,7 +135,6 @@ class RegistryHealth:
             elif kind is ErrorKind.CONNECT:
                 self._trip(reason)
             else:
-                self._failures_seen = True
                 window = self.breaker.record_failure(reason)
                 if window is not None:
                     self._opened(window, reason)

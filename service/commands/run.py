@@ -9,11 +9,41 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
 
 from migration.config import Config
+
+#: Seconds the API waits for RabbitMQ to confirm a notification before answering 503: a
+#: broker cut off in silence must not hold the registry's request until its own timeout.
+PUBLISH_DEADLINE = 3.0
+#: Publishes that may wait on a silent broker at once; past them, 503 at once too.
+PUBLISH_THREADS = 8
+
+
+def deadline_publisher(
+    send: Callable[[str, str, str], object], *, deadline: float = PUBLISH_DEADLINE
+) -> Callable[[str, str, str], None]:
+    """``send`` run in a small pool of threads (each keeps its own broker connection) and
+    waited for at most ``deadline`` seconds: :class:`TimeoutError` then, which the API
+    answers 503 (the registry retries; a publish that lands late is a duplicate the worker
+    applies once).
+    """
+    pool = ThreadPoolExecutor(max_workers=PUBLISH_THREADS, thread_name_prefix="publish")
+
+    def publish(path: str, status: str, detail: str) -> None:
+        future = pool.submit(send, path, status, detail)
+        try:
+            future.result(timeout=deadline)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"RabbitMQ did not confirm within {deadline:g} s") from None
+
+    return publish
 
 
 def _stop_on_signals() -> threading.Event:
@@ -52,8 +82,7 @@ def api(host: str, port: int) -> None:
     configure_logging(config.log_level)
     runtime = LazyRuntime(lambda: Runtime(config))
 
-    def publish(path: str, status: str, detail: str) -> None:
-        handle_registry_notification.send(path, status, detail)
+    publish = deadline_publisher(handle_registry_notification.send)
 
     app = create_app(
         config,

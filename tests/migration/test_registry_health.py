@@ -59,6 +59,7 @@ def test_a_connection_error_opens_it_and_a_probe_closes_it(
     settings = clean_store.settings()
     assert health.admit(settings) is None  # closed: one read, go ahead
     registry.status("group/app")  # refused: opens at once
+    health.flush(timeout=10)  # recorded by the health's own thread, not in the step
     assert opened == [2.0]  # the first window, capped by the setting
     state = health.admit(settings)
     assert state is not None and state.open
@@ -90,15 +91,19 @@ def test_soft_faults_open_it_only_in_a_row(breaker: SharedBreaker, clean_store: 
         simulator.configure(start_error_rate=1.0)
         registry.start_pre_import("group/a")
         registry.start_pre_import("group/b")
+        health.flush(timeout=10)
         assert breaker.state().failures == 2
         simulator.configure(start_error_rate=0.0)
         registry.start_pre_import("group/c")  # a success: the two are no longer in a row
+        health.flush(timeout=10)
         assert breaker.state().failures == 0
         simulator.configure(start_error_rate=1.0)
         for name in ("d", "e"):
             registry.start_pre_import(f"group/{name}")
+        health.flush(timeout=10)
         assert opened == []
         registry.start_pre_import("group/f")  # the third in a row
+        health.flush(timeout=10)
         assert len(opened) == 1 and breaker.state().open
         registry.close()
 
@@ -109,8 +114,9 @@ def test_a_refused_token_pauses_the_migration_until_resume(
     opened: list[float] = []
     with SimulatorServer() as simulator:
         simulator.configure(token="the-right-one")
-        _health, registry = health_for(breaker, clean_store, simulator.url, opened)
+        health, registry = health_for(breaker, clean_store, simulator.url, opened)
         registry.start_pre_import("group/a")
+        health.flush(timeout=10)
         settings = clean_store.settings()
         assert settings.enabled is False
         assert settings.paused_reason is not None and "401" in settings.paused_reason
