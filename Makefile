@@ -9,8 +9,9 @@ UV := $(or $(shell command -v uv 2>/dev/null),$(TOOLS_DIR)/bin/uv)
 STACK := deploy/local/stack
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+IMAGE_ARGS ?=
 
-.PHONY: help venv stack test lint demo clean
+.PHONY: help venv stack test lint demo image clean
 
 help:
 	@echo "make venv    install uv if missing, then the locked dependencies (.venv)"
@@ -18,6 +19,7 @@ help:
 	@echo "make test    venv + stack, then pytest; extra arguments: PYTEST_ARGS='--long -k lease'"
 	@echo "make lint    ruff check, ruff format --check, mypy"
 	@echo "make demo    venv + stack, then registry-migrator demo; options: DEMO_ARGS='--count 2000 --no-live'"
+	@echo "make image   build deploy/Containerfile with podman (deploy/local/image build); options: IMAGE_ARGS='--no-cache'"
 	@echo "make clean   stop the stack, remove .state and caches"
 
 $(TOOLS_DIR)/bin/uv:
@@ -40,6 +42,9 @@ lint: venv
 
 demo: venv stack
 	eval "$$($(STACK) env)" && $(UV) run registry-migrator demo $(DEMO_ARGS)
+
+image:
+	deploy/local/image build $(IMAGE_ARGS)
 
 clean:
 	-$(STACK) down

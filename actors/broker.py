@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
+import random
+from typing import Any
+
+import pika
+import pika.exceptions
+import structlog
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
+from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -15,6 +22,8 @@ from dramatiq.middleware import (
 
 from migration.config import Config
 
+log = structlog.get_logger(__name__)
+
 #: Below RabbitMQ's 30-minute consumer timeout (an unacked message past it closes the
 #: channel), and far above any one step: a step is a few database writes and one
 #: registry call with its own timeout.
@@ -23,8 +32,69 @@ TIME_LIMIT_MS = 10 * 60 * 1000
 MAX_AGE_MS = 60 * 60 * 1000
 
 
+class MigratorBroker(RabbitmqBroker):
+    """Dramatiq's RabbitMQ broker, declaring its queues with a queue type.
+
+    Dramatiq declares each queue, its delay queue (``.DQ``) and its dead-letter queue
+    (``.XQ``) itself, all durable and none exclusive (what quorum queues need). With
+    ``queue_type="quorum"`` the three get ``x-queue-type: quorum`` (RabbitMQ 3.10 quorum
+    queues also keep the dead-letter queue's ``x-message-ttl``); with ``"classic"`` they are
+    declared exactly as Dramatiq does, without the argument, so existing classic queues of
+    the same name are declared with the same arguments as before.
+
+    RabbitMQ refuses to redeclare a queue with other arguments (PRECONDITION_FAILED):
+    switching an existing migration's type needs new queues (README, "RabbitMQ: a cluster
+    and quorum queues"); the refusal is logged as ``queue_type_mismatch``.
+
+    :param queue_type: ``classic`` or ``quorum``.
+    :param urls: the nodes' AMQP URLs; a connection tries them in order, starting at a
+        random one, so the processes' connections spread over the cluster.
+    """
+
+    def __init__(self, *, queue_type: str, urls: tuple[str, ...], **options: Any) -> None:
+        super().__init__(url=list(urls), **options)
+        start = random.randrange(len(urls))
+        self.parameters = [pika.URLParameters(u) for u in urls[start:] + urls[:start]]
+        self.queue_type = queue_type
+
+    def _with_type(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        if self.queue_type == "classic":
+            return arguments
+        return {**arguments, "x-queue-type": self.queue_type}
+
+    def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = super()._build_queue_arguments(queue_name)
+        return self._with_type(arguments)
+
+    def _declare_xq_queue(self, queue_name: str) -> Any:
+        arguments = self._with_type({"x-message-ttl": DEAD_MESSAGE_TTL})
+        return self._declare_checked(xq_name(queue_name), arguments)
+
+    def _declare_queue(self, queue_name: str) -> Any:
+        return self._declare_checked(queue_name, self._build_queue_arguments(queue_name))
+
+    def _declare_dq_queue(self, queue_name: str) -> Any:
+        return self._declare_checked(dq_name(queue_name), self._build_queue_arguments(queue_name))
+
+    def _declare_checked(self, name: str, arguments: dict[str, Any]) -> Any:
+        try:
+            return self.channel.queue_declare(queue=name, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code == 406:  # PRECONDITION_FAILED: declared with other arguments
+                log.error(
+                    "queue_type_mismatch",
+                    queue=name,
+                    queue_type=self.queue_type,
+                    error=error.reply_text,
+                    action="the queue exists with another type: drain it and delete it, or"
+                    " set another MIGRATOR_QUEUE_NAME (README: RabbitMQ, to switch)",
+                )
+            raise
+
+
 def make_broker(config: Config, *, prometheus: bool = False) -> RabbitmqBroker:
-    """A RabbitMQ broker for ``config.broker_url`` (heartbeat set in the URL).
+    """A RabbitMQ broker for ``config.broker_urls`` (heartbeat set in the URLs), its queues
+    of ``config.queue_type``.
 
     :param config: the process configuration.
     :param prometheus: add Dramatiq's Prometheus middleware (worker processes only: it
@@ -45,4 +115,9 @@ def make_broker(config: Config, *, prometheus: bool = False) -> RabbitmqBroker:
         middleware.append(Prometheus())
     # confirm_delivery: a publish returns only once RabbitMQ has the message, so the
     # notification API answers 202 only for a notification that cannot be lost.
-    return RabbitmqBroker(url=config.broker_url, confirm_delivery=True, middleware=middleware)
+    return MigratorBroker(
+        queue_type=config.queue_type,
+        urls=config.broker_urls,
+        confirm_delivery=True,
+        middleware=middleware,
+    )

@@ -20,12 +20,13 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.reconcile import recover_interrupted_delivery
-from actors.runtime import Runtime, get_runtime
+from actors.runtime import Runtime, get_runtime, note_etcd_failure
 from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
+from migration import metrics
 from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
 from migration.settings import Settings
-from migration.states import ACTIVE_STATES, State
+from migration.states import ACTIVE_STATES, STARTABLE_STATES, State
 from migration.store import Repository
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,7 @@ _STOP = {
     StepOutcome.DISABLED,
     StepOutcome.UNDONE,
     StepOutcome.REGISTRY_FAULT,
+    StepOutcome.LEASE_AT_RISK,  # this process's session is in trouble: let others run
 }
 #: Seconds after the breaker's window that its wake-up run comes (the key's lease expiry
 #: is etcd's to time, within about a second).
@@ -82,6 +84,7 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
             raise
     except Exception as error:
         log.warning("enqueue_trigger_failed", source=source, error=str(error) or repr(error))
+        note_etcd_failure(error, where=f"trigger:{source}")
         raise
     log.info("enqueue_triggered", source=source, triggered_message_id=message.message_id)
     return True
@@ -146,7 +149,10 @@ class EnqueuerRun:
         in_flight = self.in_flight = store.in_flight()
         below = in_flight < settings.capacity
         self.fields.update(
-            below_capacity=below, max_capacity_setting=settings.capacity, in_flight=in_flight
+            below_capacity=below,
+            max_capacity_setting=settings.capacity,
+            in_flight=in_flight,
+            current_waiting_time_setting=settings.enqueue_waiting_time,
         )
         if not below:
             return "at_capacity"
@@ -160,18 +166,20 @@ class EnqueuerRun:
         if settings.lease_scope == "global":
             # The reference's behaviour, kept for comparison: one fixed key for every run.
             acquisition = try_acquire(session, global_lease_key(prefix), holder=holder)
+            metrics.count_lease_acquisition(actor=ACTOR, taken=acquisition.hold is not None)
             if acquisition.hold is None:
                 self.fields["lease_already_taken"] = True
                 return "lease_taken"
             with acquisition.hold as hold:
                 # Every candidate is worked under the one global hold, released here.
                 return self._work(settings, lambda _repo: contextlib.nullcontext(hold))
-        return self._work(
-            settings,
-            lambda repo: (
-                try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
-            ),
-        )
+
+        def take(repo: Repository) -> Hold | None:
+            hold = try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
+            metrics.count_lease_acquisition(actor=ACTOR, taken=hold is not None)
+            return hold
+
+        return self._work(settings, take)
 
     def _work(
         self,
@@ -195,12 +203,11 @@ class EnqueuerRun:
             with lease as hold:
                 # Re-read under the lease: the candidate list may be stale by now.
                 repository = self.runtime.store.get(candidate.id)
-                if repository is None or repository.migration_state not in (
-                    State.DEFAULT,
-                    State.IMPORT_ABORTED,
-                ):
+                if repository is None or repository.migration_state not in STARTABLE_STATES:
                     continue
-                report = self._step(repository, settings, hold.token)
+                # Named before the step: a step that raises still says what it worked on.
+                self._name(repository, hold.token)
+                report = self._step(repository, settings, hold)
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
                 continue
@@ -233,12 +240,23 @@ class EnqueuerRun:
             and self.in_flight + 1 >= settings.capacity
         )
 
-    def _step(self, repository: Repository, settings: Settings, token: int) -> StepReport:
-        writer = Writer(token=token, actor=ACTOR, message_id=self.message_id)
+    def _step(self, repository: Repository, settings: Settings, hold: Hold) -> StepReport:
+        writer = Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
         migrator = self.runtime.migrator
         if repository.migration_state is State.IMPORT_ABORTED:
             return migrator.retry(repository, writer)
         return migrator.start(repository, settings, writer)
+
+    def _name(self, repository: Repository, token: int) -> None:
+        """The repository this run works on, as the reference's log names it."""
+        self.fields.update(
+            container_repository_id=repository.id,
+            container_repository_path=repository.path,
+            container_repository_migration_state=repository.migration_state.value,
+            # The reference's import_type: "retry" for an aborted repository, else "next".
+            import_type="retry" if repository.migration_state is State.IMPORT_ABORTED else "next",
+            fencing_token=token,
+        )
 
     def _record(self, report: StepReport, token: int) -> None:
         repository = report.repository
@@ -287,6 +305,7 @@ def enqueue_next_migration(
         fields = {**fields, "error": f"{type(error).__name__}: {error}"[:300]}
         raise
     finally:
+        metrics.ENQUEUER_RUNS.labels(status).inc()
         log.info(
             "enqueue_next_migration",
             job_status=status,

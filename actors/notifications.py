@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -13,19 +14,34 @@ from actors.config import CONFIG
 from actors.enqueuer import trigger_enqueue
 from actors.reconcile import recover_interrupted_delivery, redelivered
 from actors.runtime import get_runtime
-from leases import HolderInfo, try_acquire
+from leases import HolderInfo, LeaseError, try_acquire
+from migration import metrics
 from migration.keys import repository_lease_key
 from migration.migrator import RegistryUnavailable, StepOutcome, Writer
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES
+from migration.store import StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
 ACTOR = "handle_registry_notification"
 
 
-class LeaseBusy(Exception):
-    """The repository's lease is held (the enqueuer is still finishing it): retry soon."""
+class LeaseBusy(dramatiq.Retry):
+    """The repository's lease is held (the enqueuer is still finishing it): retry soon, with
+    no traceback (a busy lease is normal).
+
+    :param why: one line, logged by Dramatiq's retry message.
+    :param after: seconds the holder's lease has left (etcd's time-to-live).
+    """
+
+    def __init__(self, why: str, *, after: float) -> None:
+        # A live holder (the usual case) keeps its lease full and finishes within a second
+        # or so; a dead one is indistinguishable until its lease runs out. So: try again
+        # within a second (the recovery bound is TTL + 1 s), sooner when the lease ends
+        # sooner. Jittered, so retries of many notifications do not come back together.
+        wait = min(max(after, 0.2), 1.0) * (0.75 + random.random() / 2)
+        super().__init__(why, delay=int(wait * 1000))
 
 
 def _delivered_before(message: Any) -> bool:
@@ -41,9 +57,10 @@ def _delivered_before(message: Any) -> bool:
 REGISTRY_RETRIES = 1_000
 
 
-class RegistryNotReady(dramatiq.Retry):
-    """The registry cannot be used now (breaker open, status unreadable, start failed):
-    retry the notification later, without a traceback in the log (it is no error of ours).
+class TryLater(dramatiq.Retry):
+    """The notification cannot be applied now (the registry's breaker is open, its status
+    unreadable, the next start failed; or our lease is at risk): retry it later, without a
+    traceback in the log (it is no error of ours).
 
     :param why: one line, logged.
     :param after: seconds to wait (jittered up to half again).
@@ -58,7 +75,7 @@ def _retry_when(retries: int, exception: BaseException) -> bool:
     # lease takes up to the TTL to expire; 240 retries of 0.5-1 s cover two minutes at
     # least). A registry that cannot answer is not the notification's fault either: retry
     # it as long as an outage may last (invariant 7). Anything else: a few times.
-    if isinstance(exception, RegistryNotReady):
+    if isinstance(exception, TryLater):
         return retries < REGISTRY_RETRIES
     return retries < (240 if isinstance(exception, LeaseBusy) else 5)
 
@@ -81,6 +98,16 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     :param status: pre_import_complete, import_complete, or a *_failed / *_canceled.
     :param detail: the registry's detail text, kept in the events log.
     """
+    try:
+        _handle(path, status, detail)
+    except (LeaseError, StoreUnavailable) as error:
+        # etcd or PostgreSQL is down: like a registry that cannot answer, no fault of the
+        # notification's. Retry it as long (not 5 times, then a dead letter).
+        log.warning("notification_deferred", container_repository_path=path, why=str(error))
+        raise TryLater(f"{type(error).__name__}: {error}", after=2.0) from None
+
+
+def _handle(path: str, status: str, detail: str) -> None:
     # ``notified_status``: what the notification says; a step's own fields may carry the
     # registry's current ``registry_status`` (a stale notification), a key of its own.
     fields: dict[str, Any] = {"container_repository_path": path, "notified_status": status}
@@ -104,13 +131,14 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     if breaker is not None:
         # Nothing to confirm the notification with: wait out the window (invariant 7).
         log.info("notification_deferred", why="registry breaker open", **fields)
-        raise RegistryNotReady(
+        raise TryLater(
             f"registry breaker open: {breaker.reason}", after=max(breaker.remaining, 2.0)
         )
     key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
     acquisition = try_acquire(
         runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
     )
+    metrics.count_lease_acquisition(actor=ACTOR, taken=acquisition.hold is not None)
     if acquisition.hold is None:
         holder = acquisition.holder.describe() if acquisition.holder else "someone"
         log.info(
@@ -119,7 +147,11 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
             container_repository_id=repository.id,
             **fields,
         )
-        raise LeaseBusy(f"lease of repository {repository.id} held by {holder}")
+        left = 1.0
+        if acquisition.holder_lease_id:
+            with contextlib.suppress(LeaseError):
+                left = float(runtime.etcd.time_to_live(acquisition.holder_lease_id))
+        raise LeaseBusy(f"lease of repository {repository.id} held by {holder}", after=left)
     with acquisition.hold as hold:
         current = runtime.store.get(repository.id)
         assert current is not None
@@ -127,12 +159,12 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
             report = runtime.migrator.on_registry_status(
                 current,
                 registry_status,
-                Writer(token=hold.token, actor=ACTOR, message_id=message_id),
+                Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
                 detail=detail,
             )
         except RegistryUnavailable as error:
             log.info("notification_deferred", why=str(error), **fields)
-            raise RegistryNotReady(str(error), after=2.0) from None
+            raise TryLater(str(error), after=2.0) from None
     # Only a step out of the active states frees capacity; the run of a trigger after, say,
     # pre_import_complete -> final import started would find nothing more to do than before.
     # A second delivery of this message finds its step done (IGNORED) when the first one
@@ -157,10 +189,12 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
     )
     if freed:
         trigger_enqueue(runtime, source="notification")
+    if report.outcome is StepOutcome.LEASE_AT_RISK:
+        raise TryLater(f"not applied: {report.fields.get('why', '')}", after=1.0)
     if report.outcome is StepOutcome.REGISTRY_FAULT:
         # pre_import_complete applied, but the registry failed the final import's start:
         # the claim is undone (pre_import_done); this notification, retried, starts it.
-        raise RegistryNotReady(
+        raise TryLater(
             f"final import of {path} not started: {report.fields.get('registry_error', '')}",
             after=2.0,
         )

@@ -19,8 +19,9 @@ import structlog
 
 from actors.runtime import Runtime
 from leases import HolderInfo, acquire_within, try_acquire
+from migration import metrics
 from migration.keys import repository_lease_key
-from migration.migrator import StepReport, Writer
+from migration.migrator import AbortCause, StepReport, Writer
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES
 from migration.store import Repository
@@ -40,6 +41,7 @@ def reconcile_under_lease(
     actor: str,
     message_id: str | None,
     wait: float = 0.0,
+    mismatch_cause: AbortCause = AbortCause.REGISTRY_STATE_MISMATCH,
 ) -> StepReport | str:
     """Take the repository's lease and reconcile it with the registry's status.
 
@@ -48,6 +50,7 @@ def reconcile_under_lease(
     :param actor: who writes, for the lease's holder and the events log.
     :param message_id: the message being processed.
     :param wait: seconds to wait for a busy lease (0: one try).
+    :param mismatch_cause: the abort cause when the registry's status contradicts ours.
     :returns: the step's report, or :data:`LEASE_TAKEN` / :data:`MOVED_ON` (no longer
         active) when there was nothing to do.
     """
@@ -59,6 +62,7 @@ def reconcile_under_lease(
         if wait > 0
         else try_acquire(session, key, holder=holder)
     )
+    metrics.count_lease_acquisition(actor=actor, taken=acquisition.hold is not None)
     if acquisition.hold is None:
         return LEASE_TAKEN
     with acquisition.hold as hold:
@@ -66,7 +70,10 @@ def reconcile_under_lease(
         if current is None or current.migration_state not in ACTIVE_STATES:
             return MOVED_ON
         return runtime.migrator.reconcile_stale(
-            current, settings, Writer(token=hold.token, actor=actor, message_id=message_id)
+            current,
+            settings,
+            Writer(token=hold.token, actor=actor, message_id=message_id, lease=hold),
+            mismatch_cause=mismatch_cause,
         )
 
 
@@ -105,8 +112,9 @@ def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) 
     freed = 0
     for repository in left:
         result = reconcile_under_lease(
-            runtime, repository, settings, actor=actor, message_id=message_id, wait=wait
-        )
+            runtime, repository, settings, actor=actor, message_id=message_id, wait=wait,
+            mismatch_cause=AbortCause.INTERRUPTED,
+        )  # fmt: skip
         fields = result.fields if not isinstance(result, str) else {}
         log.warning(
             "interrupted_step_reconciled",

@@ -19,7 +19,8 @@ from dramatiq.middleware import Middleware
 
 from actors.config import CONFIG
 from actors.live_settings import LiveSettings
-from leases import DedupGate, EtcdClient, Session, SharedBreaker
+from leases import DedupGate, EtcdClient, EtcdNoSpace, Session, SharedBreaker
+from migration import metrics
 from migration.config import Config
 from migration.keys import enqueue_gate_name, registry_breaker_name
 from migration.migrator import Migrator
@@ -79,7 +80,11 @@ class Runtime:
             if self._session is None or self._session.lost:
                 if self._session is not None:
                     log.warning("lease_session_renewed", lost_reason=self._session.lost_reason)
-                self._session = Session(self.etcd, ttl=self.config.lease_ttl)
+                self._session = Session(
+                    self.etcd,
+                    ttl=self.config.lease_ttl,
+                    on_lost=lambda _reason: metrics.LEASE_SESSIONS_LOST.inc(),
+                )
                 log.info(
                     "lease_session_opened",
                     lease_id=f"{self._session.lease_id:x}",
@@ -108,6 +113,27 @@ def _wake_up_after(window: float) -> None:
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+
+
+def note_etcd_failure(error: BaseException | None, *, where: str) -> None:
+    """Count and log an etcd that is out of space (NOSPACE alarm), once per failure.
+
+    Every other failure is already logged where it happened; this one needs an operator
+    (README runbook "etcd out of space"), so it gets its own line at error level and the
+    ``registry_migrator_etcd_nospace`` counter its alert rule watches. Until then, lease and
+    gate writes fail before any repository is claimed, as in any etcd outage.
+
+    :param error: the exception a step or trigger failed with (None: nothing to note).
+    :param where: the actor, or ``trigger:<source>``.
+    """
+    if isinstance(error, EtcdNoSpace):
+        metrics.ETCD_NOSPACE.labels(where=where).inc()
+        log.error(
+            "etcd_nospace",
+            where=where,
+            error=str(error),
+            action="compact, defragment, disarm: registry-migrator leases etcd-space --recover",
+        )
 
 
 def get_runtime() -> Runtime:
@@ -159,9 +185,11 @@ class RuntimeMiddleware(Middleware):
     def after_process_message(
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: Any = None
     ) -> None:
+        note_etcd_failure(exception, where=message.actor_name)
         structlog.contextvars.clear_contextvars()
 
-    after_skip_message = after_process_message
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        structlog.contextvars.clear_contextvars()
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
         close_runtime()

@@ -17,6 +17,7 @@ from actors.enqueuer import trigger_enqueue
 from actors.guard import guard_stale_migrations
 from actors.runtime import Runtime
 from leases import Election, HolderInfo, LeaseError
+from migration import metrics
 from migration.keys import scheduler_election_name
 from migration.store import StoreError
 
@@ -59,6 +60,7 @@ class Scheduler:
                 if leading != self.leading:
                     log.info("scheduler_leadership", leading=leading)
                     self.leading = leading
+                metrics.SCHEDULER_LEADER.set(1 if leading else 0)
                 if leading:
                     now = time.monotonic()
                     if now >= next_enqueue or now >= next_guard:
@@ -66,15 +68,18 @@ class Scheduler:
                         if now >= next_enqueue:
                             trigger_enqueue(self.runtime, source="scheduler", settings=settings)
                             self.published["enqueue"] += 1
+                            metrics.SCHEDULER_PUBLISHED.labels("enqueue").inc()
                             next_enqueue = now + settings.enqueue_interval
                         if now >= next_guard:
                             guard_stale_migrations.send()
                             self.published["guard"] += 1
+                            metrics.SCHEDULER_PUBLISHED.labels("guard").inc()
                             next_guard = now + settings.guard_interval
                 backoff = self.tick
             except (StoreError, LeaseError, OSError) as error:
                 log.warning("scheduler_step_failed", error=str(error), retry_in_s=round(backoff, 2))
                 self.leading = False
+                metrics.SCHEDULER_LEADER.set(0)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
@@ -94,3 +99,4 @@ class Scheduler:
             stop.wait(self.tick)
         if self._election is not None:
             self._election.resign()
+        metrics.SCHEDULER_LEADER.set(0)

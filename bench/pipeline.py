@@ -50,6 +50,7 @@ import pika
 
 from bench import _common
 from leases import EtcdClient, HolderInfo, Session, try_acquire
+from migration.config import split_broker_urls
 from migration.store import Store
 from service.launcher import LocalMigration, _group_members
 
@@ -126,7 +127,8 @@ class OperationTimer:
         """Median milliseconds of each operation, taking turns."""
         times: dict[str, list[float]] = {"pg": [], "etcd": [], "rmq": []}
         # A connection per measurement: an idle blocking connection misses its heartbeats.
-        connection = pika.BlockingConnection(pika.URLParameters(self.broker_url))
+        nodes = split_broker_urls(self.broker_url)
+        connection = pika.BlockingConnection([pika.URLParameters(url) for url in nodes])
         try:
             channel = connection.channel()
             channel.confirm_delivery()

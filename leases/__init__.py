@@ -6,16 +6,25 @@
 - :class:`Election`: one leader among replicas.
 - :class:`DedupGate`: at most P pending markers per name, each on a TTL lease.
 - :class:`SharedBreaker`: a circuit breaker shared by every process (open on a TTL lease).
-- :mod:`leases.admin`: list, take for a while, release.
+- :mod:`leases.admin`: list, take for a while, release; etcd's space (report, recover).
 
 Only :mod:`leases.etcd` talks to the etcd client library.
 """
 
-from leases.admin import HeldKey, list_held, release, take
+from leases.admin import (
+    HeldKey,
+    SpaceRecovery,
+    SpaceReport,
+    list_held,
+    recover_space,
+    release,
+    space_report,
+    take,
+)
 from leases.breaker import BreakerState, SharedBreaker
 from leases.election import Election
-from leases.errors import EtcdUnavailable, LeaseError, SessionLost
-from leases.etcd import EtcdClient
+from leases.errors import EtcdNoSpace, EtcdUnavailable, LeaseError, SessionLost
+from leases.etcd import EtcdClient, EtcdStatus
 from leases.gate import DedupGate, Ticket
 from leases.hold import Acquisition, Hold, HolderInfo, acquire_within, acquired, try_acquire
 from leases.session import Session
@@ -26,6 +35,8 @@ __all__ = [
     "DedupGate",
     "Election",
     "EtcdClient",
+    "EtcdNoSpace",
+    "EtcdStatus",
     "EtcdUnavailable",
     "HeldKey",
     "Hold",
@@ -34,11 +45,15 @@ __all__ = [
     "Session",
     "SessionLost",
     "SharedBreaker",
+    "SpaceRecovery",
+    "SpaceReport",
     "Ticket",
     "acquire_within",
     "acquired",
     "list_held",
+    "recover_space",
     "release",
+    "space_report",
     "take",
     "try_acquire",
 ]

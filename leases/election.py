@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import threading
 
-import structlog
-
+from leases import _log
 from leases.errors import LeaseError
 from leases.hold import Acquisition, Hold, HolderInfo, try_acquire
 from leases.session import Session
 
-log = structlog.get_logger(__name__)
+log = _log.get_logger(__name__)
 
 
 class Election:

@@ -15,6 +15,16 @@ class EtcdUnavailable(LeaseError):
     """
 
 
+class EtcdNoSpace(EtcdUnavailable):
+    """etcd refused a write because its database reached its quota (the NOSPACE alarm).
+
+    etcd then accepts only reads, deletes and keep-alives until an operator has compacted
+    the history, defragmented every member and disarmed the alarm
+    (:func:`leases.admin.recover_space` does all three). A subclass of
+    :class:`EtcdUnavailable`: whoever handles an etcd outage handles this one the same way.
+    """
+
+
 class SessionLost(LeaseError):
     """The session's lease expired, was revoked, or could not be refreshed in time.
 

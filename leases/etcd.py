@@ -29,7 +29,7 @@ import etcd3.etcdrpc as rpc
 import grpc
 
 from leases import _wire
-from leases.errors import EtcdUnavailable
+from leases.errors import EtcdNoSpace, EtcdUnavailable
 
 T = TypeVar("T")
 
@@ -132,6 +132,15 @@ class EtcdClient:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = tuple(endpoints)
         self.timeout = timeout
+        # For per_member(): the same credentials towards each member alone.
+        self._options: dict[str, Any] = {
+            "timeout": timeout,
+            "ca_cert": ca_cert,
+            "cert_cert": cert_cert,
+            "cert_key": cert_key,
+            "user": user,
+            "password": password,
+        }
         # python-etcd3 formats its target as "host:port"; a gRPC "ipv4:"/"dns:" target with
         # every endpoint gives it the whole cluster in one channel.
         options = list(_GRPC_OPTIONS)
@@ -172,6 +181,14 @@ class EtcdClient:
             response_deserializer=_wire.decode_txn_response,
         )
         self._lease = self._client.leasestub
+        self._maintenance = self._client.maintenancestub
+        # Status goes through the decoder of leases._wire: python-etcd3's StatusResponse
+        # has no dbSizeInUse (etcd 3.4).
+        self._status = self._client.channel.unary_unary(
+            "/etcdserverpb.Maintenance/Status",
+            request_serializer=None,  # StatusRequest is empty: b""
+            response_deserializer=_wire.decode_status_response,
+        )
         self._user = user
         self._password = password
         self._auth_lock = threading.Lock()
@@ -183,6 +200,11 @@ class EtcdClient:
 
     def __repr__(self) -> str:
         return f"EtcdClient({','.join(f'{h}:{p}' for h, p in self.endpoints)})"
+
+    def per_member(self) -> list[EtcdClient]:
+        """One new client per endpoint, same credentials: for what must reach each member
+        (status, defragment). The caller closes them."""
+        return [EtcdClient([endpoint], **self._options) for endpoint in self.endpoints]
 
     def close(self) -> None:
         """Close the channel; calls in flight fail."""
@@ -198,7 +220,7 @@ class EtcdClient:
         try:
             return self._with_fresh_token(call)
         except grpc.RpcError as error:
-            raise EtcdUnavailable(f"etcd {what} failed: {_describe(error)}") from error
+            raise _unavailable(f"etcd {what} failed", error) from error
 
     def _send_txn(self, what: str, request: bytes) -> _wire.TxnReply:
         """Send a ``TxnRequest`` encoded by :mod:`leases._wire`; its decoded answer.
@@ -254,7 +276,7 @@ class EtcdClient:
         except grpc.RpcError as error:
             if error.code() == grpc.StatusCode.NOT_FOUND:
                 return  # already expired: the keys are gone, which is what revoke wants
-            raise EtcdUnavailable(f"etcd lease revoke failed: {_describe(error)}") from error
+            raise _unavailable("etcd lease revoke failed", error) from error
 
     def time_to_live(self, lease_id: int) -> int:
         """Seconds the lease has left; -1 when it does not exist (expired or revoked)."""
@@ -361,6 +383,92 @@ class EtcdClient:
         )
         return bool(response.deleted)
 
+    # -- maintenance --------------------------------------------------------------------
+
+    def status(self) -> EtcdStatus:
+        """The answering member's status: database size and use, revision, leader.
+
+        With several endpoints any member may answer; use one client per member to read
+        each (see :func:`leases.admin.space_report`).
+        """
+        reply: _wire.StatusReply = self._call(
+            "status", lambda: self._status(b"", self.timeout, **self._auth)
+        )
+        return EtcdStatus(*reply)
+
+    def alarms(self) -> list[tuple[int, str]]:
+        """Raised alarms as ``(member_id, "NOSPACE" | "CORRUPT")``; empty when none."""
+        request = rpc.AlarmRequest(action=rpc.AlarmRequest.GET, memberID=0, alarm=rpc.NONE)
+        response = self._call(
+            "alarm list", lambda: self._maintenance.Alarm(request, self.timeout, **self._auth)
+        )
+        return [(a.memberID, rpc.AlarmType.Name(a.alarm)) for a in response.alarms]
+
+    def disarm_nospace(self) -> int:
+        """Disarm every member's NOSPACE alarm; how many were raised.
+
+        Only after the database is below its quota again (compacted and defragmented):
+        otherwise the next write raises the alarm again.
+        """
+        raised = [member for member, alarm in self.alarms() if alarm == "NOSPACE"]
+        for member in raised:
+            self._disarm(member)
+        return len(raised)
+
+    def _disarm(self, member_id: int) -> None:
+        request = rpc.AlarmRequest(
+            action=rpc.AlarmRequest.DEACTIVATE, memberID=member_id, alarm=rpc.NOSPACE
+        )
+        self._call(
+            "alarm disarm", lambda: self._maintenance.Alarm(request, self.timeout, **self._auth)
+        )
+
+    def compact(self, revision: int) -> None:
+        """Drop every key version older than ``revision`` (physically, before returning).
+
+        Live keys keep their create revision, so fencing tokens are not affected.
+        """
+        request = rpc.CompactionRequest(revision=revision, physical=True)
+        try:
+            self._with_fresh_token(
+                lambda: self._kv.Compact(request, max(self.timeout, 60), **self._auth)
+            )
+        except grpc.RpcError as error:
+            if "required revision has been compacted" in _describe(error):
+                return  # already compacted at or past it: nothing older is left
+            raise _unavailable("etcd compact failed", error) from error
+
+    def defragment(self, *, timeout: float = 120) -> None:
+        """Defragment the answering member: give the space compaction freed back to the
+        file system. It blocks that member's reads and writes while it runs (seconds per
+        GB): do one member at a time, on a client of that member only.
+        """
+        request = rpc.DefragmentRequest()
+        self._call(
+            "defragment", lambda: self._maintenance.Defragment(request, timeout, **self._auth)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdStatus:
+    """One member's status (``etcdctl endpoint status``).
+
+    :param member_id: the answering member.
+    :param revision: the store's current revision.
+    :param db_size: bytes of the database file (what the quota counts).
+    :param db_size_in_use: bytes of it in use; the rest is free space a defragmentation
+        would give back (0 from etcd before 3.4).
+    :param leader: the member id of the leader.
+    :param raft_index: the raft index.
+    """
+
+    member_id: int
+    revision: int
+    db_size: int
+    db_size_in_use: int
+    leader: int
+    raft_index: int
+
 
 class KeepAliveStream:
     """One bidirectional LeaseKeepAlive stream, kept open for the life of a session.
@@ -399,7 +507,7 @@ class KeepAliveStream:
         except grpc.RpcError as error:
             if self._closed.is_set():
                 return
-            raise EtcdUnavailable(f"etcd keep-alive stream failed: {_describe(error)}") from error
+            raise _unavailable("etcd keep-alive stream failed", error) from error
 
     def close(self) -> None:
         """End the stream (idempotent)."""
@@ -417,6 +525,30 @@ def _token_refused(error: grpc.RpcError) -> bool:
     return (callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED) or (
         "invalid auth token" in text or "revision of auth store is old" in text
     )
+
+
+def _is_nospace(error: grpc.RpcError) -> bool:
+    """etcd refused the request because its database reached its quota (NOSPACE alarm)."""
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    text = (details() if callable(details) else "") or ""
+    # ErrGRPCNoSpace: RESOURCE_EXHAUSTED "etcdserver: mvcc: database space exceeded" (the
+    # same code also says "too many requests", which is a plain, passing overload).
+    return (
+        callable(code)
+        and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "database space exceeded" in text
+    )
+
+
+def _unavailable(what: str, error: grpc.RpcError) -> EtcdUnavailable:
+    """The error to raise for a failed call: :class:`EtcdNoSpace` when etcd is full."""
+    if _is_nospace(error):
+        return EtcdNoSpace(
+            f"{what}: etcd is out of space (NOSPACE alarm: compact, defragment, then disarm"
+            f" the alarm; leases.admin.recover_space): {_describe(error)}"
+        )
+    return EtcdUnavailable(f"{what}: {_describe(error)}")
 
 
 def _describe(error: grpc.RpcError) -> str:

@@ -11,6 +11,7 @@ overwrite the work of the next one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -19,13 +20,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 
-import structlog
-
+from leases import _log
 from leases.errors import LeaseError
 from leases.etcd import EtcdClient
 from leases.session import Session
 
-log = structlog.get_logger(__name__)
+log = _log.get_logger(__name__)
+
+#: The longest host, actor or message id written into a key's value (characters).
+MAX_FIELD_CHARS = 100
+#: The most bytes a holder's value can take: three fields of 100 characters of at most 6
+#: bytes each (a control character's JSON escape), the pid, the time and the JSON around.
+MAX_HOLDER_BYTES = 3 * 6 * MAX_FIELD_CHARS + 160
 
 
 def _now() -> str:
@@ -50,7 +56,14 @@ class HolderInfo:
     acquired_at: str = field(default_factory=_now)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        """The key's value: compact JSON, at most :data:`MAX_HOLDER_BYTES` (about 160-200
+        bytes for a worker's hold). Every hold writes it into etcd's history, so the free-form
+        fields are cut at :data:`MAX_FIELD_CHARS`."""
+        data = asdict(self)
+        for name in ("host", "actor", "message_id"):
+            if isinstance(data[name], str):
+                data[name] = data[name][:MAX_FIELD_CHARS]
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> HolderInfo:
@@ -105,6 +118,11 @@ class Hold:
         """True when the session behind the hold is lost (the key is gone or about to be)."""
         return self.session is not None and self.session.lost
 
+    def remaining(self) -> float:
+        """Seconds this hold is sure to last (see :meth:`Session.remaining`); a standalone
+        hold (an operator's, on a lease of its own) has no session to ask: unbounded."""
+        return self.session.remaining() if self.session is not None else math.inf
+
     def is_current(self) -> bool:
         """Ask etcd whether the key is still this incarnation (raises EtcdUnavailable)."""
         current = self.client.get(self.key)
@@ -147,6 +165,9 @@ class Acquisition:
     hold: Hold | None
     holder: HolderInfo | None = None
     holder_token: int | None = None
+    #: The etcd lease the holder's key is attached to (0: none known), for
+    #: :meth:`EtcdClient.time_to_live`: how long a holder that died may still block.
+    holder_lease_id: int = 0
 
     def __bool__(self) -> bool:
         return self.hold is not None
@@ -215,7 +236,9 @@ def _create(
         )
     if current is None:  # held a moment ago, gone before the read: report busy, caller retries
         return Acquisition(None, None, None)
-    return Acquisition(None, HolderInfo.from_json(current.value), current.create_revision)
+    return Acquisition(
+        None, HolderInfo.from_json(current.value), current.create_revision, current.lease_id
+    )
 
 
 @contextmanager

@@ -11,13 +11,13 @@ import collections
 import math
 import threading
 import time
+from collections.abc import Callable
 
-import structlog
-
+from leases import _log
 from leases.errors import EtcdUnavailable, LeaseError, SessionLost
 from leases.etcd import EtcdClient, KeepAliveStream
 
-log = structlog.get_logger(__name__)
+log = _log.get_logger(__name__)
 
 MIN_TTL = 2  # etcd rounds a TTL of 1 up to 2 anyway; below that keep-alive can't keep up
 
@@ -35,6 +35,8 @@ class Session:
         session gives up and reports lost (default: a fifth of the TTL, at least 0.5 s).
         Declaring loss before etcd expires the lease keeps the holder from believing in a
         key someone else may already have.
+    :param on_lost: called once with the reason when the session finds itself lost (not on
+        close), from the keep-alive thread; e.g. to count losses. Must not block.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class Session:
         *,
         ttl: float = 10,
         margin: float | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         if ttl < MIN_TTL:
             raise ValueError(f"session TTL must be at least {MIN_TTL} s, got {ttl}")
@@ -52,6 +55,7 @@ class Session:
         self._lost = threading.Event()
         self._closed = threading.Event()
         self._lost_reason = ""
+        self._on_lost = on_lost
         self.lease_id, _ = client.grant(self.ttl)
         self._last_refresh = time.monotonic()
         self._stream: KeepAliveStream | None = None
@@ -78,6 +82,14 @@ class Session:
     @property
     def seconds_since_refresh(self) -> float:
         return time.monotonic() - self._last_refresh
+
+    def remaining(self) -> float:
+        """Seconds the lease is sure to live: the TTL from the send of the last keep-alive
+        that etcd answered, 0 once lost or closed. A hold must not start anything that can
+        outlast it (invariant 8)."""
+        if self._lost.is_set() or self._closed.is_set():
+            return 0.0
+        return max(0.0, self.ttl - self.seconds_since_refresh)
 
     def check(self) -> None:
         """Raise :class:`SessionLost` when the session is lost or closed."""
@@ -132,6 +144,11 @@ class Session:
             self._lost.set()
         if notify:
             log.warning("lease_session_lost", lease_id=f"{self.lease_id:x}", reason=reason)
+            if self._on_lost is not None:
+                try:
+                    self._on_lost(reason)
+                except Exception as error:  # a callback's bug must not kill the keep-alive
+                    log.warning("lease_session_on_lost_failed", error=str(error))
 
     def _keep_alive(self) -> None:
         interval = self.ttl / 3

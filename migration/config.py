@@ -12,11 +12,28 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from leases import EtcdClient
+if TYPE_CHECKING:
+    from leases import EtcdClient
 
 PREFIX = "MIGRATOR_"
+
+#: RabbitMQ queue types ``MIGRATOR_QUEUE_TYPE`` accepts.
+QUEUE_TYPES = ("classic", "quorum")
+# Several broker URLs: split only where a URL starts ("amqp://", "amqps://", or any other
+# scheme, then refused), so that the commas inside a URL (pika's
+# ssl_options={'ca_certs':...,'certfile':...}) stay in it.
+_BROKER_URL_SEPARATOR = re.compile(r"[\s,;]+(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_broker_urls(text: str) -> tuple[str, ...]:
+    """The URLs of ``MIGRATOR_BROKER_URL``: one, or several separated by commas or spaces.
+
+    :param text: the variable's value.
+    """
+    return tuple(part for part in _BROKER_URL_SEPARATOR.split(text.strip()) if part)
 
 
 class ConfigError(Exception):
@@ -38,6 +55,18 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if parts.scheme not in schemes or not parts.netloc:
         raise ConfigError(name, f"expected a {'/'.join(schemes)} URL, got {value!r}")
     return value
+
+
+def _broker_urls(env: Mapping[str, str], name: str, default: str) -> str:
+    """One or several AMQP URLs (comma- or space-separated), each checked; joined by ","."""
+    urls = split_broker_urls(env.get(name, default))
+    if not urls:
+        raise ConfigError(name, "expected an amqp or amqps URL, got ''")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ConfigError(name, f"expected amqp/amqps URLs, got {url!r}")
+    return ",".join(urls)
 
 
 def _number(
@@ -99,7 +128,9 @@ class Config:
     :param database_url: PostgreSQL connection URL (``MIGRATOR_DATABASE_URL``).
     :param etcd_endpoints: etcd client endpoints (``MIGRATOR_ETCD_ENDPOINTS``, comma-separated).
     :param etcd_prefix: the key prefix every lease key lives under (``MIGRATOR_ETCD_PREFIX``).
-    :param broker_url: RabbitMQ AMQP URL (``MIGRATOR_BROKER_URL``).
+    :param broker_url: RabbitMQ AMQP URL (``MIGRATOR_BROKER_URL``); several, comma-separated,
+        for the nodes of a cluster (:attr:`broker_urls`): connections go to the first
+        that answers and move to another when it fails.
     :param registry_url: the registry import API base URL (``MIGRATOR_REGISTRY_URL``).
     :param registry_token: bearer token for the registry (``MIGRATOR_REGISTRY_TOKEN``).
     :param notification_secret: the shared secret the registry sends
@@ -110,6 +141,9 @@ class Config:
     :param log_level: debug, info, warning or error (``MIGRATOR_LOG_LEVEL``).
     :param queue_name: the RabbitMQ queue of the actors (``MIGRATOR_QUEUE_NAME``); separate
         migrations (or test runs) sharing one RabbitMQ use separate queues.
+    :param queue_type: ``classic`` (default) or ``quorum`` (``MIGRATOR_QUEUE_TYPE``): the type
+        the queues are declared with. Quorum queues are replicated over a RabbitMQ cluster
+        and survive the loss of a minority of its nodes: the production choice.
     """
 
     database_url: str = "postgresql://postgres@127.0.0.1:55432/migrator"
@@ -128,6 +162,7 @@ class Config:
     registry_timeout: float = 5.0
     log_level: str = "info"
     queue_name: str = "registry_migrator"
+    queue_type: str = "classic"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -159,6 +194,11 @@ class Config:
         queue = env.get(f"{PREFIX}QUEUE_NAME", d.queue_name).strip()
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", queue):
             raise ConfigError(f"{PREFIX}QUEUE_NAME", f"expected [A-Za-z0-9_.-]+, got {queue!r}")
+        queue_type = env.get(f"{PREFIX}QUEUE_TYPE", d.queue_type).strip().lower()
+        if queue_type not in QUEUE_TYPES:
+            raise ConfigError(
+                f"{PREFIX}QUEUE_TYPE", f"expected {'|'.join(QUEUE_TYPES)}, got {queue_type!r}"
+            )
         return cls(
             database_url=_url(
                 env, f"{PREFIX}DATABASE_URL", d.database_url, ("postgresql", "postgres")
@@ -170,7 +210,7 @@ class Config:
             etcd_cert_key=key,
             etcd_user=user,
             etcd_password=password,
-            broker_url=_url(env, f"{PREFIX}BROKER_URL", d.broker_url, ("amqp", "amqps")),
+            broker_url=_broker_urls(env, f"{PREFIX}BROKER_URL", d.broker_url),
             registry_url=_url(env, f"{PREFIX}REGISTRY_URL", d.registry_url, ("http", "https")),
             registry_token=env.get(f"{PREFIX}REGISTRY_TOKEN") or None,
             notification_secret=secret,
@@ -181,6 +221,7 @@ class Config:
             ),
             log_level=level,
             queue_name=queue,
+            queue_type=queue_type,
         )
 
     def require_notification_secret(self) -> str:
@@ -190,11 +231,20 @@ class Config:
         return self.notification_secret
 
     @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """The RabbitMQ node URLs of ``broker_url``, in the configured order."""
+        return split_broker_urls(self.broker_url)
+
+    @property
     def etcd_endpoints_text(self) -> str:
         return ",".join(f"{host}:{port}" for host, port in self.etcd_endpoints)
 
     def etcd_client(self, *, timeout: float = 5.0) -> EtcdClient:
         """An etcd client for the configured endpoints, TLS and credentials."""
+        # Imported here: reading the configuration (every command, every ``--help``) must
+        # not load etcd3 and gRPC.
+        from leases import EtcdClient  # noqa: PLC0415
+
         return EtcdClient(
             self.etcd_endpoints,
             timeout=timeout,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
-from typing import Any, TextIO
 
 import structlog
 
@@ -20,30 +18,6 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-
-#: One lock for every line written to stdout, by structlog and by the stdlib handler alike:
-#: a text stream is not thread-safe, and two writers with locks of their own interleave
-#: their lines (``{...}{...}``), which breaks every consumer of the JSON lines.
-_STDOUT_LOCK = threading.RLock()
-
-
-class _LineWriter:
-    """A structlog logger that writes each message as one line under :data:`_STDOUT_LOCK`."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def msg(self, message: str) -> None:
-        with _STDOUT_LOCK:
-            self._stream.write(message + "\n")
-            self._stream.flush()
-
-    log = debug = info = warn = warning = error = critical = exception = fatal = msg
-
-
-def _line_writer_factory(*_args: Any) -> _LineWriter:
-    return _LineWriter(sys.stdout)
 
 
 def configure(level: str = "info", *, json: bool = True) -> None:
@@ -62,15 +36,16 @@ def configure(level: str = "info", *, json: bool = True) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
+    # Our lines and the libraries' (pika, dramatiq, uvicorn log through stdlib) go out through
+    # one stdlib handler, rendered by structlog's ProcessorFormatter: one writer, one lock, so
+    # lines never interleave (two writers with locks of their own did: ``{...}{...}``).
     structlog.configure(
-        processors=[*shared, renderer],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=_line_writer_factory,
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    # Libraries (pika, dramatiq, uvicorn) log through stdlib: render them the same way.
     handler = logging.StreamHandler(sys.stdout)
-    handler.lock = _STDOUT_LOCK  # Handler.handle() writes under it: the same lock as structlog
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

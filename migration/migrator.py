@@ -7,8 +7,8 @@ steps in a lease and a Dramatiq message; tests can drive them directly.
 
 The outcome mapping follows the reference (GitLab's ContainerRepository, 2022), by the fault
 class of each answer (``migration/registry.py`` has the table; invariant 7): a start that
-the registry accepted waits for its notification; "already imported" means the repository
-is native and is skipped as ``native_import``; not found is skipped; a failed pre-import
+the registry accepted waits for its notification; "already imported" (native) and "not
+found" need no more work: done, with the reason recorded (``finish_import_as``); a failed pre-import
 aborts (a retry is charged); "too many imports" and "already running" are not failures; a
 fault of the registry (unreachable, timeout, 5xx, 401/403, an answer that is not the API's)
 undoes the claim, charges nothing and backs the repository off. A start whose outcome is
@@ -18,6 +18,8 @@ may have started it.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -25,6 +27,8 @@ from typing import Any
 
 import structlog
 
+from leases import Hold
+from migration import metrics
 from migration.registry import (
     CancelResult,
     FaultClass,
@@ -37,7 +41,14 @@ from migration.registry import (
     StatusResult,
 )
 from migration.settings import Settings
-from migration.states import ACTIVE_STATES, Event, SkipReason, State, allowed_retry
+from migration.states import (
+    ACTIVE_STATES,
+    Event,
+    SkipReason,
+    State,
+    allowed_retry,
+    is_last_retry,
+)
 from migration.store import Outcome, Repository, StepResult, Store
 
 log = structlog.get_logger(__name__)
@@ -89,6 +100,18 @@ class RegistryUnavailable(Exception):
     """The registry could not confirm a status before acting on it; try again later."""
 
 
+class LeaseAtRisk(Exception):
+    """The holder's lease might be gone before a registry call could end: no call is made
+    (invariant 8). The repository is left to the next holder."""
+
+
+#: Seconds kept between a registry call's end and the lease's: etcd expires leases by its
+#: own clock, and a keep-alive's answer is dated from its send.
+LEASE_SLACK = 0.5
+#: The shortest timeout worth a registry call; with less lease left, no call.
+MIN_CALL_TIMEOUT = 0.5
+
+
 class AbortCause(StrEnum):
     """Why an abort was charged: always something the registry said about *this*
     repository (invariant 7). Recorded as ``detail.cause`` of every ``abort_import`` event."""
@@ -100,6 +123,10 @@ class AbortCause(StrEnum):
     REGISTRY_STATE_MISMATCH = "registry_state_mismatch"  # the registry's status contradicts ours
     INVALID_PATH = "invalid_path"  # our path cannot be sent to the registry
     OPERATOR = "operator"  # an operator aborted it
+    #: its worker died between the claim and the start; found by the redelivered message
+    #: (the registry never heard of it). Not the repository's fault either: a chaos run
+    #: excuses these retries.
+    INTERRUPTED = "interrupted"
 
 
 _NOTIFIED_CAUSES = {
@@ -136,6 +163,7 @@ class StepOutcome(StrEnum):
     IGNORED = "ignored"  # nothing to do in this state
     ALIGNED = "aligned"  # the registry already runs the phase: taken over, no start sent
     REGISTRY_FAULT = "registry_fault"  # the registry failed: claim undone, nothing charged
+    LEASE_AT_RISK = "lease_at_risk"  # our lease might end first: no registry call made
 
 
 _CLAIM_REFUSALS = {
@@ -171,13 +199,63 @@ class StepReport:
         )
 
 
+def _counted(result: StepResult) -> StepResult:
+    """Count an accepted write by the state it wrote (``registry_migrator_transitions``)."""
+    if result.transition is not None:
+        metrics.TRANSITIONS.labels(result.transition.to_state.value).inc()
+    return result
+
+
 @dataclass(frozen=True)
 class Writer:
-    """Who writes: the fencing token and what the events log records about the writer."""
+    """Who writes: the fencing token and what the events log records about the writer.
+
+    :param token: the fencing token every write names.
+    :param actor: who writes, for the events log.
+    :param message_id: the message being processed, for the events log.
+    :param lease: the hold the token comes from; every registry call asks it first
+        (:meth:`fence`). None only where no lease is held (tests of the steps alone).
+    """
 
     token: int
     actor: str
     message_id: str | None = None
+    lease: Hold | None = None
+
+    def fence(self, timeout: float) -> float:
+        """The timeout a registry call may have so that it ends while the lease surely
+        lives (invariant 8); :class:`LeaseAtRisk` when too little is left for any call.
+
+        :param timeout: the client's own timeout.
+        """
+        if self.lease is None:
+            return timeout
+        left = self.lease.remaining() - LEASE_SLACK
+        if left < MIN_CALL_TIMEOUT:
+            lost = self.lease.lost
+            raise LeaseAtRisk(
+                f"lease of token {self.token} "
+                + ("lost" if lost else f"has {left + LEASE_SLACK:.1f} s left")
+                + ": no registry call"
+            )
+        return min(timeout, left)
+
+
+def _fenced(step: Callable[..., StepReport]) -> Callable[..., StepReport]:
+    """A step that stops, without a write, when the lease is at risk before a registry call
+    (the calls that follow a claim undo it themselves, see ``Migrator._start_claimed``)."""
+
+    @functools.wraps(step)
+    def run(self: Migrator, repository: Repository, *args: Any, **kwargs: Any) -> StepReport:
+        try:
+            return step(self, repository, *args, **kwargs)
+        except LeaseAtRisk as error:
+            log.warning(
+                "registry_call_not_made", container_repository_id=repository.id, why=str(error)
+            )
+            return StepReport(StepOutcome.LEASE_AT_RISK, repository, {"why": str(error)})
+
+    return run
 
 
 class Migrator:
@@ -202,15 +280,17 @@ class Migrator:
         skip_reason: SkipReason | None = None,
         detail: dict[str, Any] | None = None,
     ) -> StepResult:
-        return self.store.step(
-            repository.id,
-            expected_state=repository.migration_state,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            skip_reason=skip_reason,
-            detail=detail,
+        return _counted(
+            self.store.step(
+                repository.id,
+                expected_state=repository.migration_state,
+                event=event,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                skip_reason=skip_reason,
+                detail=detail,
+            )
         )
 
     def _claim(
@@ -221,14 +301,16 @@ class Migrator:
         *,
         detail: dict[str, Any] | None = None,
     ) -> StepResult:
-        return self.store.claim(
-            repository.id,
-            expected_state=repository.migration_state,
-            event=event,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            detail=detail,
+        return _counted(
+            self.store.claim(
+                repository.id,
+                expected_state=repository.migration_state,
+                event=event,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                detail=detail,
+            )
         )
 
     def _report(self, result: StepResult, outcome: StepOutcome, **fields: Any) -> StepReport:
@@ -238,9 +320,14 @@ class Migrator:
             )
         return StepReport(outcome, result.repository, fields)
 
-    def _abort(
+    def abort(
         self, repository: Repository, writer: Writer, why: str, cause: AbortCause
     ) -> StepReport:
+        """Abort an active repository (a retry is charged; at max_retries it is skipped).
+
+        :param why: kept in the events log.
+        :param cause: the repository-specific cause (invariant 7: never a registry fault).
+        """
         result = self._step(
             repository, Event.ABORT_IMPORT, writer, detail={"why": why, "cause": cause.value}
         )
@@ -254,14 +341,16 @@ class Migrator:
         why: str,
         **detail: Any,
     ) -> StepResult:
-        return self.store.undo_claim(
-            repository.id,
-            expected_state=repository.migration_state,
-            claimed_from=claimed_from,
-            token=writer.token,
-            actor=writer.actor,
-            message_id=writer.message_id,
-            detail={"why": why, **detail},
+        return _counted(
+            self.store.undo_claim(
+                repository.id,
+                expected_state=repository.migration_state,
+                claimed_from=claimed_from,
+                token=writer.token,
+                actor=writer.actor,
+                message_id=writer.message_id,
+                detail={"why": why, **detail},
+            )
         )
 
     def _registry_fault(
@@ -297,13 +386,48 @@ class Migrator:
         if repository.registry_failures:
             self.store.clear_backoff(repository.id)
 
-    def _skip(
+    def _finish_as(
         self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
     ) -> StepReport:
+        """Done with a reason: native, or unknown to the registry (the reference's
+        finish_import_as); nothing more to do for it."""
+        result = self._step(
+            repository, Event.FINISH_IMPORT_AS, writer, skip_reason=reason, detail={"why": why}
+        )
+        return self._report(result, StepOutcome.FINISHED, finish_reason=reason.value)
+
+    def skip(
+        self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
+    ) -> StepReport:
+        """Skip a repository for good (any state but done and skipped)."""
         result = self._step(
             repository, Event.SKIP_IMPORT, writer, skip_reason=reason, detail={"why": why}
         )
         return self._report(result, StepOutcome.SKIPPED, skip_reason=reason.value)
+
+    def _start_claimed(
+        self, claimed: StepResult, claimed_from: State, writer: Writer, import_type: ImportType
+    ) -> StepReport:
+        """Send the start a claim was made for and map its answer. When the lease is at
+        risk the start is not sent and the claim undone, charging nothing (invariant 8)."""
+        repository = claimed.repository
+        start = (
+            self.registry.start_pre_import
+            if import_type is ImportType.PRE
+            else self.registry.start_import
+        )
+        try:
+            answer = start(repository.path, fence=writer.fence)
+            return self._after_start(claimed, claimed_from, answer, writer, import_type)
+        except LeaseAtRisk as error:
+            log.warning(
+                "registry_call_not_made", container_repository_id=repository.id, why=str(error)
+            )
+            undone = self._undo(repository, claimed_from, writer, str(error), fault_class="lease")
+            return StepReport(
+                StepOutcome.LEASE_AT_RISK, undone.repository,
+                {"why": str(error), "undone": undone.ok},
+            )  # fmt: skip
 
     def _after_start(
         self,
@@ -323,7 +447,7 @@ class Migrator:
         if answer.fault_class is FaultClass.REGISTRY and answer.error_kind is not None:
             if answer.error_kind.outcome_unknown:
                 # The registry may have started it before the answer was lost: ask.
-                status = self.registry.status(repository.path)
+                status = self.registry.status(repository.path, fence=writer.fence)
                 fields["registry_status_after"] = (
                     status.status.value if status.status else status.outcome.value
                 )
@@ -339,9 +463,11 @@ class Migrator:
             case ImportOutcome.STARTED:
                 return StepReport(StepOutcome.STARTED, repository, fields)
             case ImportOutcome.ALREADY_IMPORTED:
-                report = self._skip(repository, writer, SkipReason.NATIVE_IMPORT, answer.detail)
+                report = self._finish_as(
+                    repository, writer, SkipReason.NATIVE_IMPORT, answer.detail
+                )
             case ImportOutcome.NOT_FOUND:
-                report = self._skip(repository, writer, SkipReason.NOT_FOUND, answer.detail)
+                report = self._finish_as(repository, writer, SkipReason.NOT_FOUND, answer.detail)
             case ImportOutcome.TOO_MANY_IMPORTS:
                 undone = self._undo(
                     repository, claimed_from, writer, "registry: too many imports",
@@ -364,11 +490,11 @@ class Migrator:
                 )  # fmt: skip
                 report = self._report(undone, StepOutcome.UNDONE)
             case ImportOutcome.PRE_IMPORT_FAILED:
-                report = self._abort(
+                report = self.abort(
                     repository, writer, f"registry: {answer.detail}", AbortCause.PRE_IMPORT_FAILED
                 )
             case _:  # an invalid path: ours, not the registry's
-                report = self._abort(
+                report = self.abort(
                     repository, writer, f"registry: {answer.detail}", AbortCause.INVALID_PATH
                 )
         report.fields.update(fields)
@@ -376,10 +502,11 @@ class Migrator:
 
     # -- the steps ----------------------------------------------------------------------
 
+    @_fenced
     def start(self, repository: Repository, settings: Settings, writer: Writer) -> StepReport:
         """Start a ready repository (state ``default``): tags check, claim, pre-import."""
         if settings.max_tags_count and repository.tags_count > settings.max_tags_count:
-            report = self._skip(
+            report = self.skip(
                 repository, writer, SkipReason.TOO_MANY_TAGS,
                 f"{repository.tags_count} tags > max_tags_count {settings.max_tags_count}",
             )  # fmt: skip
@@ -390,9 +517,9 @@ class Migrator:
         claimed = self._claim(repository, Event.START_PRE_IMPORT, writer)
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
-        answer = self.registry.start_pre_import(repository.path)
-        return self._after_start(claimed, State.DEFAULT, answer, writer, ImportType.PRE)
+        return self._start_claimed(claimed, State.DEFAULT, writer, ImportType.PRE)
 
+    @_fenced
     def retry(self, repository: Repository, writer: Writer) -> StepReport:
         """Retry an aborted repository, reconciling with the registry's status first.
 
@@ -402,14 +529,16 @@ class Migrator:
         nothing is claimed or charged; the repository backs off. Otherwise claim the retry
         the state machine allows (by the state it was aborted in) and start that phase.
         """
-        status = self.registry.status(repository.path)
+        status = self.registry.status(repository.path, fence=writer.fence)
         if status.fault_class is FaultClass.REGISTRY:
             return self._registry_fault(repository, writer, status)
         self._registry_answered(repository)
         registry_status = status.status.value if status.status else status.outcome.value
         if status.outcome is StatusOutcome.FOUND:
             if status.status is RegistryImportStatus.NATIVE:
-                return self._skip(repository, writer, SkipReason.NATIVE_IMPORT, "registry: native")
+                return self._finish_as(
+                    repository, writer, SkipReason.NATIVE_IMPORT, "registry: native"
+                )
             if status.status is RegistryImportStatus.IMPORT_COMPLETE:
                 result = self._step(
                     repository,
@@ -439,22 +568,18 @@ class Migrator:
         )
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
-        if event is Event.RETRY_PRE_IMPORT:
-            answer = self.registry.start_pre_import(repository.path)
-            import_type = ImportType.PRE
-        else:
-            answer = self.registry.start_import(repository.path)
-            import_type = ImportType.FINAL
-        return self._after_start(claimed, State.IMPORT_ABORTED, answer, writer, import_type)
+        import_type = ImportType.PRE if event is Event.RETRY_PRE_IMPORT else ImportType.FINAL
+        return self._start_claimed(claimed, State.IMPORT_ABORTED, writer, import_type)
 
+    @_fenced
     def start_final_import(self, repository: Repository, writer: Writer) -> StepReport:
         """pre_import_done → importing, and ask the registry for the final import."""
         stepped = self._step(repository, Event.START_IMPORT, writer)
         if not stepped.ok:
             return self._report(stepped, StepOutcome.REFUSED)
-        answer = self.registry.start_import(repository.path)
-        return self._after_start(stepped, State.PRE_IMPORT_DONE, answer, writer, ImportType.FINAL)
+        return self._start_claimed(stepped, State.PRE_IMPORT_DONE, writer, ImportType.FINAL)
 
+    @_fenced
     def on_registry_status(
         self,
         repository: Repository,
@@ -487,7 +612,7 @@ class Migrator:
                 {"ignored_status": status.value, "state": state.value},
             )
         if verify:
-            current = self.registry.status(repository.path)
+            current = self.registry.status(repository.path, fence=writer.fence)
             if current.fault_class is FaultClass.REGISTRY:
                 raise RegistryUnavailable(
                     f"cannot confirm {status.value} for {repository.path}: {current.outcome}"
@@ -515,13 +640,19 @@ class Migrator:
                 repository, Event.FINISH_IMPORT, writer, detail={"registry": detail}
             )
             return self._report(result, StepOutcome.FINISHED)
-        return self._abort(
+        return self.abort(
             repository, writer, f"registry: {status.value} {detail}".strip(),
             _NOTIFIED_CAUSES[status],
         )  # fmt: skip
 
+    @_fenced
     def reconcile_stale(
-        self, repository: Repository, settings: Settings, writer: Writer
+        self,
+        repository: Repository,
+        settings: Settings,
+        writer: Writer,
+        *,
+        mismatch_cause: AbortCause = AbortCause.REGISTRY_STATE_MISMATCH,
     ) -> StepReport:
         """The guard's step for an active repository that has not moved for too long.
 
@@ -533,7 +664,7 @@ class Migrator:
         its next pass (invariant 7).
         """
         state = repository.migration_state
-        status = self.registry.status(repository.path)
+        status = self.registry.status(repository.path, fence=writer.fence)
         fields: dict[str, Any] = {
             "registry_status": status.status.value if status.status else status.outcome.value
         }
@@ -558,7 +689,7 @@ class Migrator:
             State.PRE_IMPORTING: (
                 RegistryImportStatus.PRE_IMPORT_IN_PROGRESS,
                 repository.migration_pre_import_started_at,
-                settings.pre_import_timeout,
+                settings.pre_import_timeout_for(repository.tags_count),
             ),
             State.IMPORTING: (
                 RegistryImportStatus.IMPORT_IN_PROGRESS,
@@ -575,7 +706,7 @@ class Migrator:
                     repository,
                     {**fields, "why": "still running within its timeout"},
                 )
-            cancel = self.registry.cancel(repository.path)
+            cancel = self.registry.cancel(repository.path, fence=writer.fence)
             fields.update(canceled=cancel.outcome.value, running_s=round(age, 1))
             if cancel.fault_class is FaultClass.REGISTRY:
                 return StepReport(
@@ -584,15 +715,15 @@ class Migrator:
                     {**fields, "why": "cancel failed: registry unreachable",
                      "registry_error": cancel.detail},
                 )  # fmt: skip
-            if repository.migration_retries_count + 1 >= settings.max_retries:
-                report = self._skip(
+            if is_last_retry(repository.migration_retries_count, settings.max_retries):
+                report = self.skip(
                     repository,
                     writer,
                     SkipReason.MIGRATION_CANCELED,
                     f"ran {age:.0f} s > {timeout:.0f} s",
                 )
             else:
-                report = self._abort(
+                report = self.abort(
                     repository,
                     writer,
                     f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled",
@@ -603,7 +734,7 @@ class Migrator:
         if status.outcome is StatusOutcome.UNKNOWN_STATUS:
             # A status outside the API's list: whatever runs there, cancel it before the
             # abort frees its slot, as the reference does.
-            cancel = self.registry.cancel(repository.path)
+            cancel = self.registry.cancel(repository.path, fence=writer.fence)
             fields["canceled"] = cancel.outcome.value
             if cancel.fault_class is FaultClass.REGISTRY:
                 return StepReport(
@@ -612,11 +743,11 @@ class Migrator:
                     {**fields, "why": "cancel failed: registry unreachable",
                      "registry_error": cancel.detail},
                 )  # fmt: skip
-        report = self._abort(
+        report = self.abort(
             repository,
             writer,
             f"registry reports {fields['registry_status']} while {state.value}",
-            AbortCause.REGISTRY_STATE_MISMATCH,
+            mismatch_cause,
         )
         report.fields.update(fields)
         return report

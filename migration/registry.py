@@ -56,6 +56,12 @@ IMPORT_PATH = "/gitlab/v1/import/"
 API_ROOT = "/gitlab/v1/"
 
 
+#: Asked before every request of a call with the client's timeout; returns the timeout to
+#: use (shorter when the caller's lease would not outlast the full one), or raises to send
+#: nothing (invariant 8: no side effect after the lease is gone).
+Fence = Callable[[float], float]
+
+
 class FaultClass(StrEnum):
     """Whose failure an answer is (invariant 7): only ``repository`` may charge a retry."""
 
@@ -398,8 +404,8 @@ class RegistryClient:
         self.too_many_retries = too_many_retries
         self.backoff = backoff
         self.timeout = timeout
-        #: Called after every call with (call, fault class, error kind, detail); see
-        #: migration.registry_health. Must not raise.
+        #: Called after every call with (call, fault class, error kind, what went wrong: the
+        #: HTTP status and the detail); see migration.registry_health. Must not raise.
         self.observer: Callable[[str, FaultClass, ErrorKind | None, str], None] | None = None
         headers = {"Accept": "application/json"}
         if token:
@@ -439,21 +445,23 @@ class RegistryClient:
 
     # -- start -----------------------------------------------------------------------------
 
-    def start_pre_import(self, path: str) -> ImportResult:
+    def start_pre_import(self, path: str, *, fence: Fence | None = None) -> ImportResult:
         """Ask the registry to pre-import a repository (``import_type=pre``).
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        return self._start(path, ImportType.PRE)
+        return self._start(path, ImportType.PRE, fence)
 
-    def start_import(self, path: str) -> ImportResult:
+    def start_import(self, path: str, *, fence: Fence | None = None) -> ImportResult:
         """Ask the registry for the final import of a repository (``import_type=final``).
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        return self._start(path, ImportType.FINAL)
+        return self._start(path, ImportType.FINAL, fence)
 
-    def _start(self, path: str, import_type: ImportType) -> ImportResult:
+    def _start(self, path: str, import_type: ImportType, fence: Fence | None) -> ImportResult:
         call = f"start_{import_type}"
         try:
             url = import_url_path(path)
@@ -465,7 +473,9 @@ class RegistryClient:
         attempts = 0
         while True:
             attempts += 1
-            response = self._request(call, "PUT", url, params={"import_type": str(import_type)})
+            response = self._request(
+                call, "PUT", url, fence, params={"import_type": str(import_type)}
+            )
             if isinstance(response, _TransportFailure):
                 result = ImportResult(
                     outcome=ImportOutcome.ERROR,
@@ -492,7 +502,7 @@ class RegistryClient:
             if outcome is not ImportOutcome.TOO_MANY_IMPORTS or attempts > self.too_many_retries:
                 break
             time.sleep(self._retry_delay(attempts))
-        self._count(call, result.fault_class, result.error_kind, result.detail)
+        self._count(call, result.fault_class, result.error_kind, result.detail, result.http_status)
         log.debug(
             "registry_start",
             path=path,
@@ -512,23 +522,26 @@ class RegistryClient:
 
     # -- status ----------------------------------------------------------------------------
 
-    def status(self, path: str) -> StatusResult:
+    def status(self, path: str, *, fence: Fence | None = None) -> StatusResult:
         """Read a repository's import status.
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
-        result = self._status(path)
-        self._count("status", result.fault_class, result.error_kind, result.detail)
+        result = self._status(path, fence)
+        self._count(
+            "status", result.fault_class, result.error_kind, result.detail, result.http_status
+        )
         return result
 
-    def _status(self, path: str) -> StatusResult:
+    def _status(self, path: str, fence: Fence | None) -> StatusResult:
         try:
             url = import_url_path(path)
         except InvalidRepositoryPath as error:
             return StatusResult(
                 outcome=StatusOutcome.ERROR, detail=str(error), error_kind=ErrorKind.INVALID_PATH
             )
-        response = self._request("status", "GET", url)
+        response = self._request("status", "GET", url, fence)
         if isinstance(response, _TransportFailure):
             return StatusResult(
                 outcome=StatusOutcome.ERROR, detail=response.detail, error_kind=response.kind
@@ -574,10 +587,11 @@ class RegistryClient:
 
     # -- cancel ----------------------------------------------------------------------------
 
-    def cancel(self, path: str) -> CancelResult:
+    def cancel(self, path: str, *, fence: Fence | None = None) -> CancelResult:
         """Ask the registry to cancel the running (pre-)import of a repository.
 
         :param path: the repository path, ``root/.../name``.
+        :param fence: see :data:`Fence`.
         """
         try:
             url = import_url_path(path)
@@ -585,7 +599,7 @@ class RegistryClient:
             return CancelResult(
                 outcome=CancelOutcome.ERROR, detail=str(error), error_kind=ErrorKind.INVALID_PATH
             )
-        response = self._request("cancel", "DELETE", url)
+        response = self._request("cancel", "DELETE", url, fence)
         if isinstance(response, _TransportFailure):
             result = CancelResult(
                 outcome=CancelOutcome.ERROR, detail=response.detail, error_kind=response.kind
@@ -606,7 +620,9 @@ class RegistryClient:
                 http_status=code,
                 error_kind=kind,
             )
-        self._count("cancel", result.fault_class, result.error_kind, result.detail)
+        self._count(
+            "cancel", result.fault_class, result.error_kind, result.detail, result.http_status
+        )
         log.debug(
             "registry_cancel",
             path=path,
@@ -623,7 +639,7 @@ class RegistryClient:
         200 → ok; 401/403 → our token is refused; 404 → its metadata database is disabled;
         anything else, or no answer, → not ok.
         """
-        response = self._request("probe", "GET", API_ROOT)
+        response = self._request("probe", "GET", API_ROOT, None)
         if isinstance(response, _TransportFailure):
             result = ProbeResult(ok=False, detail=response.detail, error_kind=response.kind)
         elif response.status_code == 200 and _api_answer(response):
@@ -636,15 +652,21 @@ class RegistryClient:
             kind = ErrorKind.BAD_ANSWER if code == 200 else _kind_of_status(code)
             result = ProbeResult(ok=False, detail=detail, http_status=code, error_kind=kind)
         fault = FaultClass.OK if result.ok else FaultClass.REGISTRY
-        self._count("probe", fault, result.error_kind, result.detail)
+        self._count("probe", fault, result.error_kind, result.detail, result.http_status)
         return result
 
     # -- transport -------------------------------------------------------------------------
 
     def _request(
-        self, call: str, method: str, url: str, **kwargs: Any
+        self, call: str, method: str, url: str, fence: Fence | None, **kwargs: Any
     ) -> httpx.Response | _TransportFailure:
-        """Send one request; a transport failure comes back as a :class:`_TransportFailure`."""
+        """Send one request; a transport failure comes back as a :class:`_TransportFailure`.
+
+        The fence (if any) is asked before every request, 429 retries included: it may
+        shorten the timeout, or raise, and then nothing is sent.
+        """
+        if fence is not None:
+            kwargs["timeout"] = httpx.Timeout(fence(self.timeout))
         began = time.monotonic()
         try:
             response = self._http.request(method, url, **kwargs)
@@ -661,11 +683,17 @@ class RegistryClient:
         return response
 
     def _count(
-        self, call: str, fault_class: FaultClass, kind: ErrorKind | None, detail: str
+        self,
+        call: str,
+        fault_class: FaultClass,
+        kind: ErrorKind | None,
+        detail: str,
+        http_status: int | None,
     ) -> None:
         metrics.REGISTRY_CALLS.labels(call, fault_class.value).inc()
         if self.observer is not None:
-            self.observer(call, fault_class, kind, detail)
+            said = f"{http_status} {detail}" if http_status is not None else detail
+            self.observer(call, fault_class, kind, said)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

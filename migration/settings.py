@@ -1,4 +1,6 @@
-"""The live migration settings: one row in PostgreSQL, read on every run, never cached.
+"""The live migration settings: one row in PostgreSQL. Claims re-read ``enabled`` and
+``capacity`` under the row lock; runs and triggers use a per-process copy at most a second
+old (actors.live_settings), the guard and the CLI read the row each time.
 
 :class:`Settings` is that row. :func:`validate` turns requested changes (typed values, or the
 strings a command line gives) into checked column values, or raises :class:`SettingsError`
@@ -36,7 +38,10 @@ class Settings:
     :param created_before: only repositories created before this are migrated (None = all).
     :param max_tags_count: repositories with more tags are skipped (0 = no check).
     :param max_retries: the abort that brings a repository's retries to this skips it.
-    :param pre_import_timeout: seconds a pre-import may run before the guard aborts it.
+    :param pre_import_timeout: seconds a pre-import may run before the guard aborts it (the
+        base, with the two below: see :meth:`pre_import_timeout_for`).
+    :param pre_import_timeout_per_tag: seconds more per tag of the repository (0: fixed).
+    :param pre_import_timeout_max: the most the grown timeout may be (None: no cap).
     :param import_timeout: seconds a final import may run before the guard aborts it.
     :param max_step_duration: seconds without a step after which an active repository is stale.
     :param root_namespace_deny_list: root namespaces that are never migrated.
@@ -70,7 +75,17 @@ class Settings:
     paused_reason: str | None = None
     registry_breaker_max_window: float = 60.0
     registry_backoff_max: float = 300.0
+    pre_import_timeout_per_tag: float = 0.0
+    pre_import_timeout_max: float | None = None
     updated_at: datetime | None = None
+
+    def pre_import_timeout_for(self, tags_count: int) -> float:
+        """The guard's pre-import timeout for a repository with ``tags_count`` tags: the
+        reference's dynamic timeout, a base plus seconds per tag, capped."""
+        grown = self.pre_import_timeout + max(tags_count, 0) * self.pre_import_timeout_per_tag
+        if self.pre_import_timeout_max is not None:
+            grown = min(grown, max(self.pre_import_timeout_max, self.pre_import_timeout))
+        return grown
 
     @property
     def effective_pending_enqueues(self) -> int:
@@ -146,6 +161,12 @@ def _seconds(*, positive: bool) -> Callable[[str, object], float]:
     return parse
 
 
+def _optional_seconds(key: str, value: object) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
+        return None
+    return _seconds(positive=True)(key, value)
+
+
 def _timestamp(key: str, value: object) -> datetime | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in {"", "none", "null"}):
         return None
@@ -213,6 +234,8 @@ PARSERS: dict[str, Callable[[str, object], object]] = {
     "guard_interval": _seconds(positive=True),
     "registry_breaker_max_window": _seconds(positive=True),
     "registry_backoff_max": _seconds(positive=True),
+    "pre_import_timeout_per_tag": _seconds(positive=False),
+    "pre_import_timeout_max": _optional_seconds,
 }
 
 

@@ -12,6 +12,9 @@ check. The allowed transitions::
     start_import       pre_import_done                            -> importing
     finish_import      importing                                  -> import_done
     already_migrated   default | import_aborted                   -> import_done
+    finish_import_as   any state but import_done, import_skipped  -> import_done (reason:
+                       native_import or not_found: the registry holds it already, or does
+                       not know it; nothing left to do, as the reference's finish_import_as)
     abort_import       pre_importing | pre_import_done | importing -> import_aborted
                        (retries_count + 1; when that reaches max_retries: import_skipped,
                        reason too_many_retries)
@@ -56,6 +59,7 @@ class Event(StrEnum):
     START_IMPORT = "start_import"
     FINISH_IMPORT = "finish_import"
     ALREADY_MIGRATED = "already_migrated"
+    FINISH_IMPORT_AS = "finish_import_as"
     ABORT_IMPORT = "abort_import"
     SKIP_IMPORT = "skip_import"
     RETRY_PRE_IMPORT = "retry_pre_import"
@@ -75,9 +79,38 @@ class SkipReason(StrEnum):
     ROOT_NAMESPACE_IN_DENY_LIST = "root_namespace_in_deny_list"
 
 
+#: The reasons an import_done repository may carry (:data:`Event.FINISH_IMPORT_AS`).
+DONE_REASONS: frozenset[SkipReason] = frozenset({SkipReason.NATIVE_IMPORT, SkipReason.NOT_FOUND})
+#: Events that take a reason (``skip_reason``); every other event refuses one.
+_REASONED_EVENTS: frozenset[Event] = frozenset({Event.SKIP_IMPORT, Event.FINISH_IMPORT_AS})
+
 #: States that count against the capacity setting (a migration is in flight).
 ACTIVE_STATES: frozenset[State] = frozenset(
     {State.PRE_IMPORTING, State.PRE_IMPORT_DONE, State.IMPORTING}
+)
+#: States a run may pick a repository in: ready (default) or waiting for its retry.
+STARTABLE_STATES: frozenset[State] = frozenset({State.DEFAULT, State.IMPORT_ABORTED})
+#: The timestamp column each state's arrival sets (the store stamps it with now()).
+ARRIVAL_COLUMN: dict[State, str] = {
+    State.PRE_IMPORTING: "migration_pre_import_started_at",
+    State.PRE_IMPORT_DONE: "migration_pre_import_done_at",
+    State.IMPORTING: "migration_import_started_at",
+    State.IMPORT_DONE: "migration_import_done_at",
+    State.IMPORT_ABORTED: "migration_aborted_at",
+    State.IMPORT_SKIPPED: "migration_skipped_at",
+}
+
+
+def is_last_retry(retries_count: int, max_retries: int) -> bool:
+    """Whether the next abort of a repository with ``retries_count`` retries skips it
+    (``too_many_retries``) instead of leaving it aborted."""
+    return retries_count + 1 >= max_retries
+
+
+#: States whose arrival is a finished step: the latest of them starts the enqueue waiting
+#: time (the reference's recently_done_migration_step).
+FINISHED_STATES: frozenset[State] = frozenset(
+    {State.PRE_IMPORT_DONE, State.IMPORT_DONE, State.IMPORT_ABORTED, State.IMPORT_SKIPPED}
 )
 #: States a repository never leaves.
 TERMINAL_STATES: frozenset[State] = frozenset({State.IMPORT_DONE, State.IMPORT_SKIPPED})
@@ -94,6 +127,12 @@ CLAIM_EVENTS: frozenset[Event] = frozenset(
 )
 #: The name the store records in the events table for :func:`undo_claim`.
 UNDO_CLAIM = "undo_claim"
+#: The name the store records when an operator puts a repository back in ``default``
+#: (``repositories requeue``): an operator's repair, not an event of the machine.
+REQUEUE = "requeue"
+#: The states an operator may requeue from: where a migration ended or waits for a
+#: retry. Never an active state (a worker may be stepping it), nor import_done.
+REQUEUE_STATES: frozenset[State] = frozenset({State.IMPORT_ABORTED, State.IMPORT_SKIPPED})
 
 # The simple edges: event -> {from state: to state}. Abort, skip and the two retries have
 # extra rules and are handled in ``apply``.
@@ -187,11 +226,11 @@ def apply(
     :raises InvalidTransition: the pair is not allowed.
     """
     state, event = State(state), Event(event)
-    if (skip_reason is not None) != (event is Event.SKIP_IMPORT):
+    if (skip_reason is not None) != (event in _REASONED_EVENTS):
         why = (
-            "skip_import needs a skip reason"
+            f"{event} needs a skip reason"
             if skip_reason is None
-            else "only skip_import takes a skip reason"
+            else "only skip_import and finish_import_as take a reason"
         )
         raise InvalidTransition(state, event, why)
 
@@ -220,7 +259,7 @@ def apply(
         if state not in ACTIVE_STATES:
             raise InvalidTransition(state, event, "only an active migration can be aborted")
         retries = retries_count + 1
-        if retries >= max_retries:
+        if is_last_retry(retries_count, max_retries):
             return to(
                 State.IMPORT_SKIPPED,
                 retries=retries,
@@ -228,11 +267,15 @@ def apply(
                 reason=SkipReason.TOO_MANY_RETRIES,
             )
         return to(State.IMPORT_ABORTED, retries=retries, aborted_in=state)
-    if event is Event.SKIP_IMPORT:
+    if event is Event.SKIP_IMPORT or event is Event.FINISH_IMPORT_AS:
         if state in TERMINAL_STATES:
             raise InvalidTransition(state, event, "the migration has already ended")
         assert skip_reason is not None
-        return to(State.IMPORT_SKIPPED, reason=SkipReason(skip_reason))
+        if event is Event.SKIP_IMPORT:
+            return to(State.IMPORT_SKIPPED, reason=SkipReason(skip_reason))
+        if SkipReason(skip_reason) not in DONE_REASONS:
+            raise InvalidTransition(state, event, f"{skip_reason} is not a reason to be done")
+        return to(State.IMPORT_DONE, reason=SkipReason(skip_reason))
     # retry_pre_import / retry_import
     if state is not State.IMPORT_ABORTED:
         raise InvalidTransition(state, event, "only an aborted migration is retried")

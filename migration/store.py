@@ -39,11 +39,16 @@ from psycopg.rows import dict_row, kwargs_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from migration import metrics
 from migration import settings as settings_module
 from migration.settings import Settings
 from migration.states import (
     ACTIVE_STATES,
+    ARRIVAL_COLUMN,
     CLAIM_EVENTS,
+    FINISHED_STATES,
+    REQUEUE,
+    REQUEUE_STATES,
     UNDO_CLAIM,
     Event,
     InvalidTransition,
@@ -63,15 +68,6 @@ _PATH = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})+$")
 _MAX_PATH = 255
 # Key of the advisory lock that serializes schema upgrades (any fixed bigint will do).
 _UPGRADE_LOCK = 0x5245_4D49_4752_0001
-# The timestamp column each state's arrival sets.
-_ARRIVAL_COLUMN: dict[State, str] = {
-    State.PRE_IMPORTING: "migration_pre_import_started_at",
-    State.PRE_IMPORT_DONE: "migration_pre_import_done_at",
-    State.IMPORTING: "migration_import_started_at",
-    State.IMPORT_DONE: "migration_import_done_at",
-    State.IMPORT_ABORTED: "migration_aborted_at",
-    State.IMPORT_SKIPPED: "migration_skipped_at",
-}
 
 
 def _arrival_column(transition: Transition) -> str | None:
@@ -81,28 +77,42 @@ def _arrival_column(transition: Transition) -> str | None:
     migration_aborted_at or migration_pre_import_done_at would reorder the retries and
     restart the enqueue waiting time.
     """
-    return _ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
+    return ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
 
 
-_ACTIVE_SQL = "('pre_importing', 'pre_import_done', 'importing')"
+def _sql_list(states: frozenset[State]) -> str:
+    """``('a', 'b')``: state literals for the queries. Literals, not parameters: the partial
+    indexes (schema files) are only used when the planner sees the same literals, which
+    tests/unit/test_schema_vocabulary.py checks against migration/states.py."""
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states)) + ")"
+
+
+_ACTIVE_SQL = _sql_list(ACTIVE_STATES)
 # Counting these reads the partial index container_repositories_active.
 _COUNT_ACTIVE = (
     f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
 )
-# Reads the expression index container_repositories_last_step_done.
-_WAITING_TIME_PASSED = (
+# The finished states whose latest step starts the enqueue waiting time (the reference's
+# recently_done_migration_step); the partial expression index container_repositories_
+# last_step_done (schema 0004) has the same literals.
+_FINISHED_SQL = _sql_list(FINISHED_STATES)
+#: True when the waiting time (%(wait)s seconds) has passed at %(now)s; shared with status.
+WAITING_TIME_PASSED_SQL = (
     # max() of an indexed expression is one step down the index, whatever the plan; an
     # EXISTS with a range condition can be planned as a scan under a generic plan.
-    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
+    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"  # noqa: S608 - constants only
     " migration_aborted_at, migration_skipped_at))"
-    " <= now() - make_interval(secs => %(wait)s), true) FROM container_repositories"
+    " <= coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(wait)s), true)"
+    " AS passed FROM container_repositories"
+    f" WHERE migration_state IN {_FINISHED_SQL}"
 )
+# An active row with no last_step_at (written outside the project, e.g. imported from
+# GitLab's tables) is stale too, and first: the reference counts nil as stale.
 _SELECT_STALE = (
     f"SELECT * FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608
-    " AND last_step_at < now() - make_interval(secs => %(age)s)"
-    " ORDER BY last_step_at LIMIT %(limit)s"
+    " AND (last_step_at IS NULL OR last_step_at < now() - make_interval(secs => %(age)s))"
+    " ORDER BY last_step_at NULLS FIRST LIMIT %(limit)s"
 )
-assert {s.value for s in ACTIVE_STATES} == set(re.findall(r"'(\w+)'", _ACTIVE_SQL))
 # Active repositories whose latest accepted write came from one message: what a delivery of
 # that message left behind (partial index on the active states, then each one's last event).
 _SELECT_LAST_WRITTEN_BY = (
@@ -135,6 +145,19 @@ _BACK_OFF = (
     "(SELECT registry_backoff_max FROM migration_settings WHERE id = 1),"
     " 5 * power(2, least(registry_failures, 20))) * (0.5 + random() / 2))"
     " WHERE id = %(id)s AND fencing_token <= %(token)s RETURNING *"
+)
+
+# First in line: an aborted row just before the oldest abort (candidates take aborted rows
+# by migration_aborted_at), and no registry backoff for either kind.
+_TO_FRONT = (
+    "UPDATE container_repositories SET registry_failures = 0, registry_not_before = NULL,"
+    " registry_last_error = NULL, fencing_token = %(token)s,"
+    " migration_aborted_at = CASE WHEN migration_state = 'import_aborted' THEN"
+    " (SELECT coalesce(min(migration_aborted_at), now()) - interval '1 second'"
+    "  FROM container_repositories WHERE migration_state = 'import_aborted')"
+    " ELSE migration_aborted_at END"
+    " WHERE id = %(id)s AND fencing_token <= %(token)s"
+    " AND migration_state IN ('import_aborted', 'default') RETURNING *"
 )
 
 #: How :class:`Store` makes fenced writes (see :attr:`Store.write_path`).
@@ -396,7 +419,7 @@ class Store:
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied_now.append(version)
         if applied_now:
-            log.info("schema upgraded", versions=applied_now)
+            log.info("schema_upgraded", versions=applied_now)
         return applied_now
 
     def schema_versions(self) -> list[str]:
@@ -439,7 +462,7 @@ class Store:
             cur = conn.cursor(row_factory=kwargs_row(Settings.from_row))
             row = cur.execute(query, values).fetchone()
         assert row is not None
-        log.info("settings changed", changes={k: str(v) for k, v in values.items()})
+        log.info("settings_changed", changes={k: str(v) for k, v in values.items()})
         return row
 
     def pause(self, reason: str) -> bool:
@@ -481,6 +504,28 @@ class Store:
                 " WHERE id = %s AND registry_failures > 0",
                 (repository_id,),
             )
+
+    def to_front(
+        self, repository_id: int, *, token: int, actor: str, why: str
+    ) -> Repository | None:
+        """Put a waiting repository first in line: an aborted one before every other aborted
+        one, and either kind out of its registry backoff. Fenced by ``token``; one accepted
+        ``to_front`` event records it. Only ``import_aborted`` and ``default`` rows move.
+
+        :returns: the row after, or None when it is in another state or a newer token wrote it.
+        """
+        with self._connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            row = cur.execute(_TO_FRONT, {"id": repository_id, "token": token}).fetchone()
+            if row is not None:
+                conn.execute(
+                    "INSERT INTO migration_events (repository_id, from_state, to_state, event,"
+                    " token, actor, message_id, detail, accepted)"
+                    " VALUES (%s, %s, %s, 'to_front', %s, %s, NULL, %s, true)",
+                    (row.id, row.migration_state.value, row.migration_state.value, token, actor,
+                     Jsonb({"why": why})),
+                )  # fmt: skip
+        return row
 
     def backing_off(self, *, limit: int = 20) -> tuple[int, list[Repository]]:
         """Repositories waiting out a registry backoff: how many, and the next ones due."""
@@ -629,6 +674,45 @@ class Store:
             row = conn.execute(_COUNT_ACTIVE).fetchone()
         return int(row[0]) if row else 0
 
+    def counts_by_skip_reason(self) -> dict[SkipReason, int]:
+        """How many repositories were skipped for each reason (every reason present)."""
+        counts = dict.fromkeys(SkipReason, 0)
+        with self._connection() as conn:
+            for reason, n in conn.execute(
+                "SELECT migration_skipped_reason, count(*) FROM container_repositories"
+                " WHERE migration_state = 'import_skipped' GROUP BY 1"
+            ):
+                if reason is not None:
+                    counts[SkipReason(reason)] = int(n)
+        return counts
+
+    def count_eligible(self, settings: Settings) -> int:
+        """How many repositories a run could still start or retry: the candidates, uncapped.
+
+        Aborted ones and ready ones (``default``, created before the cut-off when set), both
+        outside the deny list; what :meth:`candidates` reads, counted, except that those
+        backing off after registry faults count too (they are work left; :meth:`backing_off`
+        counts them). Scans the table.
+        """
+        query = sql.SQL(
+            "SELECT count(*) FROM container_repositories WHERE (migration_state = 'import_aborted'"
+            " OR (migration_state = 'default'{cutoff})){deny}"
+        ).format(
+            cutoff=sql.SQL(" AND created_at < %(cutoff)s" if settings.created_before else ""),
+            deny=sql.SQL(
+                " AND root_namespace <> ALL(%(deny)s::text[])"
+                if settings.root_namespace_deny_list
+                else ""
+            ),
+        )
+        params = {
+            "cutoff": settings.created_before,
+            "deny": list(settings.root_namespace_deny_list),
+        }
+        with self._connection() as conn:
+            row = conn.execute(query, params).fetchone()
+        return int(row[0]) if row else 0
+
     def candidates(self, settings: Settings, *, limit: int = 5) -> list[Repository]:
         """The next repositories to work on: aborted ones first (oldest abort), then ready ones.
 
@@ -665,14 +749,16 @@ class Store:
     def waiting_time_passed(self, settings: Settings) -> bool:
         """True when ``enqueue_waiting_time`` has passed since the last finished step.
 
-        A finished step is a pre-import done, an import done, an abort or a skip (the
-        reference's "last import step done at").
+        A finished step is a pre-import done, an import done, an abort or a skip, of a
+        repository still in that finished state (the reference's "last import step done at"
+        of its recently_done_migration_step).
         """
         if settings.enqueue_waiting_time <= 0:
             return True
         with self._connection() as conn:
             row = conn.execute(
-                _WAITING_TIME_PASSED, {"wait": settings.enqueue_waiting_time}
+                WAITING_TIME_PASSED_SQL,
+                {"now": None, "wait": settings.enqueue_waiting_time},  # the server's now()
             ).fetchone()
         return bool(row and row[0])
 
@@ -898,6 +984,105 @@ class Store:
             written = self._write(conn, repo, transition, author)
         return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
 
+    def requeue(
+        self,
+        *,
+        state: State,
+        reason: SkipReason | None = None,
+        since: datetime | None = None,
+        path_prefix: str | None = None,
+        limit: int | None = None,
+        dry_run: bool = False,
+    ) -> list[Repository]:
+        """Move repositories that ended in ``state`` back to ``default``, retries reset.
+
+        The operator's repair after an incident that skipped or aborted repositories that
+        were not at fault. Each moved row gets ``migration_retries_count = 0`` and no skip
+        reason or aborted-in state, and one accepted ``requeue`` event (actor ``operator``,
+        the row's own fencing token, the old state, reason and retries in the detail). One
+        transaction; the rows are locked, so a run that claims one of them at the same
+        moment either wins (the row is no longer in ``state`` and is left alone) or is
+        refused by its fence.
+
+        :param state: import_skipped or import_aborted (:data:`REQUEUE_STATES`).
+        :param reason: only rows skipped for this reason (import_skipped only).
+        :param since: only rows that arrived in ``state`` at or after this moment.
+        :param path_prefix: only rows whose path starts with this text.
+        :param limit: at most this many rows, those that arrived in ``state`` first.
+        :param dry_run: select and return the rows, change nothing.
+        :returns: the matching rows as they were before (moved unless ``dry_run``).
+        :raises ValueError: a state that may not be requeued, or a reason with
+            import_aborted, or a limit below 1.
+        """
+        state = State(state)
+        reason = SkipReason(reason) if reason is not None else None
+        if state not in REQUEUE_STATES:
+            allowed = ", ".join(sorted(REQUEUE_STATES))
+            raise ValueError(f"cannot requeue from {state}: only from {allowed}")
+        if reason is not None and state is not State.IMPORT_SKIPPED:
+            raise ValueError(f"a skip reason applies to {State.IMPORT_SKIPPED} only")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        if since is not None and since.tzinfo is None:
+            raise ValueError(f"since {since.isoformat()} has no UTC offset")
+        arrival = sql.Identifier(ARRIVAL_COLUMN[state])
+        # The state is a literal, as in the other queries (partial indexes).
+        filters: list[sql.Composable] = [
+            sql.SQL("migration_state = {}").format(sql.Literal(state.value))
+        ]
+        params: dict[str, object] = {}
+        if reason is not None:
+            filters.append(sql.SQL("migration_skipped_reason = %(reason)s"))
+            params["reason"] = reason.value
+        if since is not None:
+            filters.append(sql.SQL("{} >= %(since)s").format(arrival))
+            params["since"] = since
+        if path_prefix:
+            filters.append(sql.SQL("starts_with(path, %(prefix)s)"))
+            params["prefix"] = path_prefix
+        select = sql.SQL(
+            "SELECT * FROM container_repositories WHERE {filters} ORDER BY {arrival}, id{limit}"
+        ).format(
+            filters=sql.SQL(" AND ").join(filters),
+            arrival=arrival,
+            limit=sql.SQL(" LIMIT {}").format(sql.Literal(limit)) if limit else sql.SQL(""),
+        )
+        if dry_run:
+            return self._many(select, params)
+        with self._connection() as conn, conn.transaction():
+            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            # FOR UPDATE re-checks the filters on a row a concurrent write changed meanwhile
+            # and skips it when it no longer matches.
+            rows = cur.execute(select + sql.SQL(" FOR UPDATE"), params).fetchall()
+            if not rows:
+                return []
+            ids = [row.id for row in rows]
+            # The events first: they read the old values of the locked rows.
+            conn.execute(
+                "INSERT INTO migration_events (repository_id, from_state, to_state, event,"
+                " token, actor, message_id, detail, accepted)"
+                " SELECT id, migration_state, %(to)s, %(event)s, fencing_token, %(actor)s,"
+                " NULL, jsonb_build_object('previous_state', migration_state,"
+                " 'skipped_reason', migration_skipped_reason,"
+                " 'retries_count', migration_retries_count,"
+                " 'aborted_in_state', migration_aborted_in_state), true"
+                " FROM container_repositories WHERE id = ANY(%(ids)s) ORDER BY id",
+                {"to": State.DEFAULT.value, "event": REQUEUE, "actor": "operator", "ids": ids},
+            )
+            conn.execute(
+                "UPDATE container_repositories SET migration_state = %(to)s,"
+                " migration_retries_count = 0, migration_skipped_reason = NULL,"
+                " migration_aborted_in_state = NULL, last_step_at = now()"
+                " WHERE id = ANY(%(ids)s)",
+                {"to": State.DEFAULT.value, "ids": ids},
+            )
+        log.info(
+            "repositories_requeued", count=len(rows), from_state=state.value,
+            skipped_reason=_value(reason), since=since.isoformat() if since else None,
+            path_prefix=path_prefix or None,
+        )  # fmt: skip
+        return rows
+
     def _write_in_one_call(
         self,
         repository_id: int,
@@ -1011,8 +1196,9 @@ class Store:
         )  # fmt: skip
         with self._refused_lock:
             self._refused += 1
+        metrics.FENCED_WRITES_REFUSED.labels(outcome.value).inc()
         log.warning(
-            "fenced write refused", repository_id=repo.id, migration_event=str(event),
+            "fenced_write_refused", repository_id=repo.id, migration_event=str(event),
             token=author.token, actor=author.actor, message_id=author.message_id, **why,
         )  # fmt: skip
         return StepResult(outcome=outcome, repository=repo)

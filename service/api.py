@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.runtime import Runtime
 from leases import LeaseError
-from migration.config import Config
+from migration.config import Config, split_broker_urls
 from migration.keys import leases_prefix
 from migration.migrator import already_applied, status_matches_state
 from migration.registry import RegistryImportStatus
@@ -73,6 +73,48 @@ class Metrics:
         self.leases_held = Gauge(
             "registry_migrator_leases_held", "Lease keys held in etcd", registry=self.registry
         )
+        self.eligible = Gauge(
+            "registry_migrator_repositories_eligible",
+            "Repositories a run could still start or retry (ready or aborted, not denied)",
+            registry=self.registry,
+        )
+        self.skipped = Gauge(
+            "registry_migrator_repositories_skipped", "Skipped repositories by skip reason",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+        # 1 while the migration runs, 0 while paused (the ``enabled`` setting).
+        self.enabled = Gauge(
+            "registry_migrator_migration_enabled",
+            "1 while the migration is enabled, 0 while paused",
+            registry=self.registry,
+        )
+        # 1 while the system paused the migration (the registry refused our token), with
+        # the reason as a label; 0 otherwise. An operator's pause is enabled=0 alone.
+        self.paused_by_system = Gauge(
+            "registry_migrator_migration_paused_by_system",
+            "1 while the system paused the migration (paused_reason set)",
+            ["reason"], registry=self.registry,
+        )  # fmt: skip
+        self.backing_off = Gauge(
+            "registry_migrator_repositories_backing_off",
+            "Repositories waiting out a registry backoff (registry faults; never charged)",
+            registry=self.registry,
+        )
+        self.queue_messages = Gauge(
+            "registry_migrator_queue_messages",
+            "Messages waiting in the actors' RabbitMQ queues (the queue and its delay queue)",
+            ["queue"], registry=self.registry,
+        )  # fmt: skip
+        self.dead_letters = Gauge(
+            "registry_migrator_dead_letters",
+            "Messages in the dead-letter queue (<queue>.XQ): messages that failed every retry",
+            ["queue"], registry=self.registry,
+        )  # fmt: skip
+        self.scrape_errors = Counter(
+            "registry_migrator_metrics_scrape_errors",
+            "Scrapes whose store, etcd or RabbitMQ reads failed, by server",
+            ["server"], registry=self.registry,
+        )  # fmt: skip
 
 
 def create_app(
@@ -81,6 +123,7 @@ def create_app(
     runtime: Callable[[], Runtime],
     publish: Callable[[str, str, str], None],
     broker_check: Callable[[], None] | None = None,
+    queue_counts: Callable[[list[str]], dict[str, int]] | None = None,
 ) -> FastAPI:
     """Build the ASGI app.
 
@@ -90,6 +133,8 @@ def create_app(
     :param publish: sends ``handle_registry_notification(path, status, detail)`` and
         returns only once the broker confirmed it.
     :param broker_check: raises when RabbitMQ is unreachable (for ``/readyz``).
+    :param queue_counts: the messages in each named RabbitMQ queue (see
+        :func:`rabbitmq_queue_counts`), for ``/metrics``; None: not exported.
     """
     secret = config.require_notification_secret().encode()
     metrics = Metrics()
@@ -227,20 +272,51 @@ def create_app(
                 body["paused_reason"] = settings.paused_reason
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    queue = config.queue_name
+    # Dramatiq's RabbitMQ broker: <queue>.DQ holds delayed (retrying) messages, <queue>.XQ
+    # the dead letters (messages that failed every retry, or were rejected).
+    waiting_queues = (queue, f"{queue}.DQ")
+    dead_letter_queue = f"{queue}.XQ"
+
     @app.get("/metrics")
     def metrics_endpoint() -> Response:
-        """Prometheus metrics: repositories by state, in flight vs capacity, leases held."""
+        """Prometheus metrics read at scrape time: repositories by state and skip reason,
+        eligible, in flight vs capacity, enabled, leases held, queue depths, dead letters."""
         try:
             current = runtime()
-            counts = current.store.counts_by_state()
-            settings = current.store.settings()
+            store = current.store
+            counts = store.counts_by_state()
+            settings = store.settings()
             for state in State:
                 metrics.repositories.labels(state.value).set(counts.get(state, 0))
             metrics.in_flight.set(sum(counts.get(s, 0) for s in ACTIVE_STATES))
             metrics.capacity.set(settings.capacity)
-            metrics.leases_held.set(current.etcd.count_prefix(leases_prefix(config.etcd_prefix)))
+            metrics.enabled.set(1 if settings.enabled else 0)
+            metrics.paused_by_system.clear()
+            if settings.paused_reason:
+                metrics.paused_by_system.labels(settings.paused_reason[:120]).set(1)
+            metrics.backing_off.set(store.backing_off(limit=0)[0])
+            for reason, n in store.counts_by_skip_reason().items():
+                metrics.skipped.labels(reason.value).set(n)
+            metrics.eligible.set(store.count_eligible(settings))
         except Exception as error:  # metrics of a half-down system still serve the counters
-            log.warning("metrics_partial", error=str(error))
+            metrics.scrape_errors.labels("postgresql").inc()
+            log.warning("metrics_partial", server="postgresql", error=str(error))
+        try:
+            etcd = runtime().etcd
+            metrics.leases_held.set(etcd.count_prefix(leases_prefix(config.etcd_prefix)))
+        except Exception as error:
+            metrics.scrape_errors.labels("etcd").inc()
+            log.warning("metrics_partial", server="etcd", error=str(error))
+        if queue_counts is not None:
+            try:
+                depths = queue_counts([*waiting_queues, dead_letter_queue])
+                for name in waiting_queues:
+                    metrics.queue_messages.labels(name).set(depths[name])
+                metrics.dead_letters.labels(dead_letter_queue).set(depths[dead_letter_queue])
+            except Exception as error:
+                metrics.scrape_errors.labels("rabbitmq").inc()
+                log.warning("metrics_partial", server="rabbitmq", error=str(error))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -348,14 +424,54 @@ class LazyRuntime:
                 self._runtime = None
 
 
-def rabbitmq_check(url: str) -> Callable[[], None]:
-    """A readiness check that opens and closes one AMQP connection."""
+def rabbitmq_queue_counts(url: str) -> Callable[[list[str]], dict[str, int]]:
+    """Counts of messages in RabbitMQ queues, read on one AMQP connection per call.
 
-    def check() -> None:
+    A queue that does not exist (yet) counts 0: Dramatiq declares them on first use.
+    """
+
+    def counts(queues: list[str]) -> dict[str, int]:
         parameters = pika.URLParameters(url)
         parameters.socket_timeout = 2
         parameters.blocked_connection_timeout = 2
         parameters.connection_attempts = 1
-        pika.BlockingConnection(parameters).close()
+        connection = pika.BlockingConnection(parameters)
+        found: dict[str, int] = {}
+        try:
+            for queue in queues:
+                # A passive declare of a missing queue closes the channel: one channel each.
+                channel = connection.channel()
+                try:
+                    declared = channel.queue_declare(queue=queue, passive=True)
+                    found[queue] = int(declared.method.message_count)
+                except pika.exceptions.ChannelClosedByBroker as error:
+                    if error.reply_code != 404:
+                        raise
+                    found[queue] = 0
+                else:
+                    channel.close()
+        finally:
+            connection.close()
+        return found
+
+    return counts
+
+
+def rabbitmq_check(url: str) -> Callable[[], None]:
+    """A readiness check that opens and closes one AMQP connection.
+
+    :param url: ``MIGRATOR_BROKER_URL``: with several nodes, ready when one of them answers
+        (the publisher fails over to it).
+    """
+
+    def check() -> None:
+        candidates = []
+        for node in split_broker_urls(url):
+            parameters = pika.URLParameters(node)
+            parameters.socket_timeout = 2
+            parameters.blocked_connection_timeout = 2
+            parameters.connection_attempts = 1
+            candidates.append(parameters)
+        pika.BlockingConnection(candidates).close()
 
     return check

@@ -32,7 +32,7 @@ from rich.text import Text
 
 from migration.states import State
 from migration.store import Store
-from service.status import STATE_STYLE, MigrationStatus
+from service.status import DONE_REASON_LABEL, STATE_STYLE, MigrationStatus
 
 #: The root namespace the demo puts in the deny list.
 DENIED_NAMESPACE = "legacy-vault"
@@ -47,8 +47,8 @@ SPECIAL_SHARES: tuple[tuple[str, float], ...] = (
     ("fail-once", 0.05),  # first pre-import fails: aborted once, then done
     ("fail-always", 0.02),  # every pre-import fails: skipped after max_retries
     ("fail-import-once", 0.02),  # first final import fails: retried from the import
-    ("native", 0.02),  # registry answers 200: skipped native_import
-    ("missing", 0.01),  # registry answers 404: skipped not_found
+    ("native", 0.02),  # registry answers 200: done, reason native_import
+    ("missing", 0.01),  # registry answers 404: done, reason not_found
 )
 _WORDS = ("api", "web", "worker", "billing", "search", "auth", "cache", "ml", "docs", "ops")
 _IMAGES = ("base", "builder", "runtime", "ci", "debug")
@@ -323,6 +323,8 @@ def summary_table(outcome: Outcome) -> Table:
             shown = n - (status.excluded_by_deny_list if state is State.DEFAULT else 0)
             if shown:
                 table.add_row(Text(state.value, style=STATE_STYLE[state]), f"{shown:,}")
+    for reason, n in status.done_by_reason.items():
+        table.add_row(f"  {DONE_REASON_LABEL.get(reason, reason)}", f"{n:,}")
     for reason, n in status.skipped_by_reason.items():
         table.add_row(f"  skipped: {reason}", f"{n:,}")
     table.add_row("excluded by deny list (never picked)", f"{status.excluded_by_deny_list:,}")

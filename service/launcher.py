@@ -43,7 +43,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from migration.config import Config
+from migration.config import Config, split_broker_urls
 
 #: A line every Dramatiq worker process logs once it consumes.
 WORKER_READY = b"Worker process is ready for action"
@@ -86,6 +86,8 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     log_offset: int = 0
     exit_codes: list[int | None] = field(default_factory=list)
+    #: Variables of this process alone, over the run's (see :meth:`LocalMigration.set_env`).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -128,6 +130,14 @@ class LocalMigration:
     :param scheduler: start the scheduler replicas.
     :param die_with_parent: children get SIGKILL when the thread that started them exits.
     :param worker_shutdown_timeout: seconds a stopping worker waits for its running messages.
+    :param worker_env: extra variables of worker i (``worker_env[i]``), e.g. the port and
+        folder of Dramatiq's Prometheus middleware (``dramatiq_prom_port``, ``dramatiq_prom_db``).
+    :param scheduler_metrics_ports: ``--metrics-port`` of scheduler i; none: no metrics.
+    :param command_for: how the API, the workers and the schedulers are started: given a
+        process's name (``api``, ``worker-0``, ``scheduler-0``) and its command line with
+        the bare program name first (``["dramatiq", "actors", ...]``), the command line to
+        run. None runs this virtualenv's programs; ``tests/image`` runs the image's with
+        ``podman run``. The simulator always runs from this virtualenv.
     """
 
     def __init__(
@@ -147,6 +157,9 @@ class LocalMigration:
         scheduler: bool = True,
         die_with_parent: bool = True,
         worker_shutdown_timeout: float = 20,
+        worker_env: Sequence[Mapping[str, str]] = (),
+        scheduler_metrics_ports: Sequence[int] = (),
+        command_for: Callable[[str, list[str]], list[str]] | None = None,
     ) -> None:
         if workers < 0 or schedulers < 0 or threads < 1:
             raise ValueError("workers and schedulers must be >= 0, threads >= 1")
@@ -172,6 +185,11 @@ class LocalMigration:
         if die_with_parent:  # read by the worker child (actors.runtime.RuntimeMiddleware)
             self.env["MIGRATOR_DIE_WITH_PARENT"] = "1"
         executables = Path(sys.executable).parent
+
+        def local(name: str, command: list[str]) -> list[str]:
+            return [str(executables / command[0]), *command[1:]]
+
+        program = command_for or local
         cli = str(executables / "registry-migrator")
         self._ready_file = self.log_dir / f"simulator-{run_id}.url"
         # The registry's state survives stop_simulator/start_simulator: an outage, not a wipe.
@@ -186,27 +204,41 @@ class LocalMigration:
             simulator_command += ["--notify-url", self.api_url]
         self._simulator = _Child("simulator", simulator_command, self.log_dir / "simulator.log")
         self._api = (
-            _Child("api", [cli, "api", "--port", str(api_port)], self.log_dir / "api.log")
+            _Child(
+                "api",
+                program("api", ["registry-migrator", "api", "--port", str(api_port)]),
+                self.log_dir / "api.log",
+            )
             if api
             else None
         )
         worker_command = [
-            str(executables / "dramatiq"), "actors", "--processes", "1",
+            "dramatiq", "actors", "--processes", "1",
             "--threads", str(threads),
             "--worker-shutdown-timeout", str(int(worker_shutdown_timeout * 1000)),
         ]  # fmt: skip
         self._workers = [
-            _Child(f"worker-{i}", list(worker_command), self.log_dir / f"worker-{i}.log")
+            _Child(
+                f"worker-{i}",
+                program(f"worker-{i}", list(worker_command)),
+                self.log_dir / f"worker-{i}.log",
+                env=dict(worker_env[i]) if i < len(worker_env) else {},
+            )
             for i in range(workers)
         ]
         self._schedulers = [
             _Child(
                 f"scheduler-{i}",
-                [cli, "scheduler", "--health-port", "0"],
+                program(f"scheduler-{i}", self._scheduler_command(i, scheduler_metrics_ports)),
                 self.log_dir / f"scheduler-{i}.log",
             )
             for i in range(schedulers if scheduler else 0)
         ]
+
+    @staticmethod
+    def _scheduler_command(index: int, metrics_ports: Sequence[int]) -> list[str]:
+        port = metrics_ports[index] if index < len(metrics_ports) else 0
+        return ["registry-migrator", "scheduler", "--health-port", "0", "--metrics-port", str(port)]
 
     # -- processes ------------------------------------------------------------------------
 
@@ -218,7 +250,7 @@ class LocalMigration:
         if child.running():
             return
         child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
-        environment = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        environment = {**os.environ, **self.env, **child.env, "PYTHONUNBUFFERED": "1"}
         with open(child.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%H:%M:%S')} starting {child.name}\n".encode())
             log.flush()
@@ -339,6 +371,19 @@ class LocalMigration:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def set_env(self, name: str, env: Mapping[str, str]) -> None:
+        """Variables for process ``name`` alone (``worker-0``, ``api``...), over the run's
+        ``env``, from its next start: e.g. one worker's ``MIGRATOR_ETCD_ENDPOINTS`` pointed
+        at a proxy that a test can cut (``tests/partition``).
+
+        :raises KeyError: no process is called ``name``.
+        """
+        for child in self._children():
+            if child.name == name:
+                child.env = {**child.env, **env}
+                return
+        raise KeyError(name)
 
     # -- workers and schedulers -----------------------------------------------------------
 
@@ -476,8 +521,8 @@ class LocalMigration:
 @contextlib.contextmanager
 def _amqp(env: Mapping[str, str]) -> Iterator[BlockingChannel]:
     """A channel to the run's RabbitMQ (``MIGRATOR_BROKER_URL``), closed afterwards."""
-    url = env.get("MIGRATOR_BROKER_URL", Config().broker_url)
-    connection = pika.BlockingConnection(pika.URLParameters(url))
+    urls = split_broker_urls(env.get("MIGRATOR_BROKER_URL", Config().broker_url))
+    connection = pika.BlockingConnection([pika.URLParameters(url) for url in urls])
     try:
         yield connection.channel()
     finally:

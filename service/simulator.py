@@ -14,7 +14,8 @@ asyncio event loop (Starlette on uvicorn):
 Paths decide some answers, by substring: ``native`` → 200 (already imported), ``missing`` →
 404, ``fail-once`` / ``fail-always`` → the first / every pre-import fails,
 ``fail-import-once`` / ``fail-import-always`` → the same for the final import,
-``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's.
+``server-error`` → 500 on every call, ``garbage`` → answers that are not the API's,
+``unknown-status`` → a status read answers 200 with a status outside the API's list.
 
 - ``GET /gitlab/v1/`` is the registry's own compliance check: 200 when it serves the API,
   401 with a wrong token, 404 when its metadata database is off (``metadata_database``).
@@ -89,6 +90,7 @@ FAIL_IMPORT_ONCE_MARKER = "fail-import-once"
 FAIL_IMPORT_ALWAYS_MARKER = "fail-import-always"
 SERVER_ERROR_MARKER = "server-error"
 GARBAGE_MARKER = "garbage"
+UNKNOWN_STATUS_MARKER = "unknown-status"
 SLOW_START_MARKER = "slow-start"
 SLOW_DECIDE_MARKER = "slow-decide"
 
@@ -512,7 +514,7 @@ class SimulatedRegistry:
             self._fault_cleared_at = None
             if was_active and self.config.fault is None:
                 self._fault_cleared_at = self._fault_set_at
-        log.info("simulator.configured", changes=sorted(changes), fault=self.config.fault)
+        log.info("simulator_configured", changes=sorted(changes), fault=self.config.fault)
         return self.config
 
     # -- the fault switch --------------------------------------------------------------------
@@ -577,7 +579,7 @@ class SimulatedRegistry:
             with open(state_file + ".tmp", "w") as out:
                 json.dump(state, out)
             os.replace(state_file + ".tmp", state_file)
-            log.info("simulator.state_saved", state_file=state_file,
+            log.info("simulator_state_saved", state_file=state_file,
                      repositories=len(state["repositories"]), running=self._running_in(state),
                      undelivered=len(undelivered))  # fmt: skip
 
@@ -665,7 +667,7 @@ class SimulatedRegistry:
         self.notifier.deliveries.extend(state.get("deliveries", []))
         for path, status, detail in state.get("undelivered", []):
             self.notifier.send(path=path, status=RegistryImportStatus(status), detail=detail)
-        log.info("simulator.state_restored",
+        log.info("simulator_state_restored",
                  repositories=len(self._repositories), running=self._running,
                  undelivered=len(state.get("undelivered", [])),
                  down_seconds=round(time.time() - float(state["saved_at"]), 2))  # fmt: skip
@@ -776,7 +778,7 @@ class SimulatedRegistry:
         self._running += 1
         self._max_running = max(self._max_running, self._running)
         run.task = asyncio.create_task(self._run(repository, run))
-        log.debug("simulator.started", path=path, phase=str(phase), overlap=overlap,
+        log.debug("simulator_started", path=path, phase=str(phase), overlap=overlap,
                   duration=round(run.duration, 3), running=self._running)  # fmt: skip
 
     def _fails(self, repository: _Repository, phase: ImportType) -> bool:
@@ -816,7 +818,7 @@ class SimulatedRegistry:
         if not repository.runs:  # with overlaps, the last run to end sets the status
             repository.status, repository.detail = status, detail
         self._outcomes[str(status)] += 1
-        log.debug("simulator.ended", path=repository.path, status=str(status))
+        log.debug("simulator_ended", path=repository.path, status=str(status))
         self.notifier.send(path=repository.path, status=status, detail=detail)
 
     def status(self, path: str) -> Answer:
@@ -1000,6 +1002,9 @@ def create_app(
             code = 502 if request.method == "PUT" else 200
             return PlainTextResponse("<html><body>oops</body></html>", status_code=code,
                                      media_type="text/html")  # fmt: skip
+        if request.method == "GET" and UNKNOWN_STATUS_MARKER in path:
+            return JSONResponse({"name": _name(path), "path": path, "status": "import_paused",
+                                 "detail": "a status this API does not define"})  # fmt: skip
         if request.method == "GET":
             answer = registry.status(path)
         elif request.method == "DELETE":
@@ -1135,7 +1140,7 @@ def serve(
     url = f"http://{host}:{port}"
     app = create_app(SimulatedRegistry(config), state_file=state_file)
     server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level=log_level))
-    log.info("simulator.listening", url=url, notify_url=config.notify_url, fault=config.fault)
+    log.info("simulator_listening", url=url, notify_url=config.notify_url, fault=config.fault)
     if ready_file:
         # Written before serving: the socket already listens, connections queue up.
         with open(ready_file + ".tmp", "w") as out:
@@ -1152,7 +1157,7 @@ def serve(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
-    log.info("simulator.stopped")
+    log.info("simulator_stopped")
 
 
 def _ignore_signal(_signal: int, _frame: FrameType | None) -> None:

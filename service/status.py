@@ -15,17 +15,19 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from leases import EtcdUnavailable, HeldKey, LeaseError, list_held
+from leases import EtcdUnavailable, HeldKey, LeaseError, SharedBreaker, list_held
 from migration.config import Config
-from migration.keys import leases_prefix
+from migration.keys import leases_prefix, registry_breaker_name
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, TERMINAL_STATES, State
+from migration.store import WAITING_TIME_PASSED_SQL
 
 #: The windows (minutes) of the throughput figures.
 THROUGHPUT_WINDOWS = (1, 5, 15)
 #: The settings that decide whether a run starts work, shown by ``status``.
 GATING_SETTINGS = (
     "enabled",
+    "paused_reason",
     "capacity",
     "enqueue_waiting_time",
     "created_before",
@@ -35,6 +37,8 @@ GATING_SETTINGS = (
     "lease_scope",
     "max_step_duration",
 )
+#: How ``status`` and the demo name the reasons of repositories done without an import.
+DONE_REASON_LABEL = {"native_import": "done (native)", "not_found": "done (not found)"}
 #: The colour (rich style) each state is shown in, by ``status`` and by the demo.
 STATE_STYLE = {
     State.DEFAULT: "white",
@@ -71,6 +75,28 @@ class OldestActive:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BackingOff:
+    """A repository waiting out a registry backoff (invariant 7): why, and until when."""
+
+    repository_id: int
+    path: str
+    state: str
+    failures: int
+    not_before: str
+    last_error: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Breaker:
+    """The shared registry breaker as etcd holds it."""
+
+    state: str  # closed, open, half_open
+    reason: str
+    window_s: float
+    remaining_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class Lease:
     """A held lease key, flattened for JSON."""
 
@@ -88,6 +114,8 @@ class MigrationStatus:
     :param total: repositories in the table.
     :param counts: repositories per state (every state present).
     :param skipped_by_reason: ``import_skipped`` repositories per skip reason.
+    :param done_by_reason: ``import_done`` repositories that needed no import, per reason
+        (``native_import``: the registry held it already; ``not_found``: it did not know it).
     :param excluded_by_deny_list: repositories in ``default`` or ``import_aborted`` whose
         root namespace is denied: runs never pick them, so they stay where they are.
     :param excluded_by_cutoff: repositories in ``default`` created at or after
@@ -103,12 +131,16 @@ class MigrationStatus:
     :param settings: the gating settings (:data:`GATING_SETTINGS`).
     :param leases: held lease keys; None when etcd could not be read.
     :param leases_error: why the leases are missing, else None.
+    :param backing_off_count: repositories waiting out a registry backoff.
+    :param backing_off: the next ones due (at most 10), with their last registry error.
+    :param registry_breaker: the shared registry breaker; None when etcd could not be read.
     """
 
     taken_at: str
     total: int
     counts: dict[str, int]
     skipped_by_reason: dict[str, int]
+    done_by_reason: dict[str, int]
     excluded_by_deny_list: int
     excluded_by_cutoff: int
     eligible_remaining: int
@@ -121,6 +153,9 @@ class MigrationStatus:
     settings: dict[str, Any]
     leases: list[Lease] | None = None
     leases_error: str | None = None
+    backing_off_count: int = 0
+    backing_off: list[BackingOff] = field(default_factory=list)
+    registry_breaker: Breaker | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -154,14 +189,14 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         "SELECT migration_state AS state, count(*) AS n FROM container_repositories GROUP BY 1"
     ):
         counts[row["state"]] = int(row["n"])
-    skipped = {
-        row["reason"]: int(row["n"])
-        for row in cur.execute(
-            "SELECT migration_skipped_reason AS reason, count(*) AS n"
-            " FROM container_repositories WHERE migration_state = 'import_skipped'"
-            " GROUP BY 1 ORDER BY 2 DESC"
-        )
-    }
+    skipped: dict[str, int] = {}
+    done: dict[str, int] = {}
+    for row in cur.execute(
+        "SELECT migration_state AS state, migration_skipped_reason AS reason, count(*) AS n"
+        " FROM container_repositories WHERE migration_skipped_reason IS NOT NULL"
+        " GROUP BY 1, 2 ORDER BY 3 DESC"
+    ):
+        (skipped if row["state"] == State.IMPORT_SKIPPED else done)[row["reason"]] = int(row["n"])
     deny = list(settings.root_namespace_deny_list)
     excluded = cur.execute(
         "SELECT count(*) FILTER (WHERE root_namespace = ANY(%(deny)s::text[])) AS denied,"
@@ -201,14 +236,16 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         " ORDER BY e.id DESC LIMIT %(recent)s",
         {"recent": recent},
     ).fetchall()
+    backing_off = cur.execute(
+        "SELECT id, path, migration_state, registry_failures, registry_not_before,"
+        " registry_last_error, count(*) OVER () AS total FROM container_repositories"
+        " WHERE registry_not_before > %(now)s ORDER BY registry_not_before LIMIT 10",
+        {"now": now},
+    ).fetchall()
     waited = True
     if settings.enqueue_waiting_time > 0:
         passed = cur.execute(
-            "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"
-            " migration_aborted_at, migration_skipped_at))"
-            " <= %(now)s - make_interval(secs => %(wait)s), true) AS passed"
-            " FROM container_repositories",
-            {"now": now, "wait": settings.enqueue_waiting_time},
+            WAITING_TIME_PASSED_SQL, {"now": now, "wait": settings.enqueue_waiting_time}
         ).fetchone()
         waited = bool(passed and passed["passed"])
     return {
@@ -216,25 +253,39 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
         "now": now,
         "counts": counts,
         "skipped": skipped,
+        "done_by_reason": done,
         "denied": int(excluded["denied"]),
         "cut": int(excluded["cut"]),
         "done": {m: int(done_rows[f"w{m}"]) for m in THROUGHPUT_WINDOWS},
         "oldest": oldest,
         "ends": ends,
         "waited": waited,
+        "backing_off": backing_off,
     }
 
 
-def _read_leases(config: Config) -> tuple[list[Lease] | None, str | None]:
+def _read_etcd(config: Config) -> tuple[list[Lease] | None, str | None, Breaker | None]:
     try:
         with config.etcd_client(timeout=3.0) as client:
             held: list[HeldKey] = list_held(client, leases_prefix(config.etcd_prefix))
+            breaker = SharedBreaker(client, registry_breaker_name(config.etcd_prefix)).state()
     except (EtcdUnavailable, LeaseError) as error:
-        return None, f"etcd unreachable at {config.etcd_endpoints_text}: {error}"
-    return [
+        return None, f"etcd unreachable at {config.etcd_endpoints_text}: {error}", None
+    leases = [
         Lease(key=h.key, token=h.token, ttl_remaining=h.ttl_remaining, holder=asdict(h.holder))
         for h in held
-    ], None
+    ]
+    state = "open" if breaker.open else "half_open" if breaker.half_open else "closed"
+    return (
+        leases,
+        None,
+        Breaker(
+            state=state,
+            reason=breaker.reason,
+            window_s=breaker.window,
+            remaining_s=round(breaker.remaining, 1),
+        ),
+    )
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -264,6 +315,7 @@ def collect(config: Config, *, recent: int = 10, leases: bool = True) -> Migrati
         total=total,
         counts=counts,
         skipped_by_reason=db["skipped"],
+        done_by_reason=db["done_by_reason"],
         excluded_by_deny_list=db["denied"],
         excluded_by_cutoff=db["cut"],
         eligible_remaining=total - terminal - db["denied"] - db["cut"],
@@ -291,7 +343,19 @@ def collect(config: Config, *, recent: int = 10, leases: bool = True) -> Migrati
         ],
         waiting_time_passed=db["waited"],
         settings={k: v for k, v in settings.as_dict().items() if k in GATING_SETTINGS},
+        backing_off_count=int(db["backing_off"][0]["total"]) if db["backing_off"] else 0,
+        backing_off=[
+            BackingOff(
+                repository_id=int(row["id"]),
+                path=row["path"],
+                state=row["migration_state"],
+                failures=int(row["registry_failures"]),
+                not_before=row["registry_not_before"].isoformat(),
+                last_error=row["registry_last_error"],
+            )
+            for row in db["backing_off"]
+        ],
     )
     if leases:
-        status.leases, status.leases_error = _read_leases(config)
+        status.leases, status.leases_error, status.registry_breaker = _read_etcd(config)
     return status

@@ -66,8 +66,8 @@ def clean_store(store: Store, database_url: str) -> Store:
 def seed_spread(store: Store, count: int, *, seed: int = 7) -> list[int]:
     """Add ``count`` repositories, about a tenth with each of the simulator's special paths.
 
-    ``native`` (already imported: skipped native_import), ``missing`` (404: skipped
-    not_found), ``fail-once`` (pre-import fails once, then migrates), ``fail-always``
+    ``native`` (already imported: done, reason native_import), ``missing`` (404: done,
+    reason not_found), ``fail-once`` (pre-import fails once, then migrates), ``fail-always``
     (skipped too_many_retries); the rest migrate normally. Created a day ago and earlier.
     """
     rng = random.Random(seed)

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from migration.migrator import AbortCause
 from migration.states import ACTIVE_STATES, State
 from migration.store import Store
 
@@ -213,8 +214,9 @@ class EndState:
 #: their two lines here, nothing else.
 END_BY_MARKER: dict[str, EndState] = {
     "plain": EndState(State.IMPORT_DONE, None, charged=0),
-    "native": EndState(State.IMPORT_SKIPPED, "native_import", charged=0),
-    "missing": EndState(State.IMPORT_SKIPPED, "not_found", charged=0),
+    # Done with the reason, as the reference's finish_import_as (issue 12).
+    "native": EndState(State.IMPORT_DONE, "native_import", charged=0),
+    "missing": EndState(State.IMPORT_DONE, "not_found", charged=0),
     "fail-always": EndState(State.IMPORT_SKIPPED, "too_many_retries", charged=None),
     "fail-once": EndState(State.IMPORT_DONE, None, charged=1, charged_if_undone=0),
 }
@@ -222,17 +224,7 @@ END_BY_MARKER: dict[str, EndState] = {
 #: Causes an accepted ``abort_import`` may carry: what the registry said about *this*
 #: repository, a guard's finding about it, its worker's death, or an operator. A registry
 #: fault is never one: it undoes the claim (``undo_claim`` with ``fault_class: registry``).
-REPOSITORY_CAUSES = frozenset(
-    {
-        "pre_import_failed",
-        "import_failed",
-        "canceled",
-        "timeout",
-        "registry_state_mismatch",
-        "interrupted",
-        "operator",
-    }
-)
+REPOSITORY_CAUSES = frozenset(cause.value for cause in AbortCause)
 #: Aborts that are no fault of the repository's, so they do not count as charged retries.
 EXCUSED_CAUSES = frozenset({"interrupted"})
 

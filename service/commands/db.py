@@ -6,14 +6,14 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
-import psycopg
-import structlog
 
 from migration.config import Config
-from migration.store import Store, StoreError
-from service.cli import main
+
+if TYPE_CHECKING:
+    from migration.store import Store
 
 
 def fail(message: str, status: int = 1) -> None:
@@ -25,6 +25,12 @@ def fail(message: str, status: int = 1) -> None:
 @contextmanager
 def open_store() -> Iterator[Store]:
     """A Store on ``MIGRATOR_DATABASE_URL``; database trouble becomes one line and exit 1."""
+    # Imported here, not above: ``--help`` of the commands that use a store imports neither.
+    import psycopg
+    import structlog
+
+    from migration.store import Store, StoreError
+
     config = Config.from_env()
     if not structlog.is_configured():
         # A command prints its own result on stdout (maybe JSON); the store's log lines
@@ -45,7 +51,7 @@ def open_store() -> Iterator[Store]:
         fail(f"database error: {first}")
 
 
-@main.group()
+@click.group()
 def db() -> None:
     """Manage the PostgreSQL schema.
 

@@ -1,4 +1,8 @@
-"""``registry-migrator demo``: the whole migration on this machine, watched live."""
+"""``registry-migrator demo``: the whole migration on this machine, watched live.
+
+What the demo runs (psycopg, rich, etcd, the launcher) is imported inside the command, so
+``demo --help`` loads none of it.
+"""
 
 from __future__ import annotations
 
@@ -11,32 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import click
-import psycopg
-import structlog
-from rich.console import Console
-from rich.live import Live
 
-from leases import LeaseError
 from migration.config import Config
-from service.cli import main
-from service.demo import (
-    DENIED_NAMESPACE,
-    MAX_TAGS,
-    DemoDatabaseError,
-    Outcome,
-    Progress,
-    busy_lease_runs,
-    insert_repositories,
-    live_view,
-    migration_seconds,
-    plan_repositories,
-    progress_line,
-    recreate_database,
-    summary_table,
-)
-from service.status import MigrationStatus, collect
+
+if TYPE_CHECKING:
+    from service.status import MigrationStatus
 
 #: Exit statuses besides 0 (every eligible repository terminal).
 EXIT_UNFINISHED = 1  # the timeout passed, or a process the demo needs died
@@ -75,13 +61,17 @@ def _simulator_args(*, capacity: int, time_scale: float, seed: int) -> list[str]
 
 
 def _snapshot(config: Config) -> MigrationStatus | None:
+    import psycopg
+
+    from service.status import collect
+
     try:
         return collect(config, recent=0)
     except psycopg.Error:
         return None  # a blip: the next poll tries again
 
 
-@main.command()
+@click.command()
 @click.option("--count", type=click.IntRange(min=1), default=500, show_default=True,
               help="Repositories to seed.")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -144,6 +134,31 @@ def demo(
       registry-migrator demo --count 40 --workers 2 --no-live --time-scale 0.2
       registry-migrator demo --lease-scope global   # the reference's single lease
     """
+    import psycopg
+    import structlog
+    from rich.console import Console
+    from rich.live import Live
+
+    from leases import LeaseError
+    from migration.store import Store
+    from service.demo import (
+        DENIED_NAMESPACE,
+        MAX_TAGS,
+        DemoDatabaseError,
+        Outcome,
+        Progress,
+        busy_lease_runs,
+        insert_repositories,
+        live_view,
+        migration_seconds,
+        plan_repositories,
+        progress_line,
+        recreate_database,
+        summary_table,
+    )
+    from service.launcher import LaunchError, LocalMigration
+    from service.status import collect
+
     base = Config.from_env()
     if no_live and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach CI logs at once
@@ -164,8 +179,6 @@ def demo(
     }
     config = Config.from_env({**env, "MIGRATOR_ETCD_PREFIX": etcd_prefix})
     inserted = insert_repositories(url, plan_repositories(count, seed=rng_seed))
-    from migration.store import Store  # noqa: PLC0415
-
     with Store(url, max_size=1) as store:
         store.update_settings(
             enabled=True, capacity=capacity, enqueue_waiting_time=0, created_before=None,
@@ -176,8 +189,6 @@ def demo(
         )  # fmt: skip
     logs = log_dir or Path(tempfile.mkdtemp(prefix="registry-migrator-demo-"))
     say(f"seeded {inserted} repositories into database {database!r}; logs in {logs}")
-
-    from service.launcher import LaunchError, LocalMigration  # noqa: PLC0415
 
     run = LocalMigration(
         env=env, log_dir=logs, workers=workers, threads=threads,

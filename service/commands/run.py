@@ -1,4 +1,8 @@
-"""Long-running processes (``api``, ``scheduler``) and the one-shot ``enqueue``."""
+"""Long-running processes (``api``, ``scheduler``) and the one-shot ``enqueue``.
+
+What each one runs (the actors, FastAPI, uvicorn, the store, etcd) is imported inside it:
+their ``--help`` loads none of it, and ``enqueue`` does not load the API.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
-import structlog
 
-from leases import LeaseError
 from migration.config import Config
-from migration.logging import configure as configure_logging
-from migration.store import StoreError
-from service.cli import main
-
-log = structlog.get_logger(__name__)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -26,7 +23,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-@main.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 def api(host: str, port: int) -> None:
@@ -40,13 +37,16 @@ def api(host: str, port: int) -> None:
     Example:
       MIGRATOR_NOTIFICATION_SECRET=s3cret registry-migrator api --port 8080
     """
-    import uvicorn  # noqa: PLC0415
+    import structlog
+    import uvicorn
 
-    import actors  # noqa: PLC0415 - configures the broker
-    from actors.notifications import handle_registry_notification  # noqa: PLC0415
-    from actors.runtime import Runtime  # noqa: PLC0415
-    from service.api import LazyRuntime, create_app, rabbitmq_check  # noqa: PLC0415
+    import actors  # configures the broker
+    from actors.notifications import handle_registry_notification
+    from actors.runtime import Runtime
+    from migration.logging import configure as configure_logging
+    from service.api import LazyRuntime, create_app, rabbitmq_check, rabbitmq_queue_counts
 
+    log = structlog.get_logger(__name__)
     config = Config.from_env()
     config.require_notification_secret()
     configure_logging(config.log_level)
@@ -56,7 +56,11 @@ def api(host: str, port: int) -> None:
         handle_registry_notification.send(path, status, detail)
 
     app = create_app(
-        config, runtime=runtime, publish=publish, broker_check=rabbitmq_check(config.broker_url)
+        config,
+        runtime=runtime,
+        publish=publish,
+        broker_check=rabbitmq_check(config.broker_url),
+        queue_counts=rabbitmq_queue_counts(config.broker_url),
     )
     log.info("api_starting", host=host, port=port, broker=actors.broker.__class__.__name__)
     # Serve at once (liveness, /readyz 503) while a server is down; say so in the log, with
@@ -93,7 +97,7 @@ class _Health(BaseHTTPRequestHandler):
         pass
 
 
-@main.command()
+@click.command()
 @click.option(
     "--health-port",
     type=click.IntRange(0, 65535),
@@ -101,22 +105,39 @@ class _Health(BaseHTTPRequestHandler):
     show_default=True,
     help="Port of the /healthz endpoint (0: none).",
 )
-@click.option("--health-host", default="127.0.0.1", show_default=True)
-def scheduler(health_port: int, health_host: str) -> None:
+@click.option(
+    "--health-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address of the /healthz and /metrics endpoints.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="Port of the Prometheus /metrics endpoint (0: none; Kubernetes uses 9192).",
+)
+def scheduler(health_port: int, health_host: str, metrics_port: int) -> None:
     """Publish enqueue and guard runs periodically; only the elected leader publishes.
 
     Run two or more for availability: they hold an etcd election, and a follower takes
     over within TTL + 1 s of the leader's death. Intervals are the live settings
-    enqueue_interval and guard_interval.
+    enqueue_interval and guard_interval. Prometheus metrics (leadership, messages
+    published, lease sessions lost) are served on --metrics-port.
 
     \b
     Example:
-      registry-migrator scheduler --health-port 8081
+      registry-migrator scheduler --health-port 8081 --metrics-port 9192
     """
-    from actors.runtime import Runtime  # noqa: PLC0415 - importing actors sets the broker
-    from actors.scheduler import Scheduler  # noqa: PLC0415
-    from service.api import LazyRuntime, ServerChecks, rabbitmq_check  # noqa: PLC0415
+    import structlog
 
+    from actors.runtime import Runtime  # importing actors sets the broker
+    from actors.scheduler import Scheduler
+    from migration.logging import configure as configure_logging
+    from service.api import LazyRuntime, ServerChecks, rabbitmq_check
+
+    log = structlog.get_logger(__name__)
     config = Config.from_env()
     configure_logging(config.log_level)
     stop = _stop_on_signals()
@@ -124,6 +145,18 @@ def scheduler(health_port: int, health_host: str) -> None:
     if health_port:
         server = ThreadingHTTPServer((health_host, health_port), _Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()
+    metrics_server = None
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        from migration import metrics
+
+        metrics.SCHEDULER_LEADER.set(0)  # a follower says so from its first scrape
+        try:
+            metrics_server, _ = start_http_server(metrics_port, addr=health_host)
+        except OSError as error:
+            click.echo(f"registry-migrator: --metrics-port {metrics_port}: {error}", err=True)
+            sys.exit(2)
     runtime = LazyRuntime(lambda: Runtime(config))
     checks = ServerChecks(config, runtime=runtime, broker_check=rabbitmq_check(config.broker_url))
     try:
@@ -136,10 +169,32 @@ def scheduler(health_port: int, health_host: str) -> None:
         runtime.close()
         if server is not None:
             server.shutdown()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         log.info("scheduler_stopped")
 
 
-@main.command()
+def send_one_run(config: Config) -> bool:
+    """Send one enqueuer run through the dedup gate; True when sent, False when collapsed.
+
+    :param config: the process configuration (read first: a bad one exits 2 on its own).
+    :raises StoreError: PostgreSQL cannot be reached.
+    :raises LeaseError: etcd cannot be reached (``str`` names it).
+    """
+    from actors.enqueuer import trigger_enqueue
+    from actors.runtime import Runtime
+    from leases import LeaseError
+
+    runtime = Runtime(config)
+    try:
+        return trigger_enqueue(runtime, source="operator")
+    except LeaseError as error:
+        raise LeaseError(f"etcd: {error}") from error
+    finally:
+        runtime.close()
+
+
+@click.command()
 def enqueue() -> None:
     """Send one enqueue_next_migration run through the dedup gate (like perform_async).
 
@@ -150,24 +205,17 @@ def enqueue() -> None:
     Example:
       registry-migrator enqueue
     """
-    from actors.enqueuer import trigger_enqueue  # noqa: PLC0415
-    from actors.runtime import Runtime  # noqa: PLC0415
+    from leases import LeaseError
+    from migration.store import StoreError
 
     config = Config.from_env()
     try:
-        runtime = Runtime(config)
+        sent = send_one_run(config)
     except (StoreError, LeaseError) as error:
         click.echo(f"registry-migrator: {error}", err=True)
-        sys.exit(1)
-    try:
-        sent = trigger_enqueue(runtime, source="operator")
-    except LeaseError as error:
-        click.echo(f"registry-migrator: etcd: {error}", err=True)
         sys.exit(1)
     except Exception as error:  # PostgreSQL or RabbitMQ failed: one line, not a traceback
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         click.echo(f"registry-migrator: enqueue failed: {first_line}", err=True)
         sys.exit(1)
-    finally:
-        runtime.close()
     click.echo("enqueued one run" if sent else "collapsed: enough runs are already waiting")

@@ -6,8 +6,8 @@ import json
 
 import click
 
+from migration.config import Config
 from migration.settings import Settings, SettingsError, parse_assignments
-from service.cli import main
 from service.commands.db import fail, open_store
 
 
@@ -21,7 +21,7 @@ def _print(settings: Settings, as_json: bool) -> None:
         click.echo(f"{key:<26} {'' if shown is None else shown}")
 
 
-@main.group()
+@click.group()
 def settings() -> None:
     """Show and change the migration settings (live: no restart needed).
 
@@ -71,7 +71,7 @@ def set_command(assignments: tuple[str, ...], as_json: bool) -> None:
     _print(after, as_json)
 
 
-@main.command()
+@click.command()
 def pause() -> None:
     """Stop starting new migrations (in-flight ones go on). Sets enabled=false.
 
@@ -84,14 +84,28 @@ def pause() -> None:
     click.echo("paused: no new migrations start until `registry-migrator resume`")
 
 
-@main.command()
+@click.command()
 def resume() -> None:
-    """Start new migrations again. Sets enabled=true.
+    """Start new migrations again. Sets enabled=true, clears a pause the system made (the
+    registry refused our token: fix MIGRATOR_REGISTRY_TOKEN first), and sends one run.
 
     \b
     Example:
       registry-migrator resume
     """
     with open_store() as store:
+        before = store.settings()
         store.update_settings(enabled=True)
-    click.echo("resumed")
+    if before.paused_reason:
+        click.echo(f"resumed (it was paused by the system: {before.paused_reason})")
+    else:
+        click.echo("resumed")
+    # Start now rather than at the scheduler's next period (up to enqueue_interval).
+    from service.commands.run import send_one_run
+
+    try:
+        sent = send_one_run(Config.from_env())
+    except Exception as error:  # the scheduler's next period starts it anyway
+        click.echo(f"(no run sent now: {error}; the scheduler sends the next one)")
+        return
+    click.echo("enqueued one run" if sent else "runs are already waiting")

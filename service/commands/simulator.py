@@ -7,13 +7,12 @@ import sys
 import click
 
 from migration.logging import configure as configure_logging
-from service.cli import main
 from service.simulator import SimulatorConfig, serve
 
 _DEFAULTS = SimulatorConfig()
 
 
-@main.command()
+@click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
     "--port",

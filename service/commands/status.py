@@ -1,22 +1,25 @@
-"""``registry-migrator status``: one screen that says how the migration is doing."""
+"""``registry-migrator status``: one screen that says how the migration is doing.
+
+psycopg and etcd (through :mod:`service.status`) are imported when a snapshot is taken,
+rich only to render one: ``status --json`` never loads rich, ``status --help`` none of them.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import click
-import psycopg
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from migration.config import Config
 from migration.states import State
-from service.cli import main
-from service.status import STATE_STYLE, MigrationStatus, collect
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from service.status import MigrationStatus
 
 
 def _fail(message: str) -> None:
@@ -26,6 +29,10 @@ def _fail(message: str) -> None:
 
 def snapshot(config: Config, *, recent: int) -> MigrationStatus:
     """:func:`service.status.collect`, with database trouble turned into one line and exit 1."""
+    import psycopg
+
+    from service.status import collect
+
     try:
         return collect(config, recent=recent)
     except psycopg.errors.UndefinedTable:
@@ -38,6 +45,12 @@ def snapshot(config: Config, *, recent: int) -> MigrationStatus:
 
 def render(status: MigrationStatus) -> RenderableType:
     """The human view of a snapshot (tables), for ``status`` and ``status --watch``."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from service.status import DONE_REASON_LABEL, STATE_STYLE
+
     states = Table(title="repositories by state", title_justify="left", show_edge=False)
     states.add_column("state")
     states.add_column("count", justify="right")
@@ -47,6 +60,9 @@ def render(status: MigrationStatus) -> RenderableType:
         share = f"{100 * n / status.total:.1f}%" if status.total else "-"
         states.add_row(Text(state.value, style=STATE_STYLE[state]), f"{n:,}", share)
     states.add_row("total", f"{status.total:,}", "")
+    for reason, n in status.done_by_reason.items():
+        label = DONE_REASON_LABEL.get(reason, f"done ({reason})")
+        states.add_row(Text(f"  {label}", style="green"), f"{n:,}", "")
     for reason, n in status.skipped_by_reason.items():
         states.add_row(Text(f"  skipped: {reason}", style="magenta"), f"{n:,}", "")
     if status.excluded_by_deny_list:
@@ -80,6 +96,23 @@ def render(status: MigrationStatus) -> RenderableType:
         flow.add_row("leases held", Text(status.leases_error or "?", style="red"))
     else:
         flow.add_row("leases held", str(len(status.leases)))
+    breaker = status.registry_breaker
+    if breaker is not None:
+        shown = breaker.state.replace("_", "-")
+        if breaker.state != "closed":
+            shown += (
+                f" ({breaker.remaining_s:g} s left of {breaker.window_s:g} s: {breaker.reason})"
+            )
+        flow.add_row(
+            "registry breaker", Text(shown, style="" if breaker.state == "closed" else "bold red")
+        )
+    flow.add_row(
+        "backing off",
+        Text(
+            f"{status.backing_off_count} (registry faults; not picked before their time)",
+            style="yellow" if status.backing_off_count else "",
+        ),
+    )
     flow.add_row("waiting time passed", str(status.waiting_time_passed).lower())
     flow.add_row("snapshot at", status.taken_at)
 
@@ -88,7 +121,9 @@ def render(status: MigrationStatus) -> RenderableType:
     gates.add_column("value")
     for key, value in status.settings.items():
         shown = ",".join(value) if isinstance(value, list) else value
-        style = "bold red" if key == "enabled" and value is False else ""
+        style = (
+            "bold red" if key in ("enabled", "paused_reason") and value not in (True, None) else ""
+        )
         gates.add_row(key, Text("none" if shown in (None, "") else str(shown), style=style))
 
     ends = Table(title="latest aborts and skips", title_justify="left", show_edge=False)
@@ -101,6 +136,15 @@ def render(status: MigrationStatus) -> RenderableType:
     parts: list[RenderableType] = [states, flow, gates]
     if status.recent_ends:
         parts.append(ends)
+    if status.backing_off:
+        waiting = Table(title="backing off (registry faults)", title_justify="left",
+                        show_edge=False)  # fmt: skip
+        for column in ("repository", "state", "faults", "not before", "last error"):
+            waiting.add_column(column)
+        for b in status.backing_off:
+            waiting.add_row(f"{b.path} ({b.repository_id})", b.state, str(b.failures),
+                            b.not_before[:19], (b.last_error or "")[:70])  # fmt: skip
+        parts.append(waiting)
     if status.leases:
         held = Table(title="leases", title_justify="left", show_edge=False)
         for column in ("key", "token", "ttl", "holder"):
@@ -113,7 +157,7 @@ def render(status: MigrationStatus) -> RenderableType:
     return Group(*parts)
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (machine-readable).")
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
@@ -140,6 +184,9 @@ def status(as_json: bool, watch: bool, interval: float, recent: int) -> None:
     if as_json:
         click.echo(json.dumps(snapshot(config, recent=recent).as_dict()))
         return
+    from rich.console import Console
+    from rich.live import Live
+
     console = Console()
     if not watch:
         console.print(render(snapshot(config, recent=recent)))

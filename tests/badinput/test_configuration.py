@@ -43,6 +43,11 @@ BAD_VARIABLES: list[tuple[str, str]] = [
     ("MIGRATOR_BROKER_URL", ""),
     ("MIGRATOR_BROKER_URL", "http://127.0.0.1:56720/"),
     ("MIGRATOR_BROKER_URL", "amqp://"),
+    ("MIGRATOR_BROKER_URL", "amqp://mq-0:5672/,http://mq-1:5672/"),
+    ("MIGRATOR_BROKER_URL", "amqp://mq-0:5672/ amqp://"),
+    ("MIGRATOR_BROKER_URL", " , "),
+    ("MIGRATOR_QUEUE_TYPE", "mirrored"),
+    ("MIGRATOR_QUEUE_TYPE", ""),
     ("MIGRATOR_REGISTRY_URL", ""),
     ("MIGRATOR_REGISTRY_URL", "ftp://registry"),
     ("MIGRATOR_LEASE_TTL", "ten"),
@@ -90,6 +95,21 @@ def test_a_malformed_variable_is_refused_in_one_line(
     assert result.stdout == ""
 
 
+def test_several_broker_urls_are_split_before_each_scheme(stack: dict[str, str]) -> None:
+    tls = "amqps://u:p@mq-1:5671/%2F?ssl_options={'ca_certs':'/ca.crt','certfile':'/c.crt'}"
+    value = f" amqp://u:p@mq-0:5672/%2F?heartbeat=30,{tls}  amqp://u:p@mq-2:5672/%2F "
+    config = Config.from_env({**stack, "MIGRATOR_BROKER_URL": value})
+    # The commas inside pika's ssl_options stay in their URL.
+    assert config.broker_urls == (
+        "amqp://u:p@mq-0:5672/%2F?heartbeat=30",
+        tls,
+        "amqp://u:p@mq-2:5672/%2F",
+    )
+    assert Config.from_env(stack).queue_type == "classic"
+    quorum = Config.from_env({**stack, "MIGRATOR_QUEUE_TYPE": " Quorum "})
+    assert quorum.queue_type == "quorum"
+
+
 def test_the_root_prefix_is_allowed(stack: dict[str, str]) -> None:
     assert Config.from_env({**stack, "MIGRATOR_ETCD_PREFIX": "/"}).etcd_prefix == "/"
 
@@ -111,6 +131,7 @@ def test_the_api_refuses_to_start_without_a_secret(
         ("MIGRATOR_ETCD_CA_CERT", str(NOT_PEM), ["scheduler", "--health-port", "0"]),
         ("MIGRATOR_BROKER_URL", "redis://nope", ["api", "--port", "1"]),
         ("MIGRATOR_QUEUE_NAME", "a b", ["enqueue"]),
+        ("MIGRATOR_QUEUE_TYPE", "lazy", ["api", "--port", "1"]),
         ("MIGRATOR_DATABASE_URL", "nope", ["settings", "show"]),
     ],
 )
@@ -145,6 +166,10 @@ BAD_SETTINGS: dict[str, list[str]] = {
     "pending_enqueues": ["0", "lots"],
     "enqueue_interval": ["0", "-2"],
     "guard_interval": ["0", "often"],
+    "registry_breaker_max_window": ["0", "-5", "a minute"],
+    "registry_backoff_max": ["0", "nan"],
+    "pre_import_timeout_per_tag": ["-0.5", "some"],
+    "pre_import_timeout_max": ["0", "-1", "big"],
 }
 
 
@@ -156,6 +181,7 @@ BAD_ASSIGNMENTS = [
     *[[f"{key}={value}"] for key, values in BAD_SETTINGS.items() for value in values],
     ["no_such_setting=1"],
     ["updated_at=2024-01-01T00:00:00Z"],
+    ["paused_reason=whatever"],  # the system's to write; resume clears it
     ["capacity"],
     ["=5"],
     ["capacity=5", "capacity=6"],

@@ -2,7 +2,7 @@
 
 A benchmark's promises: exit status 0, ``bench/results/<name>.json`` written during the run
 (with the headline it printed), and a last line beginning with the headline number. Speed is
-not asserted here. claim.py and pipeline.py (each well under a minute) run by default; the
+not asserted here. claim.py, pipeline.py and cli.py (each well under a minute) run by default; the
 two that start four workers or kill workers (about a minute each) are marked slow.
 """
 
@@ -53,6 +53,10 @@ def test_pipeline_quick(stack: dict[str, str]) -> None:
     _run("pipeline", stack, timeout=180)
 
 
+def test_cli_quick(stack: dict[str, str]) -> None:
+    _run("cli", stack, timeout=300)
+
+
 @pytest.mark.slow
 def test_throughput_quick(stack: dict[str, str]) -> None:
     _run("throughput", stack, timeout=240)
@@ -66,3 +70,8 @@ def test_recovery_quick(stack: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_outage_quick(stack: dict[str, str]) -> None:
     _run("outage", stack, timeout=600)
+
+
+@pytest.mark.slow
+def test_etcd_growth_quick(stack: dict[str, str]) -> None:
+    _run("etcd_growth", stack, timeout=240)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import yaml
 from kubernetes_validate.utils import (
@@ -63,6 +64,78 @@ OPERATOR_PROVIDED_SECRETS: Mapping[str, frozenset[str]] = {
 REQUIRED_EGRESS_PORTS = frozenset({53, 5432, 2379, 5672, 443, 5000})
 
 _WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
+
+_DURATION = {"type": "string", "pattern": r"^(0|([0-9]+(ms|[smhdwy]))+)$"}
+_STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+#: The Prometheus Operator's PrometheusRule (monitoring.coreos.com/v1): the fields of a
+#: Prometheus rule file (https://prometheus.io/docs/prometheus/latest/configuration/
+#: recording_rules/), strict: an unknown or misspelt field is a problem, as it is for the
+#: built-in kinds. kubernetes-validate has no schema for custom resources.
+PROMETHEUS_RULE_SCHEMA: Doc = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "namespace": {"type": "string"},
+                "labels": _STRING_MAP,
+                "annotations": _STRING_MAP,
+            },
+            "additionalProperties": False,
+        },
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "limit": {"type": "integer"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "oneOf": [
+                                        {"required": ["record"], "not": {"required": ["alert"]}},
+                                        {"required": ["alert"], "not": {"required": ["record"]}},
+                                    ],
+                                    "properties": {
+                                        "record": {"type": "string"},
+                                        "alert": {"type": "string"},
+                                        "expr": {"type": "string", "minLength": 1},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRING_MAP,
+                                        "annotations": _STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+#: Custom resources, by (apiVersion, kind), validated against our own schema.
+CUSTOM_RESOURCE_SCHEMAS: Mapping[tuple[str, str], Doc] = {
+    ("monitoring.coreos.com/v1", "PrometheusRule"): PROMETHEUS_RULE_SCHEMA,
+}
 
 
 class RenderError(Exception):
@@ -158,15 +231,24 @@ def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, st
 
 
 def check_schemas(docs: list[Doc], *, versions: tuple[str, ...] = KUBERNETES_VERSIONS) -> list[str]:
-    """Validate every document against the Kubernetes OpenAPI schema, strict mode.
+    """Validate every document against the Kubernetes OpenAPI schema, strict mode; custom
+    resources (``CUSTOM_RESOURCE_SCHEMAS``: the PrometheusRule) against our own schema.
 
     Unlike the ``kubernetes-validate`` command, which only warns (exit 0) when it has no
     schema for a kind and apiVersion (a removed API such as ``extensions/v1beta1``), a
     missing schema is a problem here.
     """
     problems = []
+    for doc in docs:
+        custom = CUSTOM_RESOURCE_SCHEMAS.get((doc.get("apiVersion", ""), doc.get("kind", "")))
+        if custom is not None:
+            for error in jsonschema.Draft202012Validator(custom).iter_errors(doc):
+                path = ".".join(str(part) for part in error.path)
+                problems.append(f"{name_of(doc)} invalid at {path}: {error.message}")
     for version in versions:
         for doc in docs:
+            if (doc.get("apiVersion", ""), doc.get("kind", "")) in CUSTOM_RESOURCE_SCHEMAS:
+                continue
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except ValidationError as error:

@@ -115,6 +115,18 @@ def test_containerfile_ships_every_package_and_runs_as_the_manifest_uid() -> Non
     assert users == [f"{checks.RUN_AS_USER}:{checks.RUN_AS_USER}"]
 
 
+def test_containerfile_downloads_trust_the_ca_store_the_build_script_mounts() -> None:
+    # deploy/local/image mounts the host's CA bundle over this path for the RUN steps; pip
+    # and uv must read it there, or the build fails behind a TLS-intercepting proxy (the
+    # build itself only runs in the slow tests/image).
+    store = "/etc/ssl/certs/ca-certificates.crt"
+    text = CONTAINERFILE.read_text()
+    assert f"PIP_CERT={store}" in text
+    assert "UV_SYSTEM_CERTS=1" in text
+    script = (REPO_ROOT / "deploy" / "local" / "image").read_text()
+    assert f'--volume "$CA_BUNDLE:{store}:ro"' in script
+
+
 #: checkov checks skipped on purpose (deploy/k8s/README.md gives each reason).
 JUSTIFIED_CHECKOV_SKIPS = frozenset({"CKV_K8S_15", "CKV_K8S_35", "CKV_K8S_43"})
 
@@ -219,6 +231,15 @@ BREAKAGES = [
         "automountServiceAccountTokens: false",
         "schemas",
         "invalid for 1.29",
+    ),
+    Breakage(
+        "prometheusrule-unknown-field",
+        "overlays/production/prometheusrule-registry-migrator.yaml",
+        "    - alert: RegistryMigratorStalled\n      expr:",
+        "    - alert: RegistryMigratorStalled\n      expression:",
+        "schemas",
+        "PrometheusRule/registry-migrator invalid at spec.groups.1.rules.0",
+        overlay="production",
     ),
     Breakage(
         "yamllint-indentation",

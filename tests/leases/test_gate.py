@@ -31,32 +31,41 @@ def test_enters_within_a_window_share_one_lease(client: EtcdClient, prefix: str)
 
 
 def test_a_new_lease_once_half_the_ttl_is_gone(client: EtcdClient, prefix: str) -> None:
-    gate = DedupGate(client, f"{prefix}/gate", slots=2, ttl=4)
+    ttl = 6
+    gate = DedupGate(client, f"{prefix}/gate", slots=2, ttl=ttl)
     first = gate.enter()
     assert first is not None
     second = gate.enter()  # at once: the same lease
     assert second is not None
     assert _lease_of(client, first) == _lease_of(client, second)
     assert gate.leave(first)
-    time.sleep(2.2)  # past half of the TTL: the next marker goes on a fresh lease
+    # Past half of the TTL: the next marker goes on a fresh lease. A sleep only ever runs
+    # long, and the second marker's lease lives 2.8 s more: room for a loaded machine.
+    time.sleep(ttl / 2 + 0.2)
     third = gate.enter()
     assert third is not None
     assert _lease_of(client, third) != _lease_of(client, second)
-    assert client.time_to_live(_lease_of(client, third)) > 2
+    assert client.time_to_live(_lease_of(client, third)) > ttl / 2
 
 
 def test_a_lost_marker_on_a_reused_lease_frees_its_slot_within_the_ttl(
     client: EtcdClient, prefix: str
 ) -> None:
-    ttl = 4
+    ttl = 8
     gate = DedupGate(client, f"{prefix}/gate", slots=1, ttl=ttl)
+    granted = time.monotonic()
     opened = gate.enter()
     assert opened is not None
+    shared = _lease_of(client, opened)
     assert gate.leave(opened)
-    time.sleep(1.5)  # the lease is still reused: it has more than half its TTL left
+    # The lease is still reused: it has more than half its TTL left (2.5 s of room for a
+    # sleep that runs long on a loaded machine).
+    time.sleep(1.5)
     lost = gate.enter()  # its message is never started: nobody leaves it
     created = time.monotonic()
     assert lost is not None
+    assert created - granted < ttl / 2, "too slow to test a reused lease"
+    assert _lease_of(client, lost) == shared, "the lease was not reused"
     assert gate.enter() is None
     while gate.enter() is None:
         assert time.monotonic() - created < ttl + 1, "a lost marker outlived its TTL"

@@ -191,7 +191,15 @@ def test_election_one_leader_and_failover_within_ttl(
     first.expect("leader")
     second = spawn("elect", name, ttl=TTL)
     second.expect("session")
-    time.sleep(TTL)
+    # The second campaigns once its candidacy key stands behind the first's; from then on
+    # it polls every 0.25 s. Watch for a second leader while the first says, ten times
+    # over (about a second, several of the second's polls), that it still leads.
+    deadline = time.monotonic() + 10
+    while len(client.get_prefix(f"{name}/")) < 2:
+        assert time.monotonic() < deadline, "the second never entered the election"
+        time.sleep(0.05)
+    for _ in range(10):
+        assert first.expect("still_leader")["leader"] is True
     assert not any(line.get("event") == "leader" for line in second.drain()), "two leaders"
     with Session(client, ttl=TTL) as observer:
         leader = Election(observer, name).leader()

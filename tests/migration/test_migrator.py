@@ -6,7 +6,6 @@ Each test drives :class:`migration.migrator.Migrator` the way an actor does unde
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +24,8 @@ from migration.registry import RegistryClient, RegistryImportStatus
 from migration.states import SkipReason, State
 from migration.store import Store
 from service.simulator import SimulatorConfig, SimulatorServer
+from tests.fixtures import wait_until
+from tests.registry.test_client import wait_for_status
 
 SLOW_IMPORTS = SimulatorConfig(pre_import_seconds=(30, 30), import_seconds=(30, 30))
 
@@ -102,16 +103,19 @@ def test_start_claims_and_starts_the_pre_import(
         ("group/missing-app/image", SkipReason.NOT_FOUND),
     ],
 )
-def test_start_skips_native_and_missing(
+def test_start_finishes_native_and_missing_as_done_with_the_reason(
     migrator: Migrator, tokens: Tokens, path: str, reason: SkipReason
 ) -> None:
+    """As the reference's finish_import_as: no more work, so done, the reason recorded."""
     store = migrator.store
     repo_id = add(store, path)
     report = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
-    assert report.outcome is StepOutcome.SKIPPED
+    assert report.outcome is StepOutcome.FINISHED
+    assert report.fields["finish_reason"] == reason.value
     row = current(store, repo_id)
-    assert row.migration_state is State.IMPORT_SKIPPED
+    assert row.migration_state is State.IMPORT_DONE
     assert row.migration_skipped_reason is reason
+    assert row.migration_import_done_at is not None
     assert store.in_flight() == 0
 
 
@@ -231,7 +235,12 @@ def test_a_start_answered_after_the_timeout_is_reconciled_not_failed(
             # The status read raced the registry's own start (it answers after 1.5 s):
             # undone, nothing charged; the next start finds it running (425) and aligns.
             assert current(clean_store, repo_id).migration_retries_count == 0
-            time.sleep(1.5)  # the registry's delayed start has happened
+            # Wait for the registry's delayed start to have happened (its event is
+            # recorded once decided), not for a guessed time.
+            wait_until(
+                lambda: _starts(simulator, "group/slow/image") >= 1,
+                timeout=10, what="the registry's delayed start",
+            )  # fmt: skip
             report = migrator.start(
                 current(clean_store, repo_id), clean_store.settings(), tokens.writer()
             )
@@ -252,7 +261,7 @@ def test_a_retry_takes_over_an_import_the_registry_still_runs(
     path = "group/busy/image"
     started = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
     assert started.outcome is StepOutcome.STARTED
-    aborted = migrator._abort(  # as the guard does, while the registry goes on
+    aborted = migrator.abort(  # as the guard does, while the registry goes on
         current(store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR
     )
     assert aborted.repository.migration_state is State.IMPORT_ABORTED
@@ -272,7 +281,7 @@ def test_a_retry_that_cannot_read_the_registry_claims_nothing(
     claim_without_registry(clean_store, repo_id, tokens)
     with unreachable_registry() as registry:
         migrator = Migrator(clean_store, registry)
-        migrator._abort(current(clean_store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR)
+        migrator.abort(current(clean_store, repo_id), tokens.writer(), "test", AbortCause.OPERATOR)
         report = migrator.retry(current(clean_store, repo_id), tokens.writer())
     assert report.outcome is StepOutcome.REGISTRY_FAULT
     row = current(clean_store, repo_id)
@@ -287,13 +296,16 @@ def test_full_path_through_notifications(
     simulator.configure(pre_import_seconds=[0.05, 0.05], import_seconds=[0.05, 0.05])
     repo_id = add(store, "group/happy/image")
     migrator.start(current(store, repo_id), store.settings(), tokens.writer())
-    time.sleep(0.2)  # the simulated pre-import has ended (its notification goes nowhere)
+    # The simulated pre-import has ended (its notification goes nowhere): the registry says so.
+    wait_for_status(
+        migrator.registry, "group/happy/image", RegistryImportStatus.PRE_IMPORT_COMPLETE
+    )
     report = migrator.on_registry_status(
         current(store, repo_id), RegistryImportStatus.PRE_IMPORT_COMPLETE, tokens.writer()
     )
     assert report.outcome is StepOutcome.STARTED
     assert report.repository.migration_state is State.IMPORTING
-    time.sleep(0.2)
+    wait_for_status(migrator.registry, "group/happy/image", RegistryImportStatus.IMPORT_COMPLETE)
     report = migrator.on_registry_status(
         current(store, repo_id), RegistryImportStatus.IMPORT_COMPLETE, tokens.writer()
     )
@@ -440,3 +452,36 @@ def test_guard_leaves_things_alone_when_the_registry_is_unreachable(
         )
     assert report.outcome is StepOutcome.IGNORED
     assert current(clean_store, repo_id).migration_state is State.PRE_IMPORTING
+
+
+def test_guard_cancels_and_aborts_a_repository_whose_status_it_does_not_know(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    """A 200 with a status outside the API's list is the repository's, not the registry's:
+    the guard cancels and aborts it, as the reference does, instead of keeping its slot."""
+    store = migrator.store
+    repo_id = add(store, "group/unknown-status/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ABORTED
+    assert report.fields["registry_status"] == "unknown_status"
+    assert "canceled" in report.fields
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORT_ABORTED, 1)
+    assert _events(database_url, repo_id)[-1][2]["cause"] == "registry_state_mismatch"
+    cancels = [e for e in simulator.report(events=True)["events"] if e.get("action") == "cancel"]
+    assert cancels, "the guard did not cancel before aborting"
+
+
+def test_guard_postpones_when_the_registry_answers_5xx(
+    migrator: Migrator, tokens: Tokens, database_url: str
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/server-error/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.IGNORED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 0)

@@ -12,7 +12,11 @@ from service.cli import main
 
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, command in sorted(group.commands.items()):
+    # list_commands/get_command, not group.commands: the main group loads commands lazily.
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, f"{' '.join((*path, name))} is listed but does not load"
         yield (*path, name)
         if isinstance(command, click.Group):
             yield from _commands(command, (*path, name))

@@ -195,7 +195,9 @@ def test_slow_start_paths_answer_late_and_slow_decide_drops_a_gone_caller(
         assert c.status("g/slow-start-app").status is RegistryImportStatus.PRE_IMPORT_IN_PROGRESS
         # slow-decide: the caller times out during the wait; nothing is started.
         assert caller.start_pre_import("g/slow-decide-app").outcome is ImportOutcome.ERROR
-        time.sleep(1.2)
+        # Once the registry has decided (its 499 is recorded), nothing was started: a 404
+        # read before the decision would prove nothing.
+        wait_for_report(simulator, lambda r: r["answers"].get("start_499") == 1)
         assert c.status("g/slow-decide-app").http_status == 404
         # a patient caller of a slow-decide path gets its start.
         began = time.monotonic()

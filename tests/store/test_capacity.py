@@ -121,9 +121,9 @@ def test_capacity_is_never_exceeded(
             " WHERE accepted ORDER BY id"
         ).fetchall()
         refused_stale = conn.execute(
-            "SELECT count(*) FROM migration_events WHERE NOT accepted"
-            " AND detail->>'reason' = 'stale_token'"
-        ).fetchone()
+            "SELECT token, (detail->>'row_token')::bigint FROM migration_events"
+            " WHERE NOT accepted AND detail->>'reason' = 'stale_token'"
+        ).fetchall()
     assert rows
     active: set[int] = set()
     state_of: dict[int, str] = {}
@@ -141,4 +141,9 @@ def test_capacity_is_never_exceeded(
         assert len(active) <= CAPACITY
     assert peak == CAPACITY
     assert len(active) == store.in_flight()
-    assert refused_stale is not None
+    # A thread that drew its token before another thread claimed, aborted and finished the
+    # same repository is refused as stale: each such refusal is recorded, once, and only
+    # when the row's token was newer. (Steps after a thread's own claim are never stale:
+    # nobody else can claim an active repository.)
+    assert len(refused_stale) == outcomes[Outcome.STALE_TOKEN], dict(outcomes)
+    assert all(token < row_token for token, row_token in refused_stale), refused_stale

@@ -18,7 +18,7 @@ from migration.settings import Settings
 from migration.store import (
     _COUNT_ACTIVE,
     _SELECT_STALE,
-    _WAITING_TIME_PASSED,
+    WAITING_TIME_PASSED_SQL,
     Store,
     _select_ordered,
 )
@@ -136,7 +136,9 @@ def _run_checks(store: Store, database_url: str, rows: int) -> dict[str, float]:
         )
         _check(nodes, ms, "container_repositories_active", "stale")
         timings["stale"] = ms
-        nodes, ms = _explain_generic(conn, _WAITING_TIME_PASSED, {"wait": ("float8", 60.0)})
+        nodes, ms = _explain_generic(
+            conn, WAITING_TIME_PASSED_SQL, {"now": ("timestamptz", None), "wait": ("float8", 60.0)}
+        )
         _check(nodes, ms, "container_repositories_last_step_done", "waiting time")
         timings["waiting_time"] = ms
     # The store's own calls give the answers the plans were checked for.

@@ -273,6 +273,10 @@ def test_skip_and_already_migrated(clean_store: Store) -> None:
     assert skipped.migration_skipped_reason is SkipReason.TOO_MANY_TAGS
     done = _step(store, b, State.DEFAULT, Event.ALREADY_MIGRATED, 1).repository
     assert done.migration_state is State.IMPORT_DONE and done.migration_import_done_at is not None
+    # The metrics' skipped-by-reason gauge: every reason present, only skipped rows counted.
+    reasons = store.counts_by_skip_reason()
+    assert set(reasons) == set(SkipReason)
+    assert {r: n for r, n in reasons.items() if n} == {SkipReason.TOO_MANY_TAGS: 1}
 
 
 def test_undo_claim_restores_the_previous_state_without_a_retry(clean_store: Store) -> None:
@@ -330,11 +334,16 @@ def test_candidates_aborted_first_then_ready_by_age_with_cutoff_and_deny_list(
     )
     got = [r.id for r in store.candidates(settings, limit=10)]
     assert got == [abort_first, abort_second, old, same_a, same_b, young]
+    # The metrics' eligible gauge counts exactly the candidates, uncapped.
+    assert store.count_eligible(settings) == len(got)
     assert [r.id for r in store.candidates(settings, limit=3)] == [abort_first, abort_second, old]
     assert [r.id for r in store.candidates(settings, limit=1)] == [abort_first]
     no_rules = store.update_settings(created_before="none", root_namespace_deny_list="")
     got = [r.id for r in store.candidates(no_rules, limit=10)]
     assert got == [abort_first, abort_second, denied, old, same_a, same_b, young, too_new]
+    assert store.count_eligible(no_rules) == len(got)
+    only_cutoff = store.update_settings(created_before=(base + timedelta(days=100)).isoformat())
+    assert store.count_eligible(only_cutoff) == len(store.candidates(only_cutoff, limit=10)) == 7
 
 
 def test_waiting_time_and_stale(clean_store: Store) -> None:

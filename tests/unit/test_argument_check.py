@@ -17,7 +17,13 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
 
 from actors.enqueuer import enqueue_next_migration
-from actors.notifications import LeaseBusy, _retry_when, handle_registry_notification
+from actors.notifications import (
+    REGISTRY_RETRIES,
+    LeaseBusy,
+    TryLater,
+    _retry_when,
+    handle_registry_notification,
+)
 from actors.validation import ArgumentCheck, argument_problem
 
 QUEUE = "argument-check"
@@ -109,9 +115,18 @@ def test_the_real_actors_signatures_are_what_the_check_enforces() -> None:
 
 
 def test_a_busy_lease_is_retried_far_longer_than_other_errors() -> None:
-    busy = LeaseBusy("held")
+    busy = LeaseBusy("held", after=9.0)
+    # A Retry: no traceback; within a second (jittered), sooner when the lease ends sooner.
+    assert busy.delay is not None and 750 <= busy.delay <= 1250
+    soon = LeaseBusy("held", after=0.4)
+    assert soon.delay is not None and 300 <= soon.delay <= 500
     other = RuntimeError("database gone")
     assert _retry_when(0, busy) and _retry_when(239, busy)
     assert not _retry_when(240, busy)
     assert _retry_when(4, other)
     assert not _retry_when(5, other)
+    # A dependency that cannot answer (registry, etcd, PostgreSQL): retried for hours.
+    later = TryLater("etcd down", after=2.0)
+    assert later.delay is not None and 2000 <= later.delay <= 3000
+    assert _retry_when(REGISTRY_RETRIES - 1, later)
+    assert not _retry_when(REGISTRY_RETRIES, later)

@@ -113,3 +113,22 @@ def test_effective_pending_enqueues_defaults_to_capacity() -> None:
     }  # fmt: skip
     assert Settings(**base).effective_pending_enqueues == 7  # type: ignore[arg-type]
     assert Settings(**{**base, "pending_enqueues": 2}).effective_pending_enqueues == 2  # type: ignore[arg-type]
+
+
+def test_the_pre_import_timeout_grows_with_the_tags_up_to_its_cap() -> None:
+    base = {
+        "enabled": True, "capacity": 7, "enqueue_waiting_time": 0.0, "created_before": None,
+        "max_tags_count": 0, "max_retries": 3, "pre_import_timeout": 1.0, "import_timeout": 1.0,
+        "max_step_duration": 1.0, "root_namespace_deny_list": (), "lease_scope": "repository",
+        "pending_enqueues": None, "enqueue_interval": 1.0, "guard_interval": 1.0,
+    }  # fmt: skip
+    fixed = Settings(**{**base, "pre_import_timeout": 1800.0})  # type: ignore[arg-type]
+    assert fixed.pre_import_timeout_for(10_000) == 1800  # the default: today's fixed value
+    grows = Settings(**{**base, "pre_import_timeout": 600.0, "pre_import_timeout_per_tag": 0.5,
+                        "pre_import_timeout_max": 3600.0})  # type: ignore[arg-type]  # fmt: skip
+    assert grows.pre_import_timeout_for(0) == 600
+    assert grows.pre_import_timeout_for(1000) == 1100
+    assert grows.pre_import_timeout_for(100_000) == 3600
+    assert validate({"pre_import_timeout_max": "none"}) == {"pre_import_timeout_max": None}
+    with pytest.raises(SettingsError, match="pre_import_timeout_per_tag"):
+        validate({"pre_import_timeout_per_tag": "-1"})

@@ -42,6 +42,10 @@ EXPECTED: dict[Event, dict[tuple[State, State | None], State | None]] = {
         (AB, IM): DONE,
     },
     E.ABORT_IMPORT: {(PI, None): AB, (PD, None): AB, (IM, None): AB},
+    E.FINISH_IMPORT_AS: {
+        (D, None): DONE, (PI, None): DONE, (PD, None): DONE, (IM, None): DONE,
+        (AB, None): DONE, (AB, D): DONE, (AB, PI): DONE, (AB, PD): DONE, (AB, IM): DONE,
+    },
     E.SKIP_IMPORT: {
         (D, None): SK, (PI, None): SK, (PD, None): SK, (IM, None): SK,
         (AB, None): SK, (AB, D): SK, (AB, PI): SK, (AB, PD): SK, (AB, IM): SK,
@@ -63,7 +67,7 @@ def test_table_covers_every_event() -> None:
 def test_every_pair(row: tuple[State, State | None], event: Event) -> None:
     state, aborted_in = row
     expected = EXPECTED[event].get(row)
-    reason = SkipReason.NOT_FOUND if event is E.SKIP_IMPORT else None
+    reason = SkipReason.NOT_FOUND if event in (E.SKIP_IMPORT, E.FINISH_IMPORT_AS) else None
     if expected is None:
         with pytest.raises(InvalidTransition):
             apply(
@@ -86,7 +90,7 @@ def test_every_pair(row: tuple[State, State | None], event: Event) -> None:
     assert (t.from_state, t.to_state, t.event) == (state, expected, event)
     if event is E.ABORT_IMPORT:
         assert (t.retries_count, t.aborted_in_state, t.skipped_reason) == (1, state, None)
-    elif event is E.SKIP_IMPORT:
+    elif event in (E.SKIP_IMPORT, E.FINISH_IMPORT_AS):
         assert (t.retries_count, t.aborted_in_state) == (0, aborted_in)
         assert t.skipped_reason is SkipReason.NOT_FOUND
     else:
@@ -111,10 +115,20 @@ def test_abort_counts_retries_and_skips_at_max(state: State) -> None:
     assert apply(state, E.ABORT_IMPORT, retries_count=0, max_retries=1).to_state is SK
 
 
+def test_only_native_and_not_found_are_reasons_to_be_done() -> None:
+    for reason in SkipReason:
+        if reason in (SkipReason.NATIVE_IMPORT, SkipReason.NOT_FOUND):
+            done = apply(PI, E.FINISH_IMPORT_AS, retries_count=1, max_retries=3, skip_reason=reason)
+            assert (done.to_state, done.skipped_reason) == (DONE, reason)
+        else:
+            with pytest.raises(InvalidTransition, match="not a reason to be done"):
+                apply(PI, E.FINISH_IMPORT_AS, retries_count=0, max_retries=3, skip_reason=reason)
+
+
 def test_skip_needs_a_reason_and_others_refuse_one() -> None:
     with pytest.raises(InvalidTransition, match="needs a skip reason"):
         apply(D, E.SKIP_IMPORT, retries_count=0, max_retries=3)
-    with pytest.raises(InvalidTransition, match="only skip_import"):
+    with pytest.raises(InvalidTransition, match="only skip_import and finish_import_as"):
         apply(
             D, E.START_PRE_IMPORT, retries_count=0, max_retries=3, skip_reason=SkipReason.NOT_FOUND
         )

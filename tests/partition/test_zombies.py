@@ -1,0 +1,356 @@
+"""Zombie holders (issue 13 §3): workers partitioned from one service, or paused, while the
+rest of the stack runs, with the simulator's double-start guard off.
+
+Each scenario prints one ``SCENARIO`` line with its figures (fenced refusals, seconds from
+the fault to the zombie's session loss, to its lease's expiry in etcd, to the next holder's
+step) and asserts: no repository imported twice at once, capacity never exceeded, no stale
+write accepted, every repository ends as its path says, the zombie makes no registry call
+once its lease is gone; and, where the zombie has a write left to make after its lease
+expired (a, e), that write is refused.
+
+    uv run pytest tests/partition -s -q          # the bounded forms (CI)
+    uv run pytest tests/partition -s -q --long   # also the minute of degraded etcd (f)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests.partition.links import FaultProxy
+from tests.partition.scenario import VICTIM, Figures, PartitionRun, _ts, until
+
+Make = Callable[..., PartitionRun]
+TTL = 3
+
+
+def _zombie_calls(
+    partition: PartitionRun, index: int, lost_at: float, until_at: float
+) -> list[object]:
+    """The zombie's registry requests once its lease was gone, until ``until_at``."""
+    return partition.registry_calls(index, between=(lost_at, until_at))
+
+
+def test_a_worker_cut_from_etcd_mid_import(partitioned: Make) -> None:
+    """(a) The holder of the victim, inside its start call, loses etcd; PostgreSQL and the
+    registry stay reachable, but its PostgreSQL link is slow (2 s each way: the node's
+    network is in trouble), so the write it makes after the failed call lands after its
+    lease expired and the next holder wrote: refused. (With a fast PostgreSQL link the
+    fence makes it undo its claim before the lease expires: see the next test.)"""
+    partition = partitioned(lease_ttl=TTL)
+    partition.start()
+    index, token = partition.victim_in_start_call()
+    links = partition.links[index]
+    cut_at = time.time()
+    links["etcd"].cut()
+    links["postgres"].degrade(delay=2.0)
+    figures = Figures("a: worker<->etcd cut, slow PostgreSQL", extra={"zombie": index})
+    gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
+    next_at = partition.next_holder_step(token, timeout=30)
+    refused = until(lambda: partition.refusals(token), timeout=30, what="the zombie's refusal")
+    lost = partition.log_times(f"worker-{index}", "lease_session_lost", after=cut_at)
+    restored_at = time.time()
+    links.restore()
+    figures.fenced_refusals = len(partition.refusals())
+    figures.zombie_refusals = len(refused)
+    figures.session_lost_s = lost[0] - cut_at if lost else None
+    figures.lease_gone_s = gone_at - cut_at
+    figures.next_step_s = next_at - cut_at
+    loss_at = lost[0] if lost else gone_at
+    figures.zombie_calls_after_loss = len(_zombie_calls(partition, index, loss_at, restored_at))
+    figures.extra.update(partition.finish_and_check())
+    print(figures.line())
+    assert lost, "the cut-off worker never noticed its session was lost"
+    assert figures.zombie_refusals >= 1
+    assert figures.zombie_calls_after_loss == 0
+
+
+def test_a_worker_cut_from_etcd_with_postgresql_fast(partitioned: Make) -> None:
+    """(a') The same cut with PostgreSQL fast. The start call ends at its fenced timeout,
+    before the lease can expire; what the zombie writes after it (the undo of its claim,
+    since the lease is too short for the status read) is accepted while it still holds
+    the lease and refused once the next holder has written: either way no write of it
+    overrides the next holder's, and it calls the registry no more."""
+    partition = partitioned(lease_ttl=TTL)
+    partition.start()
+    index, token = partition.victim_in_start_call()
+    links = partition.links[index]
+    cut_at = time.time()
+    links["etcd"].cut()
+    figures = Figures("a': worker<->etcd cut, PostgreSQL fast", extra={"zombie": index})
+    gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
+    next_at = partition.next_holder_step(token, timeout=30)
+
+    def undone() -> list[object]:
+        return [
+            e for e in partition.store.events(partition.victim_id)
+            if e.token == token and e.event == "undo_claim"
+        ]  # fmt: skip
+
+    undo = until(undone, timeout=15, what="the zombie's undo")
+    lost = until(
+        lambda: partition.log_times(f"worker-{index}", "lease_session_lost", after=cut_at),
+        timeout=10, what="the zombie's session loss",
+    )  # fmt: skip
+    restored_at = time.time()
+    links.restore()
+    figures.fenced_refusals = len(partition.refusals())
+    figures.zombie_refusals = len(partition.refusals(token))
+    figures.session_lost_s = lost[0] - cut_at
+    figures.lease_gone_s = gone_at - cut_at
+    figures.next_step_s = next_at - cut_at
+    figures.zombie_calls_after_loss = len(_zombie_calls(partition, index, lost[0], restored_at))
+    figures.extra.update(
+        undo_accepted=undo[0].accepted,
+        undo_after_cut_s=round(undo[0].at.timestamp() - cut_at, 2),
+    )
+    figures.extra.update(partition.finish_and_check())
+    print(figures.line())
+    # Accepted only before the next holder wrote; refused after.
+    assert undo[0].accepted == (undo[0].at.timestamp() < next_at)
+    assert figures.zombie_calls_after_loss == 0
+
+
+def test_e_a_worker_paused_inside_its_start_call_past_the_ttl(partitioned: Make) -> None:
+    """(e) SIGSTOP the holder while the registry holds its start answer, until its lease has
+    expired and the next holder (the pre-import's notification) has stepped the victim;
+    SIGCONT: its call times out, it asks its lease before any other call (gone: no call)
+    and its undo is refused."""
+    partition = partitioned(lease_ttl=TTL)
+    partition.start()
+    index, token = partition.victim_in_start_call()
+    paused_at = time.time()
+    partition.run.pause_worker(index)
+    figures = Figures("e: SIGSTOP in the start call", extra={"zombie": index})
+    try:
+        gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
+        next_at = partition.next_holder_step(token, timeout=30)
+        time.sleep(max(0.0, paused_at + TTL + 2 - time.time()))  # paused past the TTL
+    finally:
+        partition.run.resume_worker(index)
+    resumed_at = time.time()
+    refused = until(lambda: partition.refusals(token), timeout=30, what="the zombie's refusal")
+    lost = until(
+        lambda: partition.log_times(f"worker-{index}", "lease_session_lost", after=paused_at),
+        timeout=10, what="the zombie to see its session lost",
+    )  # fmt: skip
+    refused_at = max(r[4].timestamp() for r in refused)
+    figures.fenced_refusals = len(partition.refusals())
+    figures.zombie_refusals = len(refused)
+    figures.session_lost_s = lost[0] - paused_at
+    figures.lease_gone_s = gone_at - paused_at
+    figures.next_step_s = next_at - paused_at
+    # From the lease's expiry to its refused write, the zombie called nothing: its
+    # timed-out start was followed by no status read.
+    figures.zombie_calls_after_loss = len(_zombie_calls(partition, index, gone_at, refused_at))
+    figures.extra.update(paused_s=round(resumed_at - paused_at, 2))
+    figures.extra.update(partition.finish_and_check())
+    print(figures.line())
+    assert figures.zombie_refusals >= 1
+    assert figures.zombie_calls_after_loss == 0
+    assert len(partition.starts(VICTIM)) >= 2  # the next holder started the final import
+
+
+def test_b_a_worker_cut_from_postgresql_mid_step(partitioned: Make) -> None:
+    """(b) The holder of the victim loses PostgreSQL inside its start call (a slow-decide
+    path: nothing started, the undo must be written). Its lease stays alive (etcd is
+    reachable): the victim waits for it, the other worker goes on with the rest; once
+    PostgreSQL is back the write lands, as the holder's, accepted."""
+    partition = partitioned(lease_ttl=TTL)
+    partition.start(victim="zombie/victim/slow-decide-app")
+    index, token = partition.victim_in_start_call()
+    links = partition.links[index]
+    cut_at = time.time()
+    links["postgres"].cut()
+    figures = Figures("b: worker<->PostgreSQL cut", extra={"zombie": index})
+    terminal_before = partition.store.counts_by_state()
+    time.sleep(8)  # the cut lasts 8 s (a bounded outage, not a wait for an outcome)
+    still = partition.holder(partition.victim_id)
+    terminal_during = partition.store.counts_by_state()
+    links.restore()
+    restored_at = time.time()
+    partition.configure_simulator(slow_start_seconds=0)
+    figures.extra.update(
+        held_through_cut=still is not None and still[1] == token,
+        others_progressed=_terminal(terminal_during) - _terminal(terminal_before),
+    )
+    figures.fenced_refusals = len(partition.refusals())
+    figures.zombie_refusals = len(partition.refusals(token))
+    try:
+        next_at = partition.next_holder_step(token, timeout=60)
+        figures.next_step_s = next_at - cut_at
+    except AssertionError:
+        figures.next_step_s = None
+    figures.extra["restored_after_s"] = round(restored_at - cut_at, 2)
+    figures.extra.update(partition.finish_and_check())
+    print(figures.line())
+    assert figures.zombie_refusals == 0
+
+
+def _terminal(counts: dict[object, int]) -> int:
+    return sum(n for state, n in counts.items() if str(state) in ("import_done", "import_skipped"))
+
+
+def test_c_a_worker_cut_from_rabbitmq_while_it_processes_a_message(partitioned: Make) -> None:
+    """(c) The holder of the victim loses RabbitMQ (silence) inside its start call. The
+    broker misses its heartbeats (4 s) and redelivers the unacked message to the other
+    worker, which reconciles the victim; the zombie's ack goes nowhere."""
+    partition = partitioned(lease_ttl=TTL)
+    partition.start()
+    index, token = partition.victim_in_start_call()
+    holder = partition.holder(partition.victim_id)
+    assert holder is not None
+    message_id = holder[0].message_id
+    links = partition.links[index]
+    cut_at = time.time()
+    links["rabbitmq"].cut()
+    figures = Figures("c: worker<->RabbitMQ cut", extra={"zombie": index})
+    other = f"worker-{1 - index}"
+
+    def redelivered() -> list[float]:
+        """When the other worker ran the zombie's message (a redelivery)."""
+        return [
+            _ts(line)
+            for line in partition.run.log_events(other, "enqueue_next_migration")
+            if line.get("message_id") == message_id and _ts(line) >= cut_at
+        ]
+
+    seen = until(redelivered, timeout=40, what="the message redelivered to the other worker")
+    links.restore()
+    figures.extra["redelivered_s"] = round(min(seen) - cut_at, 2)
+    figures.fenced_refusals = len(partition.refusals())
+    figures.zombie_refusals = len(partition.refusals(token))
+    figures.extra.update(partition.finish_and_check())
+    log = partition.run.log_path(f"worker-{index}").read_text(errors="replace")
+    # Dramatiq's words when the delivery's channel is gone: the ack cannot be sent.
+    figures.extra["zombie_ack_failed"] = (
+        "Failed to ack message" in log or "Failed to post_process_message" in log
+    )
+    print(figures.line())
+    assert figures.extra["zombie_ack_failed"]
+
+
+def test_d_the_api_cut_from_rabbitmq_answers_503_never_202(partitioned: Make) -> None:
+    """(d) The API loses RabbitMQ: no notification is accepted (202) while it cannot queue
+    it; the registry retries, and delivers once the link is back."""
+    partition = partitioned(lease_ttl=TTL, api_links=True)
+    partition.start(plain=10)
+    assert partition.api_links is not None
+    link = partition.api_links["rabbitmq"]
+    until(lambda: partition.run.log_events("api", "notification_accepted"), timeout=60,
+          what="a first notification")  # fmt: skip
+    cut_at = time.time()
+    link.cut()
+    time.sleep(10)  # a bounded outage: the registry's notifications keep coming meanwhile
+    restored_at = time.time()
+    link.restore()
+    figures = Figures("d: API<->RabbitMQ cut")
+    accepted = [
+        t for t in partition.log_times("api", "notification_accepted", after=cut_at)
+        if t < restored_at
+    ]  # fmt: skip
+    answers = _notification_answers(partition, between=(cut_at + 0.5, restored_at))
+    figures.extra.update(
+        accepted_during_cut=len(accepted),
+        registry_saw_during_cut=answers,
+        not_queued=len(partition.log_times("api", "notification_not_queued", after=cut_at)),
+        attempts=partition.run.report()["notifications"]["attempts"],
+    )
+    figures.extra.update(partition.finish_and_check())
+    print(figures.line())
+    assert accepted == []
+    assert "202" not in figures.extra["registry_saw_during_cut"]
+
+
+def _notification_answers(
+    partition: PartitionRun, *, between: tuple[float, float]
+) -> dict[str, int]:
+    """The answers the registry got to its notifications within ``between`` (its httpx
+    client's lines: one per answered request; a request that timed out has none)."""
+    low, high = between
+    seen: dict[str, int] = {}
+    for line in partition.run.log_events("simulator"):
+        text = str(line.get("event", ""))
+        answered = text.startswith("HTTP Request: PUT") and "/notifications/" in text
+        if answered and low <= _ts(line) <= high:
+            code = text.rsplit("HTTP/1.1 ", 1)[-1].split(" ", maxsplit=1)[0]
+            seen[code] = seen.get(code, 0) + 1
+    return seen
+
+
+@pytest.mark.parametrize(
+    "minute", [pytest.param(False), pytest.param(True, marks=pytest.mark.slow)]
+)
+def test_f_a_slow_lossy_etcd_link_loses_no_session(partitioned: Make, minute: bool) -> None:
+    """(f) 200 ms ± 50 ms and 5 % loss on every worker's etcd link at TTL 10: no session is
+    lost, the migration goes on. 20 s in CI, a minute with --long."""
+    lasting = 60.0 if minute else 20.0
+    partition = partitioned(lease_ttl=10)
+    for links in partition.links:
+        links["etcd"].degrade(delay=0.2, jitter=0.05, loss=0.05)
+    started = time.time()
+    partition.start(plain=30 if minute else 12)
+    partition.configure_simulator(slow_start_seconds=0)
+    time.sleep(max(0.0, started + lasting - time.time()))
+    for links in partition.links:
+        links.restore()
+    lost = [
+        t for i in range(len(partition.links))
+        for t in partition.log_times(f"worker-{i}", "lease_session_lost", after=started)
+    ]  # fmt: skip
+    at_risk = [
+        line for i in range(len(partition.links))
+        for line in partition.run.log_events(f"worker-{i}", "registry_call_not_made")
+    ]  # fmt: skip
+    figures = Figures(f"f: etcd 200±50 ms, 5 % loss, {lasting:.0f} s", extra={
+        "sessions_lost": len(lost), "calls_not_made": len(at_risk),
+        "terminal_in_window": _terminal(partition.store.counts_by_state()),
+    })  # fmt: skip
+    figures.extra.update(partition.finish_and_check())
+    print(figures.line())
+    assert lost == []
+    assert figures.extra["terminal_in_window"] >= 1
+
+
+def test_the_harness_holds_and_delivers() -> None:
+    """Sanity of the links themselves: a cut holds bytes (silence, no reset) and delivers
+    them on restore; refuse resets."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def echo() -> None:
+        conn, _ = server.accept()
+        while data := conn.recv(100):
+            conn.sendall(data)
+
+    threading.Thread(target=echo, daemon=True).start()
+    proxy = FaultProxy(name="echo", target=server.getsockname())
+    try:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        client.sendall(b"a")
+        assert client.recv(10) == b"a"
+        proxy.cut()
+        client.sendall(b"b")
+        client.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            client.recv(10)  # silence, not a reset
+        proxy.restore()
+        client.settimeout(5)
+        assert client.recv(10) == b"b"
+        proxy.degrade(delay=0.3, jitter=0.0)
+        began = time.monotonic()
+        client.sendall(b"c")
+        assert client.recv(10) == b"c"
+        assert time.monotonic() - began >= 0.55  # both ways
+        proxy.refuse()
+        with pytest.raises(OSError):
+            client.sendall(b"d")
+            client.recv(10) or (_ for _ in ()).throw(ConnectionResetError())
+    finally:
+        proxy.close()
+        server.close()
