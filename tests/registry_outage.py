@@ -64,13 +64,16 @@ class Fault:
     :param name: as printed and parametrized.
     :param what: one line saying what the registry does meanwhile.
     :param begin: starts it on the run.
-    :param end: ends it on the run (the 401's end also resumes the migration).
+    :param end: ends it on the run (the 401's end also resumes the migration); returns when
+        it was over (Unix time): the registry listening again, the switch cleared; for the
+        401, the moment the operator runs ``resume`` (the command's own start-up is slow on
+        a loaded machine, and the migration goes on as soon as its write lands).
     """
 
     name: str
     what: str
     begin: Callable[[LocalMigration], None]
-    end: Callable[[LocalMigration], None]
+    end: Callable[[LocalMigration], float]
 
 
 def resume(run: LocalMigration) -> None:
@@ -94,13 +97,25 @@ def _switch(**fault: Any) -> Callable[[LocalMigration], None]:
     return switch
 
 
+def _cleared(run: LocalMigration) -> float:
+    run.configure_simulator(fault=None)
+    return time.time()
+
+
 def _stop(run: LocalMigration) -> None:
     run.stop_simulator()
 
 
-def _token_fixed(run: LocalMigration) -> None:
+def _started(run: LocalMigration) -> float:
+    run.start_simulator()
+    return time.time()
+
+
+def _token_fixed(run: LocalMigration) -> float:
     run.configure_simulator(token=None)
+    over = time.time()
     resume(run)
+    return over
 
 
 FAULTS: dict[str, Fault] = {
@@ -110,13 +125,13 @@ FAULTS: dict[str, Fault] = {
             "down",
             "the registry's process is stopped (connections refused)",
             _stop,
-            lambda run: run.start_simulator(),
+            _started,
         ),
         Fault(
             "503_on_start",
             "every start call is answered 503",
             _switch(fault="status:503", fault_calls="start"),
-            _switch(fault=None),
+            _cleared,
         ),
         Fault(
             # Not "slow": a parametrize id is a pytest keyword, and "slow" means --long.
@@ -124,7 +139,7 @@ FAULTS: dict[str, Fault] = {
             f"every call is answered {SLOW_ANSWER_S:g} s late (client timeout"
             f" {CLIENT_TIMEOUT:g} s); the calls still act",
             _switch(fault=f"slow:{SLOW_ANSWER_S:g}", fault_calls="all"),
-            _switch(fault=None),
+            _cleared,
         ),
         Fault(
             "401",
@@ -137,13 +152,13 @@ FAULTS: dict[str, Fault] = {
             "reset",
             "every connection is closed mid-answer",
             _switch(fault="reset", fault_calls="all"),
-            _switch(fault=None),
+            _cleared,
         ),
         Fault(
             "garbage",
             "every call is answered 200 with an HTML page",
             _switch(fault="garbage", fault_calls="all"),
-            _switch(fault=None),
+            _cleared,
         ),
     )
 }
@@ -290,8 +305,7 @@ def run_outage(
     outage.paused_reason = store.settings().paused_reason
     if on_fault_end is not None:
         on_fault_end(outage)
-    fault.end(run)
-    ended_at = time.time()
+    ended_at = fault.end(run)
     outage.held_s = time.monotonic() - began
     outage.total = sum(store.counts_by_state().values())
 

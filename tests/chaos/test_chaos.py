@@ -299,12 +299,16 @@ def _migrate(
             log.started = time.monotonic()
             if faults:
                 injector.start()
-            wait_until(
-                lambda: _terminal_now(store) and (not faults or injector.heavy_done.is_set()),
-                timeout=120 + count * (1.0 if faults else 0.5),
-                interval=1,
-                what=f"{count} repositories terminal",
-            )
+            # Not terminal in time is reported with the rest (the figures, CHAOS_REPORT),
+            # as a violation. The registry's faults hold until the migrator met them and a
+            # restarted simulator takes its time on a loaded machine: 300 s of slack.
+            with contextlib.suppress(AssertionError):
+                wait_until(
+                    lambda: _terminal_now(store) and (not faults or injector.heavy_done.is_set()),
+                    timeout=300 + count * (1.0 if faults else 0.5),
+                    interval=1,
+                    what=f"{count} repositories terminal",
+                )
             if faults:
                 injector.stop()
 

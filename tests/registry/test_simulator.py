@@ -152,7 +152,9 @@ def test_report_flags_an_accepted_double_start(make_simulator: MakeSimulator) ->
 
 
 def test_report_counts_concurrency_and_outcomes(make_simulator: MakeSimulator) -> None:
-    simulator = make_simulator(pre_import_seconds=(0.3, 0.3), pre_import_failure_rate=0.0)
+    # 2 s imports: the four starts must all be running when counted, on a loaded machine too
+    # (0.3 s failed under load 15).
+    simulator = make_simulator(pre_import_seconds=(2, 2), pre_import_failure_rate=0.0)
     paths = [f"g/app-{n}" for n in range(4)]
     with RegistryClient(simulator.url) as client:
         for path in paths:
