@@ -60,7 +60,9 @@ _MATCHING_STATES: dict[RegistryImportStatus, frozenset[State]] = {
     ),
     RegistryImportStatus.PRE_IMPORT_FAILED: frozenset({State.PRE_IMPORTING}),
     RegistryImportStatus.PRE_IMPORT_CANCELED: frozenset({State.PRE_IMPORTING}),
-    RegistryImportStatus.IMPORT_COMPLETE: frozenset({State.IMPORTING}),
+    # pre_import_done too: a final start whose answer was lost had its claim undone, and
+    # the registry went on and finished it.
+    RegistryImportStatus.IMPORT_COMPLETE: frozenset({State.IMPORTING, State.PRE_IMPORT_DONE}),
     RegistryImportStatus.IMPORT_FAILED: frozenset({State.IMPORTING}),
     RegistryImportStatus.IMPORT_CANCELED: frozenset({State.IMPORTING}),
 }
@@ -636,9 +638,8 @@ class Migrator:
                 repository = stepped.repository
             return self.start_final_import(repository, writer)
         if status is RegistryImportStatus.IMPORT_COMPLETE:
-            result = self._step(
-                repository, Event.FINISH_IMPORT, writer, detail={"registry": detail}
-            )
+            event = Event.FINISH_IMPORT if state is State.IMPORTING else Event.ALREADY_MIGRATED
+            result = self._step(repository, event, writer, detail={"registry": detail})
             return self._report(result, StepOutcome.FINISHED)
         return self.abort(
             repository, writer, f"registry: {status.value} {detail}".strip(),
@@ -729,6 +730,19 @@ class Migrator:
                     f"ran {age:.0f} s > timeout {timeout:.0f} s; canceled",
                     AbortCause.TIMEOUT,
                 )
+            report.fields.update(fields)
+            return report
+        if (
+            state is State.PRE_IMPORT_DONE
+            and registry_status is RegistryImportStatus.IMPORT_IN_PROGRESS
+        ):
+            # A final start whose answer was lost (its claim undone) that the registry runs
+            # after all: take it over, as a retry aligns; nothing is sent, nothing charged.
+            stepped = self._step(
+                repository, Event.START_IMPORT, writer,
+                detail={"why": "the registry already runs the final import"},
+            )  # fmt: skip
+            report = self._report(stepped, StepOutcome.ALIGNED)
             report.fields.update(fields)
             return report
         if status.outcome is StatusOutcome.UNKNOWN_STATUS:

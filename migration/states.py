@@ -11,7 +11,9 @@ check. The allowed transitions::
     finish_pre_import  pre_importing                              -> pre_import_done
     start_import       pre_import_done                            -> importing
     finish_import      importing                                  -> import_done
-    already_migrated   default | import_aborted                   -> import_done
+    already_migrated   default | pre_import_done | import_aborted -> import_done
+                       (the registry reports the import complete: a final start whose answer
+                       was lost and whose claim was undone, or a retry, finds it done)
     finish_import_as   any state but import_done, import_skipped  -> import_done (reason:
                        native_import or not_found: the registry holds it already, or does
                        not know it; nothing left to do, as the reference's finish_import_as)
@@ -143,6 +145,7 @@ _EDGES: dict[Event, dict[State, State]] = {
     Event.FINISH_IMPORT: {State.IMPORTING: State.IMPORT_DONE},
     Event.ALREADY_MIGRATED: {
         State.DEFAULT: State.IMPORT_DONE,
+        State.PRE_IMPORT_DONE: State.IMPORT_DONE,
         State.IMPORT_ABORTED: State.IMPORT_DONE,
     },
     Event.ALIGN_PRE_IMPORTING: {State.IMPORT_ABORTED: State.PRE_IMPORTING},

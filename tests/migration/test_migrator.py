@@ -6,6 +6,7 @@ Each test drives :class:`migration.migrator.Migrator` the way an actor does unde
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -485,3 +486,57 @@ def test_guard_postpones_when_the_registry_answers_5xx(
     assert report.outcome is StepOutcome.IGNORED
     row = current(store, repo_id)
     assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 0)
+
+
+def _pre_import_done(store: Store, simulator: SimulatorServer, path: str, tokens: Tokens) -> int:
+    """A repository whose pre-import ran at the registry and is pre_import_done here, as
+    after a final start whose answer was lost and whose claim was undone."""
+    repo_id = add(store, path)
+    claim_without_registry(store, repo_id, tokens)
+    assert store.step(repo_id, expected_state=State.PRE_IMPORTING, event="finish_pre_import",
+                      token=tokens.writer().token, actor="test", message_id=None).ok  # fmt: skip
+    with RegistryClient(simulator.url) as registry:
+        assert registry.start_pre_import(path).started
+        _wait(lambda: registry.status(path).status is RegistryImportStatus.PRE_IMPORT_COMPLETE)
+        assert registry.start_import(path).started  # the start the worker never heard of
+    return repo_id
+
+
+def _wait(predicate, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_an_import_finished_after_its_start_was_undone_is_done_not_charged(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
+) -> None:
+    """The final start's answer was lost (and the status read too): the claim was undone to
+    pre_import_done, but the registry imported it. Its import_complete notification, or the
+    guard, finishes it; neither aborts it (a chaos run charged such a repository a retry)."""
+    store = migrator.store
+    simulator.configure(pre_import_seconds=[0.05, 0.05], import_seconds=[0.05, 0.05])
+    repo_id = _pre_import_done(store, simulator, "group/late-final/image", tokens)
+    with RegistryClient(simulator.url) as registry:
+        _wait(lambda: registry.status("group/late-final/image").status
+              is RegistryImportStatus.IMPORT_COMPLETE)  # fmt: skip
+    report = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.IMPORT_COMPLETE, tokens.writer()
+    )
+    assert report.outcome is StepOutcome.FINISHED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORT_DONE, 0)
+
+
+def test_the_guard_takes_over_a_final_import_the_registry_runs(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    store = migrator.store
+    simulator.configure(pre_import_seconds=[0.05, 0.05], import_seconds=[60, 60])
+    repo_id = _pre_import_done(store, simulator, "group/running-final/image", tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.ALIGNED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORTING, 0)

@@ -38,8 +38,8 @@ EXPECTED: dict[Event, dict[tuple[State, State | None], State | None]] = {
     E.START_IMPORT: {(PD, None): IM},
     E.FINISH_IMPORT: {(IM, None): DONE},
     E.ALREADY_MIGRATED: {
-        (D, None): DONE, (AB, None): DONE, (AB, D): DONE, (AB, PI): DONE, (AB, PD): DONE,
-        (AB, IM): DONE,
+        (D, None): DONE, (PD, None): DONE, (AB, None): DONE, (AB, D): DONE, (AB, PI): DONE,
+        (AB, PD): DONE, (AB, IM): DONE,
     },
     E.ABORT_IMPORT: {(PI, None): AB, (PD, None): AB, (IM, None): AB},
     E.FINISH_IMPORT_AS: {
