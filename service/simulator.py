@@ -443,7 +443,7 @@ class Notifier:
              "last_answer": last, "at": time.time()}
         )  # fmt: skip
         logger = log.info if outcome == "sent" else log.warning
-        logger("simulator.notification", path=path, status=str(status), outcome=outcome,
+        logger("simulator_notification", path=path, status=str(status), outcome=outcome,
                attempts=attempts, last_answer=last)  # fmt: skip
 
     async def reset(self) -> None:
