@@ -47,6 +47,7 @@ from migration.states import (
     SkipReason,
     State,
     allowed_retry,
+    can_undo,
     is_last_retry,
 )
 from migration.store import Outcome, Repository, StepResult, Store
@@ -388,7 +389,18 @@ class Migrator:
         if repository.registry_failures:
             self.store.clear_backoff(repository.id)
 
-    def _finish_as(
+    def _claimed_from(self, repository: Repository) -> State | None:
+        """The state the claim that put ``repository`` in its active state came from (the
+        accepted event that arrived in it), or None when the log does not say."""
+        for event in reversed(self.store.events(repository.id, limit=20)):
+            if event.accepted and event.to_state == repository.migration_state.value:
+                try:
+                    return State(event.from_state) if event.from_state else None
+                except ValueError:
+                    return None
+        return None
+
+    def finish_as(
         self, repository: Repository, writer: Writer, reason: SkipReason, why: str = ""
     ) -> StepReport:
         """Done with a reason: native, or unknown to the registry (the reference's
@@ -465,11 +477,9 @@ class Migrator:
             case ImportOutcome.STARTED:
                 return StepReport(StepOutcome.STARTED, repository, fields)
             case ImportOutcome.ALREADY_IMPORTED:
-                report = self._finish_as(
-                    repository, writer, SkipReason.NATIVE_IMPORT, answer.detail
-                )
+                report = self.finish_as(repository, writer, SkipReason.NATIVE_IMPORT, answer.detail)
             case ImportOutcome.NOT_FOUND:
-                report = self._finish_as(repository, writer, SkipReason.NOT_FOUND, answer.detail)
+                report = self.finish_as(repository, writer, SkipReason.NOT_FOUND, answer.detail)
             case ImportOutcome.TOO_MANY_IMPORTS:
                 undone = self._undo(
                     repository, claimed_from, writer, "registry: too many imports",
@@ -538,7 +548,7 @@ class Migrator:
         registry_status = status.status.value if status.status else status.outcome.value
         if status.outcome is StatusOutcome.FOUND:
             if status.status is RegistryImportStatus.NATIVE:
-                return self._finish_as(
+                return self.finish_as(
                     repository, writer, SkipReason.NATIVE_IMPORT, "registry: native"
                 )
             if status.status is RegistryImportStatus.IMPORT_COMPLETE:
@@ -684,6 +694,29 @@ class Migrator:
             report = self.on_registry_status(
                 repository, registry_status, writer, detail="found by the guard", verify=False
             )
+            report.fields.update(fields)
+            return report
+        if registry_status is RegistryImportStatus.NATIVE:
+            # The registry holds it natively: done, as a start answered 200 would have been.
+            report = self.finish_as(
+                repository, writer, SkipReason.NATIVE_IMPORT, "registry: native"
+            )
+            report.fields.update(fields)
+            return report
+        never_started = (
+            state is State.PRE_IMPORTING and status.outcome is StatusOutcome.NOT_FOUND
+        ) or (
+            state is State.IMPORTING and registry_status is RegistryImportStatus.PRE_IMPORT_COMPLETE
+        )
+        claimed_from = self._claimed_from(repository) if never_started else None
+        if claimed_from is not None and can_undo(state, claimed_from):
+            # The registry never heard of the phase we claimed: the start never reached it
+            # (its worker died or lost its lease between the claim and the call). Not the
+            # repository's doing: undo the claim, charge nothing; the next run starts it
+            # (and a repository the registry does not know then ends done, not_found).
+            why = f"registry reports {fields['registry_status']} while {state.value}: never started"
+            undone = self._undo(repository, claimed_from, writer, why, fault_class="interrupted")
+            report = self._report(undone, StepOutcome.UNDONE, why=why)
             report.fields.update(fields)
             return report
         running = {

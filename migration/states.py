@@ -290,6 +290,11 @@ def apply(
     return to(_RETRY_TARGET[event])
 
 
+def can_undo(state: State, claimed_from: State) -> bool:
+    """Whether ``claimed_from -> state`` is a claim :func:`undo_claim` may reverse."""
+    return (State(state), State(claimed_from)) in _UNDOABLE
+
+
 def undo_claim(
     state: State, *, claimed_from: State, retries_count: int, aborted_in_state: State | None
 ) -> Transition:
@@ -302,7 +307,7 @@ def undo_claim(
     :raises InvalidTransition: ``(state, claimed_from)`` is not a claim.
     """
     state, claimed_from = State(state), State(claimed_from)
-    if (state, claimed_from) not in _UNDOABLE:
+    if not can_undo(state, claimed_from):
         raise InvalidTransition(state, UNDO_CLAIM, f"{claimed_from} -> {state} is not a claim")
     return Transition(
         event=UNDO_CLAIM,

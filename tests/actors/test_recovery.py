@@ -131,7 +131,10 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
     wait_until(lambda: len(accepted_events()) >= 2, timeout=ttl + 4, interval=0.05, what="a step")
     claim, step = accepted_events()[:2]
     assert claim.event == "start_pre_import", claim
-    assert (step.event, step.actor) == ("abort_import", "enqueue_next_migration"), step
+    # The registry never started it (the caller died inside the call): the claim is undone,
+    # no retry charged (the worker's death is not the repository's doing).
+    assert (step.event, step.actor) == ("undo_claim", "enqueue_next_migration"), step
+    assert step.detail.get("fault_class") == "interrupted", step
     recovered_after = step.at.timestamp() - killed_at
     assert recovered_after <= ttl + 1.5, recovered_after
     # Retried and finished by the survivor.
@@ -144,6 +147,8 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
         interval=0.2,
         what="the victim terminal",
     )
+    victim = clean_store.get(victim_id)
+    assert victim is not None and victim.migration_retries_count == 0, victim
     report = run.report()
     assert report["overlapping_repositories"] == []
     assert stale_accepted_writes(database_url) == []

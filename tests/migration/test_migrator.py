@@ -428,17 +428,35 @@ def test_guard_skips_as_canceled_when_the_retries_are_used_up(
     assert current(store, repo_id).migration_skipped_reason is SkipReason.MIGRATION_CANCELED
 
 
-def test_guard_aborts_a_claim_the_registry_never_heard_of(
+def test_guard_undoes_a_claim_the_registry_never_heard_of(
     migrator: Migrator, tokens: Tokens, database_url: str
 ) -> None:
-    """A worker killed between its claim and its registry call leaves such a repository."""
+    """A worker killed between its claim and its registry call leaves such a repository:
+    its claim is undone, no retry charged (the death was not the repository's doing)."""
     store = migrator.store
     repo_id = add(store, "group/orphan/image")
     claim_without_registry(store, repo_id, tokens)
     _age_step(database_url, repo_id, 600)
     report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
-    assert report.outcome is StepOutcome.ABORTED
-    assert current(store, repo_id).migration_state is State.IMPORT_ABORTED
+    assert report.outcome is StepOutcome.UNDONE
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.DEFAULT, 0)
+    assert _events(database_url, repo_id)[-1][2]["fault_class"] == "interrupted"
+
+
+def test_guard_finishes_a_repository_the_registry_holds_natively(
+    migrator: Migrator, tokens: Tokens, database_url: str
+) -> None:
+    store = migrator.store
+    repo_id = add(store, "group/native-orphan/image")
+    claim_without_registry(store, repo_id, tokens)
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.FINISHED
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_skipped_reason) == (
+        State.IMPORT_DONE, SkipReason.NATIVE_IMPORT,
+    )  # fmt: skip
 
 
 def test_guard_leaves_things_alone_when_the_registry_is_unreachable(

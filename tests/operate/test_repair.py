@@ -143,8 +143,9 @@ def test_guard_pass_now(env: dict[str, str], clean_store: Store, database_url: s
     assert clean_store.get(rid).migration_state is State.PRE_IMPORTING  # type: ignore[union-attr]
     done = run(env, "guard")
     assert done.returncode == 0, done.stderr
-    assert "pre_importing -> import_aborted [aborted]" in done.stdout
-    assert last_event(database_url, rid)[:2] == ("abort_import", "operator")
+    # The registry never heard of it: the claim is undone, nothing charged.
+    assert "pre_importing -> default [undone]" in done.stdout
+    assert last_event(database_url, rid)[:2] == ("undo_claim", "operator")
     assert run(env, "guard").stdout.strip() == "no stale migration"
 
 
