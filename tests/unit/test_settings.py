@@ -104,24 +104,23 @@ def test_every_settings_field_but_updated_at_is_settable() -> None:
     assert names == set(PARSERS)
 
 
+#: The required settings fields (the others have defaults), for building Settings directly.
+_SETTINGS: dict[str, object] = {
+    "enabled": True, "capacity": 7, "enqueue_waiting_time": 0.0, "created_before": None,
+    "max_tags_count": 0, "max_retries": 3, "pre_import_timeout": 1.0, "import_timeout": 1.0,
+    "max_step_duration": 1.0, "root_namespace_deny_list": (), "lease_scope": "repository",
+    "pending_enqueues": None, "enqueue_interval": 1.0, "guard_interval": 1.0,
+}  # fmt: skip
+
+
 def test_effective_pending_enqueues_defaults_to_capacity() -> None:
-    base = {
-        "enabled": True, "capacity": 7, "enqueue_waiting_time": 0.0, "created_before": None,
-        "max_tags_count": 0, "max_retries": 3, "pre_import_timeout": 1.0, "import_timeout": 1.0,
-        "max_step_duration": 1.0, "root_namespace_deny_list": (), "lease_scope": "repository",
-        "pending_enqueues": None, "enqueue_interval": 1.0, "guard_interval": 1.0,
-    }  # fmt: skip
+    base = dict(_SETTINGS)
     assert Settings(**base).effective_pending_enqueues == 7  # type: ignore[arg-type]
     assert Settings(**{**base, "pending_enqueues": 2}).effective_pending_enqueues == 2  # type: ignore[arg-type]
 
 
 def test_the_pre_import_timeout_grows_with_the_tags_up_to_its_cap() -> None:
-    base = {
-        "enabled": True, "capacity": 7, "enqueue_waiting_time": 0.0, "created_before": None,
-        "max_tags_count": 0, "max_retries": 3, "pre_import_timeout": 1.0, "import_timeout": 1.0,
-        "max_step_duration": 1.0, "root_namespace_deny_list": (), "lease_scope": "repository",
-        "pending_enqueues": None, "enqueue_interval": 1.0, "guard_interval": 1.0,
-    }  # fmt: skip
+    base = dict(_SETTINGS)
     fixed = Settings(**{**base, "pre_import_timeout": 1800.0})  # type: ignore[arg-type]
     assert fixed.pre_import_timeout_for(10_000) == 1800  # the default: today's fixed value
     grows = Settings(**{**base, "pre_import_timeout": 600.0, "pre_import_timeout_per_tag": 0.5,
