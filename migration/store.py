@@ -41,12 +41,11 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from migration import metrics
 from migration import settings as settings_module
+from migration.queries import ACTIVE_SQL, WAITING_TIME_PASSED_SQL
 from migration.settings import Settings
 from migration.states import (
-    ACTIVE_STATES,
     ARRIVAL_COLUMN,
     CLAIM_EVENTS,
-    FINISHED_STATES,
     REQUEUE,
     REQUEUE_STATES,
     UNDO_CLAIM,
@@ -80,43 +79,19 @@ def _arrival_column(transition: Transition) -> str | None:
     return ARRIVAL_COLUMN.get(transition.to_state) if transition.event != UNDO_CLAIM else None
 
 
-def _sql_list(states: frozenset[State]) -> str:
-    """``('a', 'b')``: state literals for the queries. Literals, not parameters: the partial
-    indexes (schema files) are only used when the planner sees the same literals, which
-    tests/unit/test_schema_vocabulary.py checks against migration/states.py."""
-    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states)) + ")"
-
-
-_ACTIVE_SQL = _sql_list(ACTIVE_STATES)
 # Counting these reads the partial index container_repositories_active.
-_COUNT_ACTIVE = (
-    f"SELECT count(*) FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608 - constants only
-)
-# The finished states whose latest step starts the enqueue waiting time (the reference's
-# recently_done_migration_step); the partial expression index container_repositories_
-# last_step_done (schema 0004) has the same literals.
-_FINISHED_SQL = _sql_list(FINISHED_STATES)
-#: True when the waiting time (%(wait)s seconds) has passed at %(now)s; shared with status.
-WAITING_TIME_PASSED_SQL = (
-    # max() of an indexed expression is one step down the index, whatever the plan; an
-    # EXISTS with a range condition can be planned as a scan under a generic plan.
-    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"  # noqa: S608 - constants only
-    " migration_aborted_at, migration_skipped_at))"
-    " <= coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(wait)s), true)"
-    " AS passed FROM container_repositories"
-    f" WHERE migration_state IN {_FINISHED_SQL}"
-)
+_COUNT_ACTIVE = f"SELECT count(*) FROM container_repositories WHERE migration_state IN {ACTIVE_SQL}"  # noqa: S608 - constants only
 # An active row with no last_step_at (written outside the project, e.g. imported from
 # GitLab's tables) is stale too, and first: the reference counts nil as stale.
 _SELECT_STALE = (
-    f"SELECT * FROM container_repositories WHERE migration_state IN {_ACTIVE_SQL}"  # noqa: S608
+    f"SELECT * FROM container_repositories WHERE migration_state IN {ACTIVE_SQL}"  # noqa: S608
     " AND (last_step_at IS NULL OR last_step_at < now() - make_interval(secs => %(age)s))"
     " ORDER BY last_step_at NULLS FIRST LIMIT %(limit)s"
 )
 # Active repositories whose latest accepted write came from one message: what a delivery of
 # that message left behind (partial index on the active states, then each one's last event).
 _SELECT_LAST_WRITTEN_BY = (
-    f"SELECT r.* FROM container_repositories r WHERE r.migration_state IN {_ACTIVE_SQL}"  # noqa: S608
+    f"SELECT r.* FROM container_repositories r WHERE r.migration_state IN {ACTIVE_SQL}"  # noqa: S608
     " AND (SELECT e.message_id FROM migration_events e WHERE e.repository_id = r.id"
     " AND e.accepted ORDER BY e.id DESC LIMIT 1) = %(message_id)s ORDER BY r.id"
 )

@@ -18,9 +18,9 @@ from psycopg.rows import dict_row
 from leases import EtcdUnavailable, HeldKey, LeaseError, SharedBreaker, list_held
 from migration.config import Config
 from migration.keys import leases_prefix, registry_breaker_name
+from migration.queries import ACTIVE_SQL, WAITING_TIME_PASSED_SQL
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, TERMINAL_STATES, State
-from migration.store import WAITING_TIME_PASSED_SQL
 
 #: The windows (minutes) of the throughput figures.
 THROUGHPUT_WINDOWS = (1, 5, 15)
@@ -49,7 +49,6 @@ STATE_STYLE = {
     State.IMPORT_ABORTED: "yellow",
     State.IMPORT_SKIPPED: "magenta",
 }
-_ACTIVE_SQL = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +222,7 @@ def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, A
     oldest = cur.execute(
         "SELECT id, path, migration_state, last_step_at,"  # noqa: S608 - constants only
         " extract(epoch FROM %(now)s - last_step_at)::float8 AS age"
-        f" FROM container_repositories WHERE migration_state IN ({_ACTIVE_SQL})"
+        f" FROM container_repositories WHERE migration_state IN {ACTIVE_SQL}"
         " ORDER BY last_step_at NULLS FIRST, id LIMIT 1",
         {"now": now},
     ).fetchone()

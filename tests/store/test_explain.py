@@ -14,11 +14,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from migration.queries import WAITING_TIME_PASSED_SQL
 from migration.settings import Settings
 from migration.store import (
     _COUNT_ACTIVE,
     _SELECT_STALE,
-    WAITING_TIME_PASSED_SQL,
     Store,
     _select_ordered,
 )
