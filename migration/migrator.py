@@ -389,6 +389,15 @@ class Migrator:
         if repository.registry_failures:
             self.store.clear_backoff(repository.id)
 
+    def _retry_not_sent(self, repository: Repository) -> bool:
+        """Whether ``repository`` was claimed by a retry (from import_aborted) and no step
+        has been accepted since: what the registry reports may be the earlier attempt's."""
+        return (
+            repository.migration_retries_count > 0
+            and self._claimed_from(repository) is State.IMPORT_ABORTED
+            and can_undo(repository.migration_state, State.IMPORT_ABORTED)
+        )
+
     def _claimed_from(self, repository: Repository) -> State | None:
         """The state the claim that put ``repository`` in its active state came from (the
         accepted event that arrived in it), or None when the log does not say."""
@@ -686,6 +695,22 @@ class Migrator:
                 {**fields, "why": "registry unreachable", "registry_error": status.detail},
             )
         registry_status = status.status
+        if (
+            registry_status in _NOTIFIED_CAUSES
+            and status_matches_state(registry_status, state)
+            and self._retry_not_sent(repository)
+        ):
+            # A retry's claim, and the registry still shows the failure that was already
+            # charged: the retry's start may never have reached it (its worker died in
+            # between). Charging it again on that word would count one failure twice: undo
+            # the claim; the next retry starts it, and a real new failure is charged then.
+            why = f"registry still reports {registry_status.value}, already charged"
+            undone = self._undo(
+                repository, State.IMPORT_ABORTED, writer, why, fault_class="interrupted"
+            )
+            report = self._report(undone, StepOutcome.UNDONE, why=why)
+            report.fields.update(fields)
+            return report
         if (
             registry_status is not None
             and registry_status.ended

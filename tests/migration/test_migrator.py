@@ -558,3 +558,32 @@ def test_the_guard_takes_over_a_final_import_the_registry_runs(
     assert report.outcome is StepOutcome.ALIGNED
     row = current(store, repo_id)
     assert (row.migration_state, row.migration_retries_count) == (State.IMPORTING, 0)
+
+
+def test_a_retry_never_sent_is_not_charged_for_the_failure_already_charged(
+    migrator: Migrator, tokens: Tokens, simulator: SimulatorServer, database_url: str
+) -> None:
+    """The first pre-import failed (charged once); the retry was claimed, and its worker died
+    before the start: the registry still shows the first failure. The guard (or the
+    redelivered message) undoes the retry's claim instead of charging that failure again
+    (a chaos run charged such a fail-once repository twice)."""
+    store = migrator.store
+    path = "group/fail-once-twice/image"
+    simulator.configure(pre_import_seconds=[0.05, 0.05])
+    repo_id = add(store, path)
+    started = migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    assert started.outcome is StepOutcome.STARTED
+    with RegistryClient(simulator.url) as registry:
+        _wait(lambda: registry.status(path).status is RegistryImportStatus.PRE_IMPORT_FAILED)
+    failed = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, tokens.writer()
+    )
+    assert failed.outcome is StepOutcome.ABORTED
+    # The retry's claim, then its worker dies before the start call.
+    assert store.claim(repo_id, expected_state=State.IMPORT_ABORTED, event="retry_pre_import",
+                       token=tokens.writer().token, actor="test", message_id=None).ok  # fmt: skip
+    _age_step(database_url, repo_id, 600)
+    report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
+    assert report.outcome is StepOutcome.UNDONE
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.IMPORT_ABORTED, 1)
