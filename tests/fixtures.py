@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,27 @@ from migration.store import Store
 def database_url_for(base_url: str, dbname: str) -> str:
     """``base_url`` (a postgresql:// URL, as MIGRATOR_DATABASE_URL is) for database ``dbname``."""
     return urlunsplit(urlsplit(base_url)._replace(path=f"/{dbname}"))
+
+
+@contextmanager
+def temporary_database(admin_url: str, *, prefix: str) -> Iterator[str]:
+    """A new database on the server of ``admin_url``, schema applied; dropped afterwards.
+
+    :param prefix: the start of its random name (which test made it, when one is left).
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = database_url_for(admin_url, name)
+    try:
+        with Store(url, max_size=2) as store:
+            store.upgrade()
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.fixture(scope="module")

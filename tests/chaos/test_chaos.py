@@ -32,10 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -43,7 +40,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from leases import EtcdClient, HolderInfo, LeaseError, SharedBreaker
 from migration.config import Config
@@ -53,7 +49,7 @@ from migration.store import Store, StoreError
 from service.launcher import LocalMigration, queue_depth
 from tests.chaos.conftest import PrivateStack
 from tests.chaos.harness import FaultInjector, FaultLog, WorkerSupervisor
-from tests.fixtures import database_url_for, seed_spread, wait_until
+from tests.fixtures import seed_spread, temporary_database, wait_until
 from tests.invariants import (
     ChargedAbort,
     TriggerAccount,
@@ -94,25 +90,6 @@ REGISTRY_FAULT_S = 4.0
 #: for a killed worker's repository (invariant 4).
 STALL_BOUND_S = BREAKER_MAX_WINDOW + 5 + LEASE_TTL
 BIN = Path(sys.executable).parent
-
-
-@contextmanager
-def _fresh_database(stack: PrivateStack) -> Iterator[str]:
-    """A new database on the private PostgreSQL, schema applied; dropped afterwards."""
-    admin_url = stack.env["MIGRATOR_DATABASE_URL"]
-    name = f"chaos_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = database_url_for(admin_url, name)
-    try:
-        with Store(url, max_size=2) as store:
-            store.upgrade()
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 @dataclass
@@ -499,12 +476,12 @@ def test_chaos_run_keeps_the_invariants(
     # CHAOS_LOG_DIR keeps the processes' logs after the run (pytest rotates tmp_path).
     logs = Path(os.environ.get("CHAOS_LOG_DIR") or tmp_path) / f"chaos-{count}"
     print(f"\nlogs in {logs}")
-    with _fresh_database(private_stack) as url:
+    with temporary_database(private_stack.env["MIGRATOR_DATABASE_URL"], prefix="chaos") as url:
         calm = _migrate(
             private_stack, url, count=baseline_count, log_dir=logs / "calm", faults=False
         )
     _print("without faults", calm)
-    with _fresh_database(private_stack) as url:
+    with temporary_database(private_stack.env["MIGRATOR_DATABASE_URL"], prefix="chaos") as url:
         chaos = _migrate(private_stack, url, count=count, log_dir=logs / "chaos", faults=True)
     _print("under faults", chaos)
     assert chaos.faults is not None

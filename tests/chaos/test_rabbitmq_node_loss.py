@@ -29,7 +29,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -38,13 +37,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from migration.states import SkipReason, State
 from migration.store import Store
 from service.launcher import LocalMigration, queue_depth
 from tests.conftest import STACK_SCRIPT, parse_stack_env
-from tests.fixtures import database_url_for, seed_spread, wait_until
+from tests.fixtures import seed_spread, temporary_database, wait_until
 from tests.invariants import (
     accepted_events,
     account_triggers,
@@ -148,23 +146,6 @@ def cluster_stack(stack: dict[str, str]) -> Iterator[ClusterStack]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _database(admin_url: str) -> Iterator[str]:
-    name = f"ha_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = database_url_for(admin_url, name)
-    try:
-        with Store(url, max_size=2) as store:
-            store.upgrade()
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
 def _expected(path: str) -> tuple[State, SkipReason | None]:
     """Where the simulator's path kinds end (``tests.fixtures.seed_spread``)."""
     kind = path.rsplit("/", maxsplit=1)[-1].split("-", maxsplit=1)[0]
@@ -201,7 +182,10 @@ def test_losing_the_queue_leader_node_loses_nothing(
     env = cluster_stack.env
     assert env["MIGRATOR_QUEUE_TYPE"] == "quorum"
     assert len(env["MIGRATOR_BROKER_URL"].split(",")) == 3
-    with _database(env["MIGRATOR_DATABASE_URL"]) as url, Store(url, max_size=2) as store:
+    with (
+        temporary_database(env["MIGRATOR_DATABASE_URL"], prefix="ha") as url,
+        Store(url, max_size=2) as store,
+    ):
         seed_spread(store, COUNT, seed=SEED)
         store.update_settings(
             capacity=CAPACITY, enqueue_interval=1, guard_interval=2, max_step_duration=8
