@@ -28,8 +28,8 @@ from typing import Any
 import psycopg
 import support
 
+from devtools.demo import drop_database, recreate_database
 from migration.store import Store
-from service.demo import drop_database, recreate_database
 
 STACK_VARIABLES = ("MIGRATOR_DATABASE_URL", "MIGRATOR_ETCD_ENDPOINTS", "MIGRATOR_BROKER_URL")
 

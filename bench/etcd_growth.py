@@ -43,9 +43,9 @@ from typing import Any
 import etcd3
 
 from bench import _common
+from devtools.launcher import LocalMigration
 from leases import EtcdClient, EtcdStatus
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.servers import EtcdCluster
 
 WORKERS = 2

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import _common
+from devtools.launcher import LocalMigration
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.fixtures import seed_spread
 from tests.registry_outage import (
     BACKOFF_MAX,

@@ -49,10 +49,10 @@ from typing import Any
 import pika
 
 from bench import _common
+from devtools.launcher import LocalMigration, _group_members
 from leases import EtcdClient, HolderInfo, Session, try_acquire
 from migration.config import split_broker_urls
 from migration.store import Store
-from service.launcher import LocalMigration, _group_members
 
 WORKERS = 2
 THREADS = 8

@@ -54,10 +54,10 @@ import httpx
 import psycopg
 
 from bench import _common
+from devtools.launcher import LocalMigration
 from leases import EtcdClient
 from migration.keys import repository_lease_key
 from migration.store import Store
-from service.launcher import LocalMigration
 
 REFERENCE_TIMEOUT_S = 30 * 60
 CAPACITY = 8

@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import _common
+from devtools.launcher import LocalMigration
 from migration.store import Store
-from service.launcher import LocalMigration
 
 START_LATENCY = 0.1
 CAPACITY = 40

@@ -92,6 +92,17 @@ class _Main(LazyGroup):
         except ConfigError as error:
             click.echo(f"registry-migrator: configuration error: {error}", err=True)
             sys.exit(2)
+        except ModuleNotFoundError as error:
+            # The image leaves the development tools out (simulator, demo, launcher).
+            if (error.name or "").partition(".")[0] != "devtools":
+                raise
+            click.echo(
+                f"registry-migrator: {ctx.invoked_subcommand} is a development tool "
+                "(package devtools) that this installation leaves out; run it from a "
+                "source checkout",
+                err=True,
+            )
+            sys.exit(2)
 
 
 #: Every command of ``registry-migrator``: name → module attribute and one-line help.

@@ -209,7 +209,7 @@ class EndState:
     charged_if_undone: int | None = None
 
 
-#: What each path marker of the simulator (``service.simulator``) must end as. THE table:
+#: What each path marker of the simulator (``devtools.simulator``) must end as. THE table:
 #: issue 12 moves native and missing to import_done with the reason recorded: change
 #: their two lines here, nothing else.
 END_BY_MARKER: dict[str, EndState] = {

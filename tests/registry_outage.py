@@ -31,8 +31,8 @@ from typing import Any
 
 import psycopg
 
+from devtools.launcher import LocalMigration
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.invariants import (
     TERMINAL,
     ChargedAbort,

@@ -139,9 +139,7 @@ def demo(
     from rich.console import Console
     from rich.live import Live
 
-    from leases import LeaseError
-    from migration.store import Store
-    from service.demo import (
+    from devtools.demo import (
         DENIED_NAMESPACE,
         MAX_TAGS,
         DemoDatabaseError,
@@ -156,7 +154,9 @@ def demo(
         recreate_database,
         summary_table,
     )
-    from service.launcher import LaunchError, LocalMigration
+    from devtools.launcher import LaunchError, LocalMigration
+    from leases import LeaseError
+    from migration.store import Store
     from service.status import collect
 
     base = Config.from_env()

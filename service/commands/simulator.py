@@ -6,8 +6,8 @@ import sys
 
 import click
 
+from devtools.simulator import SimulatorConfig, serve
 from migration.logging import configure as configure_logging
-from service.simulator import SimulatorConfig, serve
 
 _DEFAULTS = SimulatorConfig()
 

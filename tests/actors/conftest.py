@@ -1,7 +1,7 @@
 """Fixtures of the actor tests: a fresh database per module, local migrations on it.
 
 Everything is real: PostgreSQL, etcd and RabbitMQ of the shared stack, the simulator, the
-API, ``dramatiq actors`` workers and the scheduler as processes (``service.launcher``).
+API, ``dramatiq actors`` workers and the scheduler as processes (``devtools.launcher``).
 Each migration has its own etcd prefix and RabbitMQ queue, so runs of several people on the
 same servers never see each other's keys or messages.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from service.launcher import LocalMigration
+from devtools.launcher import LocalMigration
 from tests.fixtures import clean_store, database_url, seed_spread, store, wait_until
 from tests.invariants import TERMINAL, all_terminal, stale_accepted_writes
 

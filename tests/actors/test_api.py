@@ -7,10 +7,10 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from devtools.launcher import LocalMigration
 from migration.registry import RegistryClient
 from migration.states import Event, State
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.actors.conftest import wait_until
 
 BODY = {"name": "app", "path": "api-group/app", "status": "pre_import_complete", "detail": ""}

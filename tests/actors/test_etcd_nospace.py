@@ -27,10 +27,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from devtools.launcher import LocalMigration
 from leases import EtcdClient, EtcdNoSpace, Session
 from migration.states import State
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.fixtures import wait_until
 from tests.invariants import all_terminal
 from tests.leases.test_etcd_space import MIB, lease_cycles

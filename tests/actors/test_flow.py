@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
+from devtools.launcher import LocalMigration
 from migration.states import State
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.actors.conftest import all_terminal, seed_spread, stale_accepted_writes, wait_until
 from tests.invariants import wrong_end_states
 

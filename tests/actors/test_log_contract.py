@@ -14,8 +14,8 @@ from typing import Any
 
 import psycopg
 
+from devtools.launcher import LocalMigration
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.actors.conftest import wait_until
 
 README = Path(__file__).parents[2] / "README.md"

@@ -10,12 +10,12 @@ from datetime import datetime
 import httpx
 import pytest
 
+from devtools.launcher import LocalMigration
 from leases import EtcdClient, HolderInfo
 from migration.config import Config
 from migration.keys import leases_prefix
 from migration.states import State
 from migration.store import MigrationEvent, Store
-from service.launcher import LocalMigration
 from tests.actors.conftest import (
     TERMINAL,
     all_terminal,

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from devtools.launcher import LocalMigration
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.actors.conftest import wait_until
 
 CLI = str(Path(sys.executable).with_name("registry-migrator"))

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import pytest
 
+from devtools.launcher import LocalMigration
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.fixtures import seed_spread
 from tests.registry_outage import (
     FAULTS,

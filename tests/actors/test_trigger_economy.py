@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from devtools.launcher import LocalMigration
 from migration.states import ACTIVE_STATES, State
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.actors.conftest import all_terminal, seed_spread, stale_accepted_writes, wait_until
 
 _ACTIVE = {state.value for state in ACTIVE_STATES}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pika
 
+from devtools.launcher import LocalMigration, queue_depth
 from migration.store import Store
-from service.launcher import LocalMigration, queue_depth
 from tests.actors.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]

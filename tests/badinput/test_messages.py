@@ -20,9 +20,9 @@ import psycopg
 import pytest
 
 from actors.validation import argument_problem
+from devtools.launcher import LocalMigration
 from migration.registry import RegistryClient, RegistryImportStatus
 from migration.store import Store
-from service.launcher import LocalMigration
 
 
 def _enqueue(

@@ -1,7 +1,7 @@
 """The chaos test's own machinery: a worker supervisor and a seeded fault injector.
 
 ``WorkerSupervisor`` plays the part of Kubernetes for the workers of a
-:class:`~service.launcher.LocalMigration`: a worker that died is started again.
+:class:`~devtools.launcher.LocalMigration`: a worker that died is started again.
 ``FaultInjector`` runs two threads while the migration runs: one SIGKILLs a random worker
 every few seconds; the other injects the heavy faults once each, in a random order at
 random times (SIGSTOP a worker past its lease TTL then SIGCONT, restart RabbitMQ, kill the
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from service.launcher import LaunchError, LocalMigration
+from devtools.launcher import LaunchError, LocalMigration
 from tests.servers import EtcdCluster
 
 

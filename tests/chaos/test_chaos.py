@@ -41,12 +41,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.launcher import LocalMigration, queue_depth
 from leases import EtcdClient, HolderInfo, LeaseError, SharedBreaker
 from migration.config import Config
 from migration.keys import leases_prefix, registry_breaker_name
 from migration.states import State
 from migration.store import Store, StoreError
-from service.launcher import LocalMigration, queue_depth
 from tests.chaos.conftest import PrivateStack
 from tests.chaos.harness import FaultInjector, FaultLog, WorkerSupervisor
 from tests.fixtures import seed_spread, temporary_database, wait_until

@@ -38,9 +38,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.launcher import LocalMigration, queue_depth
 from migration.states import SkipReason, State
 from migration.store import Store
-from service.launcher import LocalMigration, queue_depth
 from tests.conftest import STACK_SCRIPT, parse_stack_env
 from tests.fixtures import seed_spread, temporary_database, wait_until
 from tests.invariants import (

@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.launcher import LocalMigration, free_port
 from migration.states import State
 from migration.store import Store, schema_files
-from service.launcher import LocalMigration, free_port
 from tests.conftest import REPO_ROOT
 from tests.fixtures import seed_spread, wait_until
 from tests.invariants import all_terminal, stale_accepted_writes

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from devtools.simulator import SimulatorServer
 from leases import EtcdClient, Session, try_acquire
 from migration.config import Config
 from migration.migrator import LEASE_SLACK, LeaseAtRisk, Migrator, StepOutcome, Writer
 from migration.registry import RegistryClient
 from migration.states import State
 from migration.store import Store
-from service.simulator import SimulatorServer
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
+from devtools.simulator import SimulatorConfig, SimulatorServer
 from migration.migrator import (
     AbortCause,
     Migrator,
@@ -24,7 +25,6 @@ from migration.migrator import (
 from migration.registry import RegistryClient, RegistryImportStatus
 from migration.states import SkipReason, State
 from migration.store import Store
-from service.simulator import SimulatorConfig, SimulatorServer
 from tests.fixtures import wait_until
 from tests.registry.test_client import wait_for_status
 

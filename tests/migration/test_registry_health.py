@@ -11,12 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from devtools.simulator import SimulatorServer
 from leases import EtcdClient, SharedBreaker
 from migration.config import Config
 from migration.registry import RegistryClient
 from migration.registry_health import RegistryHealth
 from migration.store import Store
-from service.simulator import SimulatorServer
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from devtools.demo import DENIED_NAMESPACE, database_url_for, drop_database
 from migration.config import Config
 from migration.keys import leases_prefix
-from service.demo import DENIED_NAMESPACE, database_url_for, drop_database
 
 CLI = str(Path(sys.executable).with_name("registry-migrator"))
 

@@ -8,8 +8,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from devtools.launcher import free_port
 from migration.store import Store
-from service.launcher import free_port
 
 CLI = str(Path(sys.executable).with_name("registry-migrator"))
 

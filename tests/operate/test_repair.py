@@ -14,10 +14,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from devtools.simulator import SimulatorConfig, SimulatorServer
 from migration.registry import RegistryClient
 from migration.states import Event, State
 from migration.store import Store
-from service.simulator import SimulatorConfig, SimulatorServer
 
 CLI = str(Path(sys.executable).parent / "registry-migrator")
 SLOW = SimulatorConfig(pre_import_seconds=(60, 60), import_seconds=(60, 60))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.launcher import LocalMigration
+from devtools.launcher import LocalMigration
 from tests.fixtures import clean_store, database_url, store
 from tests.partition.scenario import PartitionRun
 

@@ -22,12 +22,12 @@ from typing import Any
 import httpx
 import psycopg
 
+from devtools.launcher import LocalMigration
 from leases import EtcdClient, HolderInfo
 from migration.config import Config
 from migration.keys import repository_lease_key
 from migration.states import State
 from migration.store import Store
-from service.launcher import LocalMigration
 from tests.fixtures import seed_spread, wait_until
 from tests.invariants import accepted_events, all_terminal, replay_in_flight, stale_accepted_writes
 from tests.partition.links import ProcessLinks, SeenRequest

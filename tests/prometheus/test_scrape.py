@@ -27,9 +27,9 @@ import psycopg
 import pytest
 import yaml
 
+from devtools.launcher import LocalMigration, free_port
 from migration.states import SkipReason, State
 from migration.store import Store
-from service.launcher import LocalMigration, free_port
 from tests.fixtures import clean_store, database_url, seed_spread, store, wait_until
 from tests.invariants import all_terminal
 from tests.prometheus.conftest import RULES_DIR

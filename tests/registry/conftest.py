@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from service.launcher import free_port
-from service.simulator import SimulatorConfig, SimulatorServer
+from devtools.launcher import free_port
+from devtools.simulator import SimulatorConfig, SimulatorServer
 
 # Imports in these tests take a few tens of milliseconds unless a test says otherwise.
 FAST = {"pre_import_seconds": (0.05, 0.05), "import_seconds": (0.05, 0.05)}

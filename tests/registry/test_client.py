@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from devtools.simulator import SimulatorServer
 from migration.registry import (
     CancelOutcome,
     CancelResult,
@@ -21,7 +22,6 @@ from migration.registry import (
     StatusResult,
     import_url_path,
 )
-from service.simulator import SimulatorServer
 
 MakeSimulator = Callable[..., SimulatorServer]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from devtools.simulator import SimulatorConfig, SimulatorProcess, SimulatorServer
 from migration.registry import (
     CancelOutcome,
     CancelResult,
@@ -23,7 +24,6 @@ from migration.registry import (
     StatusOutcome,
     StatusResult,
 )
-from service.simulator import SimulatorConfig, SimulatorProcess, SimulatorServer
 from tests.registry.conftest import NotificationReceiver
 from tests.registry.test_client import wait_for_status
 

@@ -17,10 +17,10 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from click.testing import CliRunner
 
+from devtools.launcher import LocalMigration
 from migration.states import State
 from migration.store import Store
 from service.cli import main
-from service.launcher import LocalMigration
 from tests.security.conftest import AuthEtcd
 
 
