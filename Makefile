@@ -33,7 +33,7 @@ stack:
 	$(STACK) up
 
 test: venv stack
-	$(UV) run pytest $(PYTEST_ARGS)
+	$(UV) run pytest --durations=25 $(PYTEST_ARGS)
 
 lint: venv
 	$(UV) run ruff check .
