@@ -66,8 +66,8 @@ class Fault:
     :param begin: starts it on the run.
     :param end: ends it on the run (the 401's end also resumes the migration); returns when
         it was over (Unix time): the registry listening again, the switch cleared; for the
-        401, the moment the operator runs ``resume`` (the command's own start-up is slow on
-        a loaded machine, and the migration goes on as soon as its write lands).
+        401, the moment the write of the operator's ``resume`` landed (the command's own
+        start-up is slow on a loaded machine, and the migration goes on from that write).
     """
 
     name: str
@@ -76,18 +76,31 @@ class Fault:
     end: Callable[[LocalMigration], float]
 
 
-def resume(run: LocalMigration) -> None:
-    """``registry-migrator resume``, as the operator does once the token is fixed."""
-    done = subprocess.run(
+def resume(run: LocalMigration) -> float:
+    """``registry-migrator resume``, as the operator does once the token is fixed.
+
+    :returns: when its write landed (Unix time): the migration goes on from there, while
+        the command itself may take seconds more to exit on a loaded machine.
+    """
+    command = subprocess.Popen(
         [str(BIN / "registry-migrator"), "resume"],
         env={**os.environ, **run.env},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
-        check=False,
     )
-    if done.returncode != 0:
-        raise RuntimeError(f"registry-migrator resume failed: {done.stderr.strip()}")
+    landed: float | None = None
+    with psycopg.connect(run.env["MIGRATOR_DATABASE_URL"], autocommit=True) as conn:
+        while landed is None and command.poll() is None:
+            row = conn.execute("SELECT enabled FROM migration_settings WHERE id = 1").fetchone()
+            if row is not None and row[0]:
+                landed = time.time()
+            else:
+                time.sleep(0.05)
+    _, stderr = command.communicate(timeout=60)
+    if command.returncode != 0:
+        raise RuntimeError(f"registry-migrator resume failed: {stderr.strip()}")
+    return time.time() if landed is None else landed
 
 
 def _switch(**fault: Any) -> Callable[[LocalMigration], None]:
@@ -113,9 +126,7 @@ def _started(run: LocalMigration) -> float:
 
 def _token_fixed(run: LocalMigration) -> float:
     run.configure_simulator(token=None)
-    over = time.time()
-    resume(run)
-    return over
+    return resume(run)
 
 
 FAULTS: dict[str, Fault] = {

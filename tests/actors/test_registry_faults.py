@@ -11,12 +11,17 @@ meets the fault from its first run:
 - after it ends the registry gets a start within the breaker's cap + 5 s (the 401: after
   ``registry-migrator resume``), with no trigger from the test;
 - then every repository ends as its path says, and every abort has a repository's cause.
+
+The fault classes take turns on one migration (its processes start once per module, which
+was most of each class's minutes): each class gets a truncated database and 24 new paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
+from pathlib import Path
 
+import psycopg
 import pytest
 
 from devtools.launcher import LocalMigration
@@ -36,18 +41,48 @@ REPOSITORIES = 24
 HOLD_S = 4.0
 
 
-@pytest.mark.timeout(420)
+@pytest.fixture(scope="module")
+def outage_run(
+    stack: dict[str, str], database_url: str, store: Store, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalMigration]:
+    """One started migration that every fault class of the module uses in turn."""
+    options = migration_options()
+    env = {**stack, "MIGRATOR_DATABASE_URL": database_url, "MIGRATOR_LOG_LEVEL": "info"}
+    run = LocalMigration(
+        env={**env, **options.pop("env")},
+        log_dir=Path(tmp_path_factory.mktemp("registry-faults")),
+        **options,
+    )
+    # Before the scheduler starts: it reads its intervals when it sleeps.
+    prepare(store)
+    try:
+        run.start(timeout=120)
+        yield run
+    finally:
+        run.stop(timeout=20)
+        run.delete_queues()
+
+
+@pytest.fixture
+def paused_store(store: Store, database_url: str, outage_run: LocalMigration) -> Iterator[Store]:
+    """``store`` emptied for the next fault class, the migration paused (never claimed)."""
+    # The settings stay the module's (a reset would hand the scheduler a 60 s interval).
+    prepare(store)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("TRUNCATE container_repositories, migration_events RESTART IDENTITY")
+    yield store
+    # The next class seeds before it enables: claims until then are refused by the store.
+    store.update_settings(enabled=False)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_registry_fault_costs_no_repository(
-    fault: str,
-    clean_store: Store,
-    database_url: str,
-    make_migration: Callable[..., LocalMigration],
+    fault: str, paused_store: Store, database_url: str, outage_run: LocalMigration
 ) -> None:
-    seed_spread(clean_store, REPOSITORIES, seed=11)
-    prepare(clean_store)
-    run = make_migration(**migration_options())
-    run.start(timeout=120)
+    store = paused_store
+    # Paths of their own per class: the simulator remembers what it did for a path.
+    seed_spread(store, REPOSITORIES, seed=11 + list(FAULTS).index(fault))
 
     def while_it_lasts(outage: Outage) -> None:
         assert outage.skipped == 0, outage
@@ -58,7 +93,7 @@ def test_a_registry_fault_costs_no_repository(
             assert outage.undone > 0, outage  # claims were tried, and undone
 
     outage = run_outage(
-        run, clean_store, database_url, FAULTS[fault], hold_s=HOLD_S, on_fault_end=while_it_lasts
+        outage_run, store, database_url, FAULTS[fault], hold_s=HOLD_S, on_fault_end=while_it_lasts
     )
     print(f"\n{outage.row()}")
     assert outage.resume_s is not None and outage.resume_s <= RESUME_BOUND_S, outage.row()
