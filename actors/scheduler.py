@@ -46,7 +46,6 @@ class Scheduler:
                 session,
                 scheduler_election_name(self.runtime.config.etcd_prefix),
                 holder=HolderInfo(actor="scheduler"),
-                poll_interval=self.tick,
             )
         return self._election
 
