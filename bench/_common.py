@@ -1,6 +1,6 @@
 """What the migration benchmarks share: a fresh database, a local migration, sampling, logs.
 
-Import ``support`` before this module (it fixes ``sys.path``). Pieces:
+Pieces:
 
 - :func:`stack_env`: the ``MIGRATOR_*`` addresses of the local stack (started when down).
 - :func:`fresh_database`: a new database with the schema, dropped afterwards.
@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import support
 
+from bench import support
 from devtools.demo import drop_database, recreate_database
 from migration.store import Store
 

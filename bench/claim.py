@@ -41,11 +41,6 @@ Prints a table, writes bench/results/claim.json, and the headline as its last li
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
-
-# isort: on
-
 import argparse
 import contextlib
 import logging
@@ -63,7 +58,7 @@ import psycopg
 import structlog
 from psycopg.conninfo import make_conninfo
 
-from bench import _common
+from bench import _common, support
 from migration.states import Event, State
 from migration.store import Outcome, Store, WritePath
 
@@ -180,8 +175,7 @@ class Claimers:
     """
 
     def __init__(self, url: str, *, count: int) -> None:
-        # fork: the children inherit the imported modules (bench/ is off sys.path, so a
-        # spawned child could not import ``support``); the parent has no threads yet.
+        # fork: the children inherit the imported modules; the parent has no threads yet.
         context = multiprocessing.get_context("fork")
         self.barrier = context.Barrier(count + 1)
         self.pipes: list[tuple[Connection, Connection]] = []

@@ -31,11 +31,6 @@ Prints a table per mode, writes bench/results/cli.json, and the headline as its 
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/leases.py
-
-# isort: on
-
 import argparse
 import os
 import re
@@ -49,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import support
 from bench._common import add_repositories, fresh_database, note, stack_env, table
 
 BASELINE = "python -c pass"

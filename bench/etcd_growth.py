@@ -26,11 +26,6 @@ Prints a table, writes bench/results/etcd_growth.json, and the headline as its l
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
-
-# isort: on
-
 import argparse
 import sys
 import tempfile
@@ -42,11 +37,11 @@ from typing import Any
 
 import etcd3
 
-from bench import _common
+from bench import _common, support
 from devtools.launcher import LocalMigration
+from devtools.servers import EtcdCluster
 from leases import EtcdClient, EtcdStatus
 from migration.store import Store
-from tests.servers import EtcdCluster
 
 WORKERS = 2
 THREADS = 4

@@ -1,6 +1,6 @@
 """A registry outage: what does it cost the migration, and how fast does it go on after?
 
-For each fault class (``tests.registry_outage.FAULTS``): the registry's process stopped, 503
+For each fault class (``devtools.registry_outage.FAULTS``): the registry's process stopped, 503
 on every start, every answer later than the client's timeout, a rotated token (401, then
 ``registry-migrator resume``), connections closed mid-answer, answers that are not the
 API's. A local migration (simulator, API, scheduler, 2 ``dramatiq actors`` workers x 4
@@ -24,11 +24,6 @@ Prints a table, writes bench/results/outage.json, and the headline as its last l
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
-
-# isort: on
-
 import argparse
 import sys
 import tempfile
@@ -36,11 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import _common
+from bench import _common, support
 from devtools.launcher import LocalMigration
-from migration.store import Store
-from tests.fixtures import seed_spread
-from tests.registry_outage import (
+from devtools.registry_outage import (
     BACKOFF_MAX,
     BREAKER_CAP,
     CLIENT_TIMEOUT,
@@ -51,6 +44,8 @@ from tests.registry_outage import (
     prepare,
     run_outage,
 )
+from devtools.seeding import seed_spread
+from migration.store import Store
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

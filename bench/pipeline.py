@@ -27,11 +27,6 @@ Prints tables, writes bench/results/pipeline.json, and the headline as its last 
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
-
-# isort: on
-
 import argparse
 import os
 import statistics
@@ -48,7 +43,7 @@ from typing import Any
 
 import pika
 
-from bench import _common
+from bench import _common, support
 from devtools.launcher import LocalMigration, _group_members
 from leases import EtcdClient, HolderInfo, Session, try_acquire
 from migration.config import split_broker_urls

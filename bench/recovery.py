@@ -33,11 +33,6 @@ Prints a table, writes bench/results/recovery.json, and the headline as its last
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
-
-# isort: on
-
 import argparse
 import itertools
 import json
@@ -53,7 +48,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from bench import _common
+from bench import _common, support
 from devtools.launcher import LocalMigration
 from leases import EtcdClient
 from migration.keys import repository_lease_key

@@ -17,11 +17,6 @@ Prints a table, writes bench/results/recovery_leases.json, and the headline as i
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not this file
-
-# isort: on
-
 import argparse
 import os
 import random
@@ -34,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import support
 from leases import EtcdClient, HolderInfo, Session, try_acquire
 
 POLL_INTERVAL = 0.02

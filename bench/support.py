@@ -1,8 +1,8 @@
 """What the lease benchmarks share: the local stack, quiet logging, statistics, machine facts.
 
-Import this module first in a benchmark script run as ``python bench/<name>.py``: it takes
-``bench/`` off ``sys.path`` (``bench/leases.py`` would otherwise shadow the ``leases``
-package) and puts the repository root in front.
+``from bench import support``: the repository root is on ``sys.path`` through the project's
+editable install (``uv sync``), and no script in ``bench/`` is named like a package of the
+project, so ``python bench/<name>.py`` and ``python -m bench.<name>`` both work.
 """
 
 from __future__ import annotations
@@ -22,17 +22,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+# The one parser of ``stack env`` output, tested in tests/test_stack.py.
+from devtools.stack_env import parse_stack_env
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 STACK_SCRIPT = REPO_ROOT / "deploy" / "local" / "stack"
 RESULTS_DIR = BENCH_DIR / "results"
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH_DIR]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-# After the path fix: the one parser of ``stack env`` output, tested in tests/test_stack.py.
-from tests.conftest import parse_stack_env  # noqa: E402
 
 # Where each service listens when its MIGRATOR_ variable is unset (the stack's fixed ports).
 DEFAULTS = {

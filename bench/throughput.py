@@ -35,11 +35,6 @@ Prints tables, writes bench/results/throughput.json, and the headline as its las
 
 from __future__ import annotations
 
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not bench/
-
-# isort: on
-
 import argparse
 import statistics
 import sys
@@ -50,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import _common
+from bench import _common, support
 from devtools.launcher import LocalMigration
 from migration.store import Store
 

@@ -67,12 +67,14 @@ from typing import Any
 
 import httpx
 import structlog
+import tenacity
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from migration import retrying
 from migration.registry import (
     ImportType,
     InvalidRepositoryPath,
@@ -365,6 +367,15 @@ def _ended(phase: ImportType, how: str) -> RegistryImportStatus:
     return RegistryImportStatus(f"{prefix}_{how}")
 
 
+def _sent(code: int | None) -> bool:
+    return code is not None and 200 <= code < 300
+
+
+def _refused(code: int | None) -> bool:
+    """A 4xx other than 429: the notification API refuses this notification as it is."""
+    return code is not None and 400 <= code < 500 and code != 429
+
+
 class Notifier:
     """Delivers end-of-import notifications to the notification API, with retries.
 
@@ -410,33 +421,41 @@ class Notifier:
         headers = {"Authorization": config.secret} if config.secret else {}
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=config.notify_timeout)
-        attempts = refusals = 0
-        outcome = "failed"
+        client = self._client
         last = ""
-        while True:
+        attempts = refusals = 0
+
+        async def attempt() -> int | None:
+            nonlocal last, attempts, refusals
             attempts += 1
             self.counts["attempts"] += 1
             try:
-                response = await self._client.put(
+                response = await client.put(
                     url, json=body, headers=headers, timeout=config.notify_timeout
                 )
-                code: int | None = response.status_code
-                last = str(code)
             except httpx.HTTPError as error:
-                code = None
                 last = f"{type(error).__name__}: {error}"
-            if code is not None and 200 <= code < 300:
-                outcome = "sent"
-                break
-            if code is not None and 400 <= code < 500 and code != 429:
+                return None
+            last = str(response.status_code)
+            if _refused(response.status_code):
                 refusals += 1
-                if refusals >= config.notify_refused_attempts:
-                    outcome = "refused"
-                    break
-            elif attempts >= config.notify_max_attempts:
-                break
-            ceiling = min(config.notify_backoff * 2 ** (attempts - 1), config.notify_backoff_max)
-            await asyncio.sleep(ceiling / 2 + random.uniform(0, ceiling / 2))
+            return response.status_code
+
+        def out_of_attempts(state: tenacity.RetryCallState) -> bool:
+            # Two budgets: refusals (4xx but 429) have theirs, everything else has its own.
+            assert state.outcome is not None
+            if _refused(state.outcome.result()):
+                return refusals >= config.notify_refused_attempts
+            return state.attempt_number >= config.notify_max_attempts
+
+        policy = retrying.async_policy(
+            initial=config.notify_backoff,
+            maximum=config.notify_backoff_max,
+            retry=tenacity.retry_if_result(lambda code: not _sent(code)),
+            stop=out_of_attempts,
+        )
+        code: int | None = await policy(attempt)
+        outcome = "sent" if _sent(code) else "refused" if _refused(code) else "failed"
         self.counts[outcome] += 1
         self.deliveries.append(
             {"path": path, "status": str(status), "outcome": outcome, "attempts": attempts,

@@ -23,9 +23,9 @@ class Election:
     :param session: the session that carries the candidacy; leadership ends with it.
     :param name: the election's key prefix, e.g. ``/registry-migrator/elections/scheduler``.
     :param holder: shown to operators as the candidate's value.
-    :param poll_interval: how often a follower looks whether it leads now. Polling (one
-        small range read) keeps failover simple and bounded: a follower leads within
-        ``TTL + poll_interval`` of the leader's death.
+    :param wake_interval: the longest :meth:`campaign` waits on one watch before it looks
+        at ``stop`` and the session again (it re-opens the watch from the same revision, so
+        no delete is missed in between; etcd is not read again).
     """
 
     def __init__(
@@ -34,13 +34,13 @@ class Election:
         name: str,
         *,
         holder: HolderInfo | None = None,
-        poll_interval: float = 0.25,
+        wake_interval: float = 1.0,
     ) -> None:
         self.session = session
         self.prefix = name.rstrip("/") + "/"
         self.key = f"{self.prefix}{session.lease_id:x}"
         self.holder = holder or HolderInfo(actor="election")
-        self.poll_interval = poll_interval
+        self.wake_interval = wake_interval
         self._hold: Hold | None = None
 
     def _candidacy(self) -> Hold | None:
@@ -53,12 +53,10 @@ class Election:
                 # in line, leading nobody, for as long as the session lives.
                 acquisition = Acquisition(
                     Hold(
-                        client=self.session.client,
-                        session=self.session,
+                        self.session,
                         key=self.key,
                         token=acquisition.holder_token,
                         holder=acquisition.holder or self.holder,
-                        lease_id=self.session.lease_id,
                     )
                 )
             self._hold = acquisition.hold
@@ -83,13 +81,37 @@ class Election:
         return bool(first) and first[0].create_revision == hold.token and not self.session.lost
 
     def campaign(self, stop: threading.Event | None = None) -> bool:
-        """Block until this candidate leads (True) or ``stop`` is set / the session lost (False)."""
+        """Block until this candidate leads (True) or ``stop`` is set / the session lost (False).
+
+        Waits as etcd's Go ``Election.Campaign`` does (``waitDeletes``): for the delete of
+        the candidate just ahead in line (the newest key created before ours), watched from
+        the revision it was read at; then looks for the next one ahead. One range read per
+        candidate that leaves, none while nothing changes; the candidate leads within a
+        round trip or two of the leader's key going (released, or expired with its lease).
+        """
         stop = stop or threading.Event()
+        client = self.session.client
         while not stop.is_set() and not self.session.lost:
-            if self.is_leader():
-                log.info("election_won", election=self.prefix, key=self.key)
-                return True
-            stop.wait(self.poll_interval)
+            try:
+                hold = self._candidacy()
+                if hold is None:  # our key vanished between the compare and the read
+                    continue
+                ahead, revision = client.last_created_before(
+                    self.prefix, max_create_revision=hold.token - 1
+                )
+                if ahead is None:
+                    if self.session.lost:
+                        break
+                    log.info("election_won", election=self.prefix, key=self.key)
+                    return True
+                while not stop.is_set() and not self.session.lost:
+                    if client.wait_deleted(
+                        ahead.key, after_revision=revision, timeout=self.wake_interval
+                    ):
+                        break
+            except LeaseError as error:
+                log.warning("election_check_failed", election=self.prefix, error=str(error))
+                stop.wait(self.wake_interval)
         return False
 
     def leader(self) -> HolderInfo | None:

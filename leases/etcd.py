@@ -27,6 +27,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import etcd3
 import etcd3.etcdrpc as rpc
 import grpc
+from etcd3.etcdrpc import kv_pb2
 
 from leases import _wire
 from leases.errors import EtcdNoSpace, EtcdUnavailable
@@ -66,10 +67,13 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class CreateResult:
-    """Outcome of :meth:`EtcdClient.create`: ``created`` and the key as it now stands."""
+    """Outcome of :meth:`EtcdClient.create`: ``created``, the key as it now stands, and the
+    store's revision the answer was read at (a watch for the holder's delete starts after it).
+    """
 
     created: bool
     current: KeyValue | None
+    revision: int = 0
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -181,6 +185,7 @@ class EtcdClient:
             response_deserializer=_wire.decode_txn_response,
         )
         self._lease = self._client.leasestub
+        self._watch = rpc.WatchStub(self._client.channel)
         self._maintenance = self._client.maintenancestub
         # Status goes through the decoder of leases._wire: python-etcd3's StatusResponse
         # has no dbSizeInUse (etcd 3.4).
@@ -313,6 +318,88 @@ class EtcdClient:
         response = self._call("range", lambda: self._kv.Range(request, self.timeout, **self._auth))
         return [_kv(kv) for kv in response.kvs]
 
+    def last_created_before(
+        self, prefix: str, *, max_create_revision: int
+    ) -> tuple[KeyValue | None, int]:
+        """The key under ``prefix`` created last at or before ``max_create_revision`` (None
+        when there is none), and the store's revision the answer was read at.
+
+        An election's candidate waits for the one just ahead of it in line (etcd's Go
+        ``waitDeletes``): only that key's delete can make it the leader's successor.
+        """
+        raw = prefix.encode()
+        request = rpc.RangeRequest(
+            key=raw,
+            range_end=_prefix_end(raw),
+            limit=1,
+            sort_order=rpc.RangeRequest.DESCEND,
+            sort_target=rpc.RangeRequest.CREATE,
+            max_create_revision=max_create_revision,
+        )
+        response = self._call("range", lambda: self._kv.Range(request, self.timeout, **self._auth))
+        return (_kv(response.kvs[0]) if response.kvs else None), int(response.header.revision)
+
+    def wait_deleted(
+        self, key: str, *, after_revision: int, timeout: float, prefix: bool = False
+    ) -> bool:
+        """Block until ``key`` (with ``prefix``: any key under it) is deleted at a revision
+        after ``after_revision``; True when it was, False when ``timeout`` passed first.
+
+        One watch stream for this wait alone, opened from ``after_revision + 1`` so that a
+        delete made between the caller's read and the watch's start is still seen (etcd
+        replays it from its history), and closed before returning. Deletes only (etcd's
+        NOPUT filter): a put never wakes the waiter. When the history was compacted past
+        ``after_revision`` the answer is True: the caller looks again, as after a delete.
+
+        python-etcd3's own watch (``watch``, ``watch_once``, ``add_watch_callback``) is not
+        used: it runs every watch of a client on one stream served by a thread that never
+        ends, spins when etcd is down (kragniz/python-etcd3#291), raises in that thread after
+        :meth:`close` (#997), and keeps the auth token it started with (#1227).
+
+        :param key: the key, or the prefix with ``prefix=True``.
+        :param after_revision: the revision the caller read the key at.
+        :param timeout: seconds to wait at most (the stream's gRPC deadline).
+        :raises EtcdUnavailable: etcd could not be reached or refused the watch.
+        """
+        if timeout <= 0:
+            return False
+        raw = key.encode()
+        create = rpc.WatchCreateRequest(
+            key=raw,
+            start_revision=after_revision + 1,
+            filters=[rpc.WatchCreateRequest.NOPUT],
+        )
+        if prefix:
+            create.range_end = _prefix_end(raw)
+
+        def watch() -> bool:
+            done: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+            def requests() -> Iterator[Any]:
+                yield rpc.WatchRequest(create_request=create)
+                done.get()  # keep our side open: the watch lives until we cancel it
+
+            call = self._watch.Watch(requests(), timeout, **self._auth)
+            try:
+                for response in call:
+                    if response.compact_revision:
+                        return True  # the delete may be in the compacted history: look again
+                    if response.canceled:
+                        raise EtcdUnavailable(f"etcd cancelled the watch: {response.cancel_reason}")
+                    if any(event.type == kv_pb2.Event.DELETE for event in response.events):
+                        return True
+                return False
+            finally:
+                done.put(None)
+                call.cancel()
+
+        try:
+            return self._with_fresh_token(watch)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return False
+            raise _unavailable("etcd watch failed", error) from error
+
     def count_prefix(self, prefix: str) -> int:
         """How many keys are under ``prefix`` (no values are sent)."""
         raw = prefix.encode()
@@ -341,9 +428,11 @@ class EtcdClient:
                 mod_revision=revision,
                 lease_id=lease_id,
             )
-            return CreateResult(created=True, current=created)
+            return CreateResult(created=True, current=created, revision=revision)
         kvs = reply.range_kvs
-        return CreateResult(created=False, current=_wire_kv(kvs[0]) if kvs else None)
+        return CreateResult(
+            created=False, current=_wire_kv(kvs[0]) if kvs else None, revision=reply.revision
+        )
 
     def delete_if_created_at(self, key: str, create_revision: int) -> bool:
         """Delete ``key`` only while it is still the incarnation created at ``create_revision``."""

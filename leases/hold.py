@@ -83,31 +83,56 @@ class HolderInfo:
 
 
 class Hold:
-    """A key this process holds, created at revision :attr:`token`.
+    """A key this process holds on its session's lease, created at revision :attr:`token`.
 
-    :param session: the session whose lease the key is attached to (None for a
-        standalone lease taken by an operator, see :func:`leases.admin.take`).
+    Everything a hold needs comes from its session: the client that writes the key and the
+    lease it lives on. An operator's key on a standalone lease has no session; it is made
+    with :meth:`standalone`.
+
+    :param session: the session whose lease the key is attached to.
     :param key: the etcd key.
     :param token: the key's create_revision: the fencing token.
     :param holder: what was written as the key's value.
     """
 
-    def __init__(
+    def __init__(self, session: Session, *, key: str, token: int, holder: HolderInfo) -> None:
+        self._init(
+            client=session.client,
+            session=session,
+            lease_id=session.lease_id,
+            key=key,
+            token=token,
+            holder=holder,
+        )
+
+    @classmethod
+    def standalone(
+        cls, client: EtcdClient, *, lease_id: int, key: str, token: int, holder: HolderInfo
+    ) -> Hold:
+        """A hold on a lease nobody keeps alive (see :func:`leases.admin.take`): never lost,
+        unbounded :meth:`remaining`; the key goes when released or when the lease expires."""
+        hold = cls.__new__(cls)
+        hold._init(
+            client=client, session=None, lease_id=lease_id, key=key, token=token, holder=holder
+        )
+        return hold
+
+    def _init(
         self,
         *,
         client: EtcdClient,
         session: Session | None,
+        lease_id: int,
         key: str,
         token: int,
         holder: HolderInfo,
-        lease_id: int,
     ) -> None:
         self.client = client
         self.session = session
+        self.lease_id = lease_id
         self.key = key
         self.token = token
         self.holder = holder
-        self.lease_id = lease_id
         self.released = False
 
     def __repr__(self) -> str:
@@ -168,6 +193,9 @@ class Acquisition:
     #: The etcd lease the holder's key is attached to (0: none known), for
     #: :meth:`EtcdClient.time_to_live`: how long a holder that died may still block.
     holder_lease_id: int = 0
+    #: The store's revision the answer was read at: a wait for the holder's delete watches
+    #: from the next one.
+    revision: int = 0
 
     def __bool__(self) -> bool:
         return self.hold is not None
@@ -198,24 +226,30 @@ def acquire_within(
     *,
     timeout: float,
     holder: HolderInfo | None = None,
-    poll: float = 0.2,
 ) -> Acquisition:
-    """:func:`try_acquire` again every ``poll`` seconds until it succeeds or ``timeout`` passes.
+    """:func:`try_acquire`, waiting up to ``timeout`` seconds for a holder to let go.
 
-    For waiting out a holder that is known to be gone (its lease expires within its TTL):
-    the key is taken at most ``poll`` seconds after etcd deletes it.
+    Waits as etcd's Go ``Mutex`` does: after a failed try, one watch on the key from the
+    revision that try read, until etcd reports the key deleted (released, or its lease
+    expired); then one more try. No polling: a wait costs a transaction per delete seen plus
+    one, and the key is taken within a round trip or two of its delete.
 
-    :param timeout: seconds to keep trying; the last answer is returned when they pass.
-    :param poll: seconds between tries.
+    :param timeout: seconds to keep waiting; the last answer is returned when they pass.
     :raises SessionLost: the session is lost or closed.
     :raises EtcdUnavailable: etcd could not be reached within the client's timeout.
     """
     deadline = time.monotonic() + timeout
     while True:
         acquisition = try_acquire(session, key, holder=holder)
-        if acquisition or time.monotonic() + poll > deadline:
+        remaining = deadline - time.monotonic()
+        if acquisition or remaining <= 0:
             return acquisition
-        time.sleep(poll)
+        if acquisition.holder_token is None:
+            continue  # deleted between the compare and the read: try again at once
+        if not session.client.wait_deleted(
+            key, after_revision=acquisition.revision, timeout=remaining
+        ):
+            return acquisition  # no delete before the deadline: the holder still holds it
 
 
 def _create(
@@ -224,20 +258,21 @@ def _create(
     result = client.create(key, holder.to_json(), lease_id=lease_id)
     current = result.current
     if result.created and current is not None:
-        return Acquisition(
-            Hold(
-                client=client,
-                session=session,
-                key=key,
-                token=current.create_revision,
-                holder=holder,
-                lease_id=lease_id,
-            )
+        token = current.create_revision
+        hold = (
+            Hold(session, key=key, token=token, holder=holder)
+            if session is not None
+            else Hold.standalone(client, lease_id=lease_id, key=key, token=token, holder=holder)
         )
+        return Acquisition(hold, revision=result.revision)
     if current is None:  # held a moment ago, gone before the read: report busy, caller retries
-        return Acquisition(None, None, None)
+        return Acquisition(None, None, None, revision=result.revision)
     return Acquisition(
-        None, HolderInfo.from_json(current.value), current.create_revision, current.lease_id
+        None,
+        HolderInfo.from_json(current.value),
+        current.create_revision,
+        current.lease_id,
+        revision=result.revision,
     )
 
 

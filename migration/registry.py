@@ -34,7 +34,6 @@ An invalid repository path (our data, not the registry's answer) is ``error`` of
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ from urllib.parse import quote
 
 import httpx
 import structlog
+import tenacity
 
-from migration import metrics
+from migration import metrics, retrying
 from migration.config import Config
 
 log = structlog.get_logger(__name__)
@@ -471,37 +471,24 @@ class RegistryClient:
                 error_kind=ErrorKind.INVALID_PATH,
             )  # fmt: skip
         attempts = 0
-        while True:
+
+        def attempt() -> ImportResult:
+            nonlocal attempts
             attempts += 1
-            response = self._request(
-                call, "PUT", url, fence, params={"import_type": str(import_type)}
-            )
-            if isinstance(response, _TransportFailure):
-                result = ImportResult(
-                    outcome=ImportOutcome.ERROR,
-                    http_status=None,
-                    detail=response.detail,
-                    attempts=attempts,
-                    error_kind=response.kind,
-                )
-                break
-            code = response.status_code
-            outcome = _START_OUTCOMES.get(code, ImportOutcome.ERROR)
-            kind = None
-            if outcome is ImportOutcome.ERROR or outcome is ImportOutcome.UNAUTHORIZED:
-                kind = _kind_of_status(code)
-            elif code < 300 and not _api_answer(response):
-                outcome, kind = ImportOutcome.ERROR, ErrorKind.BAD_ANSWER
-            result = ImportResult(
-                outcome=outcome,
-                http_status=code,
-                detail=_detail(response),
-                attempts=attempts,
-                error_kind=kind,
-            )
-            if outcome is not ImportOutcome.TOO_MANY_IMPORTS or attempts > self.too_many_retries:
-                break
-            time.sleep(self._retry_delay(attempts))
+            return self._start_once(call, url, fence, import_type, attempts)
+
+        # 429 only (the registry is at capacity: it may have room a moment later); every
+        # other answer is final. After the last retry the 429 is the answer.
+        result: ImportResult = retrying.policy(
+            initial=self.backoff,
+            attempts=self.too_many_retries + 1,
+            retry=tenacity.retry_if_result(
+                lambda answer: answer.outcome is ImportOutcome.TOO_MANY_IMPORTS
+            ),
+            before_sleep=retrying.log_before_sleep(
+                log, "registry_start_retry", level="debug", path=path, http_status=429
+            ),
+        )(attempt)
         self._count(call, result.fault_class, result.error_kind, result.detail, result.http_status)
         log.debug(
             "registry_start",
@@ -514,11 +501,33 @@ class RegistryClient:
         )
         return result
 
-    def _retry_delay(self, attempt: int) -> float:
-        # Exponential backoff with "equal jitter": half fixed, half random, so that workers
-        # refused together do not come back together.
-        ceiling = self.backoff * (2 ** (attempt - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+    def _start_once(
+        self, call: str, url: str, fence: Fence | None, import_type: ImportType, attempts: int
+    ) -> ImportResult:
+        """One start call, its answer classified; ``attempts`` counts this one."""
+        response = self._request(call, "PUT", url, fence, params={"import_type": str(import_type)})
+        if isinstance(response, _TransportFailure):
+            return ImportResult(
+                outcome=ImportOutcome.ERROR,
+                http_status=None,
+                detail=response.detail,
+                attempts=attempts,
+                error_kind=response.kind,
+            )
+        code = response.status_code
+        outcome = _START_OUTCOMES.get(code, ImportOutcome.ERROR)
+        kind = None
+        if outcome is ImportOutcome.ERROR or outcome is ImportOutcome.UNAUTHORIZED:
+            kind = _kind_of_status(code)
+        elif code < 300 and not _api_answer(response):
+            outcome, kind = ImportOutcome.ERROR, ErrorKind.BAD_ANSWER
+        return ImportResult(
+            outcome=outcome,
+            http_status=code,
+            detail=_detail(response),
+            attempts=attempts,
+            error_kind=kind,
+        )
 
     # -- status ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import pika
 import structlog
+import tenacity
 from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.runtime import Runtime
 from leases import LeaseError
+from migration import retrying
 from migration.config import Config, split_broker_urls
 from migration.keys import leases_prefix
 from migration.migrator import already_applied, status_matches_state
@@ -383,24 +385,39 @@ class ServerChecks:
     def wait_until_ready(
         self, stop: threading.Event, *, first_delay: float = 0.5, max_delay: float = 10.0
     ) -> bool:
-        """Check until every server answers, with exponential backoff.
+        """Check until every server answers, with the project's backoff
+        (:mod:`migration.retrying`: the waits grow from ``first_delay`` to ``max_delay``).
 
         Logs one ``server_unavailable`` line per down server per attempt (naming it, with
         the error and the delay before the next attempt), then ``servers_ready``.
 
         :returns: True once ready, False when ``stop`` was set first.
         """
-        delay = first_delay
-        while not stop.is_set():
-            down = {name: state for name, state in self.run().items() if state != "ok"}
-            if not down:
-                log.info("servers_ready", servers=list(self.SERVERS))
-                return True
-            for name, state in down.items():
-                log.warning("server_unavailable", server=name, error=state, retry_in_s=delay)
-            stop.wait(delay)
-            delay = min(delay * 2, max_delay)
-        return False
+
+        def down() -> dict[str, str]:
+            return {name: state for name, state in self.run().items() if state != "ok"}
+
+        def say_down(state: tenacity.RetryCallState) -> None:
+            assert state.outcome is not None
+            for name, error in state.outcome.result().items():
+                log.warning(
+                    "server_unavailable",
+                    server=name,
+                    error=error,
+                    retry_in_s=round(state.upcoming_sleep, 2),
+                )
+
+        policy = retrying.policy(
+            initial=first_delay,
+            maximum=max_delay,
+            stop_event=stop,
+            retry=tenacity.retry_if_result(bool),  # while any server is down
+            before_sleep=say_down,
+        )
+        if stop.is_set() or policy(down):
+            return False
+        log.info("servers_ready", servers=list(self.SERVERS))
+        return True
 
 
 class LazyRuntime:

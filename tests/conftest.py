@@ -6,11 +6,13 @@ Fixtures of one area (leases, store, actors...) live in that area's own conftest
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+
+# Re-exported: the chaos fixtures import it from here.
+from devtools.stack_env import parse_stack_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STACK_SCRIPT = REPO_ROOT / "deploy" / "local" / "stack"
@@ -37,21 +39,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
-
-
-def parse_stack_env(text: str) -> dict[str, str]:
-    """Parse the ``export NAME=value`` lines printed by ``deploy/local/stack env``.
-
-    :param text: the command's standard output.
-    :returns: the variables by name; lines that are not exports are ignored.
-    """
-    variables: dict[str, str] = {}
-    for line in text.splitlines():
-        words = shlex.split(line)
-        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
-            name, _, value = words[1].partition("=")
-            variables[name] = value
-    return variables
 
 
 def _run_stack(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -8,12 +8,10 @@ never see each other's rows. ``store``: a Store on it with the schema applied;
 
 from __future__ import annotations
 
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,6 +19,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+# Re-exported: the tests import it from here.
+from devtools.seeding import seed_spread  # noqa: F401
 from migration.config import Config
 from migration.store import Store
 
@@ -83,28 +83,6 @@ def clean_store(store: Store, database_url: str) -> Store:
         conn.execute("DELETE FROM migration_settings")
         conn.execute("INSERT INTO migration_settings (id) VALUES (1)")
     return store
-
-
-def seed_spread(store: Store, count: int, *, seed: int = 7) -> list[int]:
-    """Add ``count`` repositories, about a tenth with each of the simulator's special paths.
-
-    ``native`` (already imported: done, reason native_import), ``missing`` (404: done,
-    reason not_found), ``fail-once`` (pre-import fails once, then migrates), ``fail-always``
-    (skipped too_many_retries); the rest migrate normally. Created a day ago and earlier.
-    """
-    rng = random.Random(seed)
-    specials = ("native", "missing", "fail-once", "fail-always")
-    ids = []
-    old = datetime.now(UTC) - timedelta(days=1)
-    for n in range(count):
-        kind = specials[n % 10] if n % 10 < len(specials) else "plain"
-        path = f"group-{n % 17}/project-{n}/{kind}-{rng.randrange(10**6)}"
-        ids.append(
-            store.add_repository(
-                path, created_at=old - timedelta(minutes=n), tags_count=rng.randrange(1, 20)
-            )
-        )
-    return ids
 
 
 def wait_until(

@@ -12,8 +12,9 @@ import pika
 import psycopg
 import pytest
 
-from tests.conftest import REPO_ROOT, STACK_SCRIPT, parse_stack_env
-from tests.servers import EtcdCluster
+from devtools.servers import EtcdCluster
+from devtools.stack_env import parse_stack_env
+from tests.conftest import REPO_ROOT, STACK_SCRIPT
 
 
 def _state_dir() -> Path:

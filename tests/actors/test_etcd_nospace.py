@@ -28,13 +28,13 @@ import psycopg
 import pytest
 
 from devtools.launcher import LocalMigration
+from devtools.servers import EtcdCluster
 from leases import EtcdClient, EtcdNoSpace, Session
 from migration.states import State
 from migration.store import Store
 from tests.fixtures import wait_until
 from tests.invariants import all_terminal
 from tests.leases.test_etcd_space import MIB, lease_cycles
-from tests.servers import EtcdCluster
 
 COUNT = 60
 QUOTA = 2 * MIB

@@ -1,6 +1,6 @@
 """Registry faults against the real stack: never a repository's failure (invariant 7).
 
-For each fault class of ``tests.registry_outage.FAULTS`` (the registry's process stopped,
+For each fault class of ``devtools.registry_outage.FAULTS`` (the registry's process stopped,
 503 on every start, answers later than the client's timeout, a rotated token answered 401,
 connections closed mid-answer, answers that are not the API's), a local migration (2
 workers, a scheduler, the API, the simulator) of 24 repositories with every path marker
@@ -25,9 +25,7 @@ import psycopg
 import pytest
 
 from devtools.launcher import LocalMigration
-from migration.store import Store
-from tests.fixtures import seed_spread
-from tests.registry_outage import (
+from devtools.registry_outage import (
     FAULTS,
     RESUME_BOUND_S,
     Outage,
@@ -35,6 +33,8 @@ from tests.registry_outage import (
     prepare,
     run_outage,
 )
+from migration.store import Store
+from tests.fixtures import seed_spread
 
 REPOSITORIES = 24
 #: How long each fault lasts once the migration is enabled (at least until seen).

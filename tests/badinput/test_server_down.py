@@ -21,10 +21,10 @@ import httpx
 import pika
 import pytest
 
+from devtools.servers import free_ports
 from migration.store import Store
 from tests.badinput.tcp_proxy import TcpProxy
 from tests.fixtures import wait_until
-from tests.servers import free_ports
 
 SERVERS = ["postgresql", "etcd", "rabbitmq"]
 

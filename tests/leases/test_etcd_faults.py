@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from devtools.servers import EtcdCluster
 from leases import EtcdClient, EtcdUnavailable, Session, try_acquire
 from tests.leases.conftest import parse_endpoints
 from tests.leases.test_leases import wait_acquire
-from tests.servers import EtcdCluster
 
 TTL = 3
 # A session rides out a leader failover only when TTL minus its safety margin exceeds the

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.servers import EtcdCluster
 from leases import (
     EtcdClient,
     EtcdNoSpace,
@@ -34,7 +35,6 @@ from leases import (
     try_acquire,
 )
 from leases.hold import MAX_FIELD_CHARS, MAX_HOLDER_BYTES
-from tests.servers import EtcdCluster
 
 MIB = 1024 * 1024
 QUOTAS = [

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.servers import EtcdCluster, EtcdTls
 from tests.fixtures import clean_store, database_url, store
 from tests.security.certs import CertificateAuthority, CertificatePair
-from tests.servers import EtcdCluster, EtcdTls
 
 __all__ = ["clean_store", "database_url", "store"]
 

@@ -19,19 +19,14 @@ shared) hits them all alike. Latency is per operation (acquire + release), from
 
 Usage::
 
-    uv run python bench/leases.py            # about 1.5 minutes
-    uv run python bench/leases.py --quick    # under a minute
-    uv run python bench/leases.py --seconds 10 --rounds 10 --profile ours
+    uv run python bench/lease_cost.py            # about 1.5 minutes
+    uv run python bench/lease_cost.py --quick    # under a minute
+    uv run python bench/lease_cost.py --seconds 10 --rounds 10 --profile ours
 
 Prints a table, writes bench/results/leases.json, and prints the headline as its last line.
 """
 
 from __future__ import annotations
-
-# isort: off
-import support  # first: it fixes sys.path so that ``leases`` is the package, not this file
-
-# isort: on
 
 import argparse
 import hashlib
@@ -50,6 +45,7 @@ import psycopg
 from dramatiq.rate_limits import ConcurrentRateLimiter
 from dramatiq.rate_limits.backends import RedisBackend
 
+from bench import support
 from leases import EtcdClient, HolderInfo, Session, try_acquire
 
 Operation = Callable[[], bool]  # one acquire + release; False when the key was busy
@@ -392,7 +388,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Lease acquire + release cost: ours vs raw etcd, python-etcd3 Lock, "
         "Dramatiq ConcurrentRateLimiter (Redis), PostgreSQL advisory locks.",
-        epilog="Example: uv run python bench/leases.py --quick",
+        epilog="Example: uv run python bench/lease_cost.py --quick",
     )
     parser.add_argument("--quick", action="store_true", help="a whole run in under 60 s")
     parser.add_argument(

@@ -4,7 +4,7 @@ Shared by ``tests/actors/test_registry_faults.py`` (short outages, asserted) and
 ``bench/outage.py`` (a 30 s outage per fault class, printed). The scenario:
 
 1. the migration runs with ``enabled = false`` (nothing claimed yet) and its repositories
-   seeded by :func:`tests.fixtures.seed_spread` (plain, native, missing, fail-once,
+   seeded by :func:`devtools.seeding.seed_spread` (plain, native, missing, fail-once,
    fail-always paths);
 2. the fault begins (:data:`FAULTS`), then the migration is enabled: every run meets the
    fault;
@@ -14,7 +14,7 @@ Shared by ``tests/actors/test_registry_faults.py`` (short outages, asserted) and
 5. the fault ends (the simulator started again, the fault switch cleared; after the 401,
    ``registry-migrator resume`` as an operator would): the seconds until the registry
    accepts the first start are the resume delay;
-6. then every repository must end as its path says (``tests.invariants.END_BY_MARKER``),
+6. then every repository must end as its path says (``devtools.invariants.END_BY_MARKER``),
    and every accepted abort must carry a cause of the repository's own.
 """
 
@@ -31,9 +31,7 @@ from typing import Any
 
 import psycopg
 
-from devtools.launcher import LocalMigration
-from migration.store import Store
-from tests.invariants import (
+from devtools.invariants import (
     TERMINAL,
     ChargedAbort,
     WrongEnd,
@@ -42,6 +40,8 @@ from tests.invariants import (
     registry_fault_undos,
     wrong_end_states,
 )
+from devtools.launcher import LocalMigration
+from migration.store import Store
 
 BIN = Path(sys.executable).parent
 #: The breaker's longest window during these runs (``registry_breaker_max_window``) and
@@ -156,7 +156,7 @@ FAULTS: dict[str, Fault] = {
             "401",
             "the registry's token was rotated: every call is answered 401; then fixed and"
             " `registry-migrator resume`",
-            _switch(token="rotated-token"),
+            _switch(token="rotated-token"),  # noqa: S106 (the fault: a wrong token)
             _token_fixed,
         ),
         Fault(
