@@ -161,7 +161,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | No
         return None
     return subprocess.Popen(
         [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-         "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"],
+         "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -307,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             }
             sampler.join(timeout=60)
             if spy is not None:
-                spy.wait(timeout=expected_s + 30)
+                try:
+                    spy.wait(timeout=expected_s + 30)
+                except subprocess.TimeoutExpired:  # a loaded machine: keep what it wrote
+                    spy.kill()
+                    spy.wait()
             runs = window.lines("enqueue_next_migration")
             notifications = window.lines("registry_notification_handled")
             triggers = {
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ))  # fmt: skip
     if profile_summary:
         print()
-        print("worker profile (py-spy, on-CPU samples of one worker process):")
+        print("worker profile (py-spy --gil: samples holding the GIL, one worker process):")
         print(_common.table(
             ["self time in", "share"],
             [[k, f"{v:.0%}"] for k, v in list(profile_summary["self_by_library"].items())[:10]],
