@@ -48,7 +48,9 @@ _STOP = {
 WAKE_UP_SLACK = 1.0
 
 
-def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None = None) -> bool:
+def trigger_enqueue(
+    runtime: Runtime, *, source: str, settings: Settings | None = None, limit: int | None = None
+) -> bool:
     """Send one ``enqueue_next_migration`` through the dedup gate.
 
     At most P runs wait in the queue (P = the ``pending_enqueues`` setting, default the
@@ -58,6 +60,9 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
     :param source: what triggered it (scheduler, self, notification, operator), logged.
     :param settings: the settings the caller has just read, for P; None takes the
         process's live settings (at most a second old).
+    :param limit: collapse when this many runs are pending already, if fewer than P (a
+        run's re-enqueue passes the free slots it saw: more pending runs could only find
+        the capacity full).
     :returns: True when a message was sent, False when the trigger collapsed.
     """
     # One line per trigger (triggered, collapsed or failed): the chaos test matches each
@@ -65,15 +70,14 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
     try:
         if settings is None:
             settings = runtime.live_settings.get()
+        pending_limit = settings.effective_pending_enqueues
+        if limit is not None:
+            pending_limit = max(1, min(pending_limit, limit))
         ticket = runtime.gate.enter(
-            holder=HolderInfo(actor=f"trigger:{source}"), slots=settings.effective_pending_enqueues
+            holder=HolderInfo(actor=f"trigger:{source}"), slots=pending_limit
         )
         if ticket is None:
-            log.info(
-                "enqueue_collapsed",
-                source=source,
-                pending_limit=settings.effective_pending_enqueues,
-            )
+            log.info("enqueue_collapsed", source=source, pending_limit=pending_limit)
             return False
         try:
             message = enqueue_next_migration.send(ticket.key, ticket.token, source)
@@ -86,7 +90,12 @@ def trigger_enqueue(runtime: Runtime, *, source: str, settings: Settings | None 
         log.warning("enqueue_trigger_failed", source=source, error=str(error) or repr(error))
         note_etcd_failure(error, where=f"trigger:{source}")
         raise
-    log.info("enqueue_triggered", source=source, triggered_message_id=message.message_id)
+    log.info(
+        "enqueue_triggered",
+        source=source,
+        triggered_message_id=message.message_id,
+        pending_limit=pending_limit,
+    )
     return True
 
 
@@ -124,6 +133,9 @@ class EnqueuerRun:
         self.settings: Settings | None = None
         #: Repositories in flight when this run looked (before its claim).
         self.in_flight = 0
+        #: Free slots this run saw after its own claim: its re-enqueue collapses into as
+        #: many pending runs (more could only find the capacity full).
+        self.free_after = 0
 
     def execute(self) -> str:
         """Do the run; returns the job status for the log line."""
@@ -211,16 +223,18 @@ class EnqueuerRun:
             self._record(report, hold.token)
             if report.outcome is StepOutcome.REFUSED:
                 continue
-            self.re_enqueue = report.outcome not in _STOP and not self._filled_last_slot(
-                report, settings
-            )
+            self.free_after = self._free_after(report, settings)
+            self.re_enqueue = report.outcome not in _STOP and self.free_after > 0
             return report.outcome.value
         # Every candidate was busy or moved on: another run is on them; let it re-enqueue.
         return "all_candidates_busy"
 
-    def _filled_last_slot(self, report: StepReport, settings: Settings) -> bool:
-        """Whether this run's start took the last free slot it saw: then its re-enqueue
-        could only make an ``at_capacity`` run, and it sends none.
+    def _free_after(self, report: StepReport, settings: Settings) -> int:
+        """The free slots this run saw, less the one its start took. None left: its
+        re-enqueue could only make an ``at_capacity`` run, and it sends none. Some left: it
+        re-enqueues through the gate with that many as the limit of pending runs, so it
+        collapses when a pending run is already coming for each of them (each such run
+        does the same after its own claim, so the capacity still fills).
 
         Why no free slot is left without a run (invariant 6): capacity is freed only by a
         repository leaving the active states, and each such step (notification, guard)
@@ -232,13 +246,16 @@ class EnqueuerRun:
         then: our count is too low, we re-enqueue; the claim itself re-checks capacity
         under the settings row lock, invariant 3). A capacity raised by the operator comes
         without a trigger either way: the scheduler's periodic trigger picks it up, as it
-        does after any ``at_capacity`` run.
+        does after any ``at_capacity`` run. The collapse loses no slot either: the gate
+        collapses only when markers fill the first ``limit`` of its slots, i.e. at least
+        that many runs are pending, one for each free slot we saw; each of them, after its
+        own claim, re-enqueues by the same rule from a fresher count.
         """
-        return (
+        taken = (
             report.outcome is StepOutcome.STARTED
             and report.repository.migration_state in ACTIVE_STATES
-            and self.in_flight + 1 >= settings.capacity
         )
+        return settings.capacity - self.in_flight - int(taken)
 
     def _step(self, repository: Repository, settings: Settings, hold: Hold) -> StepReport:
         writer = Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
@@ -314,4 +331,4 @@ def enqueue_next_migration(
             **fields,
         )
     if run.re_enqueue:
-        trigger_enqueue(runtime, source="self", settings=run.settings)
+        trigger_enqueue(runtime, source="self", settings=run.settings, limit=run.free_after)

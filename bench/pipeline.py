@@ -53,6 +53,8 @@ WORKERS = 2
 THREADS = 8
 CAPACITY = 64
 GOAL_SHARE = 0.5
+#: Issue 16's goal: CPU of our processes per migrated repository, milliseconds.
+CPU_GOAL_MS = 20
 PY_SPY = Path(sys.executable).with_name("py-spy")
 
 # Operations per unit of work, read off the code (actors/, migration/, leases/gate.py):
@@ -154,7 +156,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | No
         return None
     return subprocess.Popen(
         [str(PY_SPY), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-         "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking"],
+         "--rate", "200", "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
@@ -270,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                 [run.log_path(f"worker-{i}") for i in range(WORKERS)]
                 + [run.log_path("scheduler-0")]
             )
-            pids = [p for i in range(WORKERS) for p in run.worker_group(i)]
-            pids += [p for name in ("api", "simulator", "scheduler-0") for p in _pids(run, name)]
+            groups = {f"worker-{i}": run.worker_group(i) for i in range(WORKERS)}
+            groups.update({name: _pids(run, name) for name in ("api", "simulator", "scheduler-0")})
+            pids = [p for members in groups.values() for p in members]
             cpu_before = _common.cpu_seconds(pids)
+            group_before = {name: _common.cpu_seconds(m) for name, m in groups.items()}
             worker_child = max(run.worker_group(0))  # the forked process runs the actors
             spy_out = Path(logs) / "profile.txt"
             expected_s = max(3.0, args.repositories / 40)
@@ -293,9 +297,16 @@ def main(argv: list[str] | None = None) -> int:
                 interval=0.2,
             )
             cpu_used = _common.cpu_seconds(pids) - cpu_before
+            cpu_by_process = {
+                name: _common.cpu_seconds(m) - group_before[name] for name, m in groups.items()
+            }
             sampler.join(timeout=60)
             if spy is not None:
-                spy.wait(timeout=expected_s + 30)
+                try:
+                    spy.wait(timeout=expected_s + 30)
+                except subprocess.TimeoutExpired:  # a loaded machine: keep what it wrote
+                    spy.kill()
+                    spy.wait()
             runs = window.lines("enqueue_next_migration")
             notifications = window.lines("registry_notification_handled")
             triggers = {
@@ -310,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         assert span is not None
         seconds = (span[1] - span[0]).total_seconds()
         profile_summary = summarize_profile(spy_out) if spy is not None else {}
+        if spy is not None and spy_out.exists():
+            # The raw stacks, for a look below the libraries (py-spy's collapsed format).
+            support.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            (support.RESULTS_DIR / "pipeline-profile.txt").write_bytes(spy_out.read_bytes())
     count = len(ids)
     per_s = count / seconds
     statuses = Counter(str(r.get("job_status")) for r in runs)
@@ -320,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in notifications:
         kinds[f"notification_{line.get('registry_status')}"] += 1
     kinds.update(triggers)
+    # What sent the runs that found no free slot (or nothing to do): the trigger economy.
+    by_source = Counter((str(r.get("source")), str(r.get("job_status"))) for r in runs)
     # At most one grant per worker process per window (and one at its first trigger).
     kinds["gate_lease_grant"] = WORKERS * (1 + int(seconds // GATE_LEASE_WINDOW))
     kinds["settings_read"] = WORKERS * (1 + int(seconds // SETTINGS_MAX_AGE))
@@ -348,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ))  # fmt: skip
     print()
     print(_common.table(
+        ["run source", "outcome", "runs", "per repository"],
+        [[src, status, n, n / count] for (src, status), n in sorted(by_source.items())],
+    ))  # fmt: skip
+    print()
+    print(_common.table(
         ["figure", "repos/s", "measured / figure"],
         [["measured", per_s, 1.0],
          ["ceiling: operations, idle latencies", ceiling, per_s / ceiling],
@@ -356,9 +378,14 @@ def main(argv: list[str] | None = None) -> int:
          [f"ceiling: CPU ({cpu_per_repository_ms:.0f} ms of our processes per repository)",
           cpu_ceiling, per_s / cpu_ceiling]],
     ))  # fmt: skip
+    print()
+    print(_common.table(
+        ["process", "CPU ms per repository"],
+        [[name, cpu / count * 1e3] for name, cpu in cpu_by_process.items()],
+    ))  # fmt: skip
     if profile_summary:
         print()
-        print("worker profile (py-spy, on-CPU samples of one worker process):")
+        print("worker profile (py-spy --gil: samples holding the GIL, one worker process):")
         print(_common.table(
             ["self time in", "share"],
             [[k, f"{v:.0%}"] for k, v in list(profile_summary["self_by_library"].items())[:10]],
@@ -368,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             [[k, f"{v:.0%}"] for k, v in profile_summary["inclusive"].items()],
         ))  # fmt: skip
     headline = (
-        f"{per_s:.1f} repositories/s through the state machine ({WORKERS} x {THREADS} threads, "
+        f"{cpu_per_repository_ms:.0f} ms of CPU per migrated repository (our processes; "
+        f"goal {CPU_GOAL_MS:g}), {per_s:.1f} repositories/s through the state machine "
+        f"({WORKERS} x {THREADS} threads, "
         f"zero-latency registry) = {per_s / ceiling:.2f} of the operations ceiling "
         f"{ceiling:.0f}/s (goal {GOAL_SHARE:g}: {'met' if met else 'missed'}); "
         f"{per_s / cpu_ceiling:.2f} of the CPU ceiling {cpu_ceiling:.0f}/s"
@@ -389,12 +418,16 @@ def main(argv: list[str] | None = None) -> int:
             "per_s": per_s,
             "job_statuses": dict(statuses),
             "units_of_work": dict(kinds),
+            "runs_by_source": {f"{src}/{status}": n for (src, status), n in by_source.items()},
             "operation_model": OPERATIONS,
             "operations_per_repository": per_repository,
             "latency_ms": {"idle": idle, "under_load": under_load},
             "ceilings": ceilings,
             "cpu_seconds": cpu_used,
             "cpu_ms_per_repository": cpu_per_repository_ms,
+            "cpu_ms_per_repository_by_process": {
+                name: cpu / count * 1e3 for name, cpu in cpu_by_process.items()
+            },
             "cpu_ceiling_per_s": cpu_ceiling,
             "profile": profile_summary,
             "goal_met": met,

@@ -16,6 +16,7 @@ registry client's answers into fleet-wide decisions:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -33,6 +34,11 @@ log = structlog.get_logger(__name__)
 BASE_WINDOW = 5.0
 #: Registry faults in a row, across every worker, that open the breaker.
 THRESHOLD = 3
+#: Seconds a process reuses a *closed* breaker read (an open or half-open one is read every
+#: time). A registry fault this process sees ends the reuse at once; another process's
+#: opening reaches its runs within this time, and a run that calls the registry meanwhile
+#: gets the same fault, charged to no repository (invariant 7).
+CLOSED_REUSE = 0.5
 
 
 class RegistryHealth:
@@ -44,6 +50,8 @@ class RegistryHealth:
         and which probes the registry in half-open.
     :param on_open: called with the window (seconds) when this process opened the breaker:
         schedules the wake-up run.
+    :param closed_reuse: seconds a closed breaker read is reused (default
+        :data:`CLOSED_REUSE`; 0 reads it on every :meth:`admit`).
     """
 
     def __init__(
@@ -53,14 +61,18 @@ class RegistryHealth:
         store: Store,
         registry: RegistryClient,
         on_open: Callable[[float], None] | None = None,
+        closed_reuse: float = CLOSED_REUSE,
     ) -> None:
         self.breaker = breaker
+        self.closed_reuse = closed_reuse
         self.store = store
         self.registry = registry
         self.on_open = on_open
         # Whether soft failures may be on record: a success then clears them (one etcd
         # write), and only then, so a healthy migration's calls cost etcd nothing.
         self._failures_seen = False
+        # time.monotonic() until which a closed breaker read is reused (CLOSED_REUSE).
+        self._closed_until = 0.0
         # The etcd and PostgreSQL writes an answer leads to are made by one thread of their
         # own, not in the step that got the answer: with etcd cut off, a write waits out the
         # client's timeout, and the step must not outlive its lease for it (invariant 8).
@@ -69,19 +81,24 @@ class RegistryHealth:
         registry.observer = self.observe
 
     def admit(self, settings: Settings) -> BreakerState | None:
-        """Whether a run may call the registry now (one etcd read while closed).
+        """Whether a run may call the registry now (while closed, one etcd read per
+        ``closed_reuse`` seconds in this process, and after each registry fault it sees).
 
         :param settings: the live settings (the breaker's max window).
         :returns: None to go ahead, or the breaker's state when it is open (the run stops
             without claiming and without re-enqueueing itself).
         :raises EtcdUnavailable: etcd cannot be read.
         """
+        now = time.monotonic()
+        if now < self._closed_until:
+            return None  # read closed less than CLOSED_REUSE ago, no fault seen since
         self.breaker.max_window = settings.registry_breaker_max_window
         self.breaker.base_window = min(BASE_WINDOW, settings.registry_breaker_max_window)
         state = self.breaker.state()
         self._failures_seen = state.failures > 0
         metrics.REGISTRY_BREAKER_OPEN.set(0 if state.closed else 1)
         if state.closed:
+            self._closed_until = now + self.closed_reuse
             return None
         if state.open:
             return state
@@ -106,6 +123,8 @@ class RegistryHealth:
         """
         if call == "probe":
             return  # admit() acts on its own probes
+        if fault is FaultClass.REGISTRY:
+            self._closed_until = 0.0  # the next admit() reads the breaker again
         if fault is not FaultClass.REGISTRY and not self._failures_seen:
             return  # the common case: nothing to record, no thread hand-off
         if fault is FaultClass.REGISTRY and kind not in (ErrorKind.AUTH, ErrorKind.CONNECT):

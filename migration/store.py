@@ -41,6 +41,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from migration import metrics
 from migration import settings as settings_module
+from migration.connection_check import check_quietly
 from migration.queries import ACTIVE_SQL, WAITING_TIME_PASSED_SQL
 from migration.settings import Settings
 from migration.states import (
@@ -339,7 +340,7 @@ class Store:
             max_size=max_size,
             timeout=timeout,
             kwargs={"autocommit": True, "connect_timeout": 5},
-            check=ConnectionPool.check_connection,
+            check=check_quietly,  # a round trip only when the socket has news
             name="migration-store",
             open=True,
         )

@@ -80,3 +80,17 @@ def test_only_freed_capacity_triggers_and_the_migration_never_stalls(
     assert all(r.get("message_id") not in self_triggered for r in filled)
     others = [r for r in runs if r["job_status"] == "started" and r not in filled]
     assert all(r.get("message_id") in self_triggered for r in others)
+    # ... and the others re-enqueue with the free slots they saw as the limit of pending
+    # runs: no more runs queued than there are slots for them.
+    started = {r.get("message_id"): r for r in others}
+    limits = [
+        (line["pending_limit"], started[line.get("message_id")])
+        for line in lines
+        if line["event"] in _TRIGGER_EVENTS
+        and line.get("source") == "self"
+        and line.get("message_id") in started
+    ]
+    assert limits
+    assert all(
+        limit == run["max_capacity_setting"] - run["in_flight"] - 1 for limit, run in limits
+    ), limits

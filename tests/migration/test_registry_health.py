@@ -124,3 +124,30 @@ def test_a_refused_token_pauses_the_migration_until_resume(
         registry.start_pre_import("group/b")  # still refused: paused once, not again
         assert clean_store.update_settings(enabled=True).paused_reason is None
         registry.close()
+
+
+def test_a_closed_read_is_reused_until_a_fault_is_seen(
+    breaker: SharedBreaker, clean_store: Store
+) -> None:
+    """A closed breaker is read once per ``closed_reuse`` (a long one here, so that no
+    timing decides): another process's opening is not read meanwhile, a registry fault this
+    process sees ends the reuse at once, and an open breaker is read every time."""
+    opened: list[float] = []
+    settings = clean_store.settings()
+    with SimulatorServer() as simulator:
+        registry = RegistryClient(simulator.url, timeout=3, too_many_retries=0)
+        health = RegistryHealth(
+            breaker=breaker, store=clean_store, registry=registry, on_open=opened.append,
+            closed_reuse=3600,
+        )  # fmt: skip
+        assert health.admit(settings) is None  # read: closed
+        SharedBreaker(breaker.client, breaker.name).trip("another process")
+        assert health.admit(settings) is None  # the closed read is reused
+        simulator.configure(start_error_rate=1.0)
+        registry.start_pre_import("group/a")  # a registry fault seen here
+        health.flush(timeout=10)
+        state = health.admit(settings)  # read again: the other process's opening
+        assert state is not None and state.open and state.reason == "another process"
+        assert health.admit(settings) is not None  # open: read every time, still open
+        registry.close()
+        health.close()
