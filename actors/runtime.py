@@ -45,7 +45,9 @@ class Runtime:
 
     def __init__(self, config: Config, *, pool_size: int = 10) -> None:
         self.config = config
-        self.store = Store(config.database_url, max_size=pool_size)
+        self.store = Store(
+            config.database_url, max_size=pool_size, connect_options=config.database_options()
+        )
         try:
             self.etcd: EtcdClient = config.etcd_client()
             self.registry = RegistryClient.from_config(config)
