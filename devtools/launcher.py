@@ -82,8 +82,10 @@ def reserve_port(host: str = "127.0.0.1", port: int = 0, *, timeout: float = 0) 
     while True:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            if port:  # rebinding a known port: TIME_WAIT connections of its last server
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # The server's accepted connections inherit it: without it, those of a stopped
+            # server (TIME_WAIT) keep its port from being bound again for a minute. A
+            # listening socket conflicts with every other bind all the same.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.listen(2048)
             return sock

@@ -49,6 +49,14 @@ def test_the_launcher_holds_its_ports_from_choice_to_serving(
         assert ports.isdisjoint(proxy.port for proxy in proxies)
         run.start(timeout=60)
         assert httpx.get(f"{run.api_url}/healthz", timeout=10).status_code == 200
+        # Connections the server closed first (TIME_WAIT on its port) must not keep a
+        # restart from binding it again (the chaos run's registry_down fault met that).
+        for _ in range(5):
+            answer = httpx.get(
+                f"{run.simulator_url}/simulator/report", headers={"Connection": "close"},
+                timeout=10,
+            )  # fmt: skip
+            assert answer.status_code == 200
         # A stopped registry refuses connections (an outage), it does not hold them: the
         # launcher keeps no copy of the socket it handed down.
         run.stop_simulator()
