@@ -30,6 +30,11 @@ from devtools.launcher import LaunchError, LocalMigration
 from tests.partition.links import ProcessLinks, SeenRequest
 from tests.servers import EtcdCluster
 
+#: Seconds a zombie stays cut off or paused past its lease TTL: long enough for the next
+#: holder to step its repositories first (tests/partition's (e) saw the next step 6 s after
+#: the pause at TTL 3), so that the zombie's late writes meet the fence.
+ZOMBIE_EXTRA_S = 6.0
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -348,9 +353,11 @@ class FaultInjector:
         return (holder, True) if holder is not None else (rng.randrange(len(self.locks)), False)
 
     def _zombie_etcd_cut(self, rng: random.Random) -> str:
-        """Scenario (a) of tests/partition: a holder loses etcd for TTL + 2 s; its
-        PostgreSQL link is 2 s slow each way meanwhile (the node's network in trouble), so
-        the writes it still makes land after its lease expired."""
+        """Scenario (a) of tests/partition: a holder loses etcd for TTL + 6 s; its
+        PostgreSQL link is 4 s slow each way meanwhile (the node's network in trouble), so
+        the writes it still makes land after its lease expired and the next holder wrote.
+        (Cut for TTL + 2 s with 2 s of delay, the 600-repository --long run refused none:
+        the zombie's writes landed before any next holder's.)"""
         index, held = self._a_holder(rng)
         links = self.links[index]
         assert links.etcd is not None
@@ -358,18 +365,22 @@ class FaultInjector:
             tokens = self.holder_tokens(index)
             self.zombie_tokens |= tokens
             links.etcd.cut()
-            links["postgres"].degrade(delay=2.0)
+            links["postgres"].degrade(delay=4.0)
             try:
-                time.sleep(self.lease_ttl + 2)
+                time.sleep(self.lease_ttl + ZOMBIE_EXTRA_S)
             finally:
                 links.restore()
         what = f"holding {len(tokens)} leases" if held else "no lease held"
-        return f"worker-{index} ({what}) cut from etcd, PostgreSQL +2 s, {self.lease_ttl + 2:g} s"
+        return (
+            f"worker-{index} ({what}) cut from etcd, PostgreSQL +4 s,"
+            f" {self.lease_ttl + ZOMBIE_EXTRA_S:g} s"
+        )
 
     def _zombie_pause_in_start(self, _rng: random.Random) -> str:
         """Scenario (e): SIGSTOP the first worker seen sending a registry start (by its
-        registry proxy, before the request is forwarded) past its TTL, then SIGCONT: its
-        call's answer and its writes come after its lease expired."""
+        registry proxy, before the request is forwarded) for TTL + 6 s, then SIGCONT: its
+        call's answer and its writes come after its lease expired and (the pre-import's
+        notification retried once the lease is free) after the next holder's."""
         fired = threading.Event()
         paused: list[int] = []
 
@@ -399,13 +410,13 @@ class FaultInjector:
         try:
             tokens = self.holder_tokens(index)
             self.zombie_tokens |= tokens
-            time.sleep(self.lease_ttl + 2)
+            time.sleep(self.lease_ttl + ZOMBIE_EXTRA_S)
         finally:
             self.run.resume_worker(index)
             self.locks[index].release()
         return (
             f"worker-{index} (holding {len(tokens)} leases) SIGSTOP inside its start call"
-            f" {self.lease_ttl + 2:g} s, SIGCONT"
+            f" {self.lease_ttl + ZOMBIE_EXTRA_S:g} s, SIGCONT"
         )
 
     def _rabbitmq_restart(self, _rng: random.Random) -> str:
