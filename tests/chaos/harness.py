@@ -345,12 +345,16 @@ class FaultInjector:
     # -- zombies: a holder alive but without its lease -----------------------------------
 
     def _a_holder(self, rng: random.Random) -> tuple[int, bool]:
-        deadline = time.monotonic() + 10
-        holder = self.lease_holder()
-        while holder is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-            holder = self.lease_holder()
-        return (holder, True) if holder is not None else (rng.randrange(len(self.locks)), False)
+        """A worker behind links that holds a repository lease now (waiting up to 20 s),
+        else any of them: (its index, whether it holds one)."""
+        deadline = time.monotonic() + 20
+        while True:
+            for index in range(len(self.links)):
+                if self.holder_tokens(index):
+                    return index, True
+            if time.monotonic() > deadline:
+                return rng.randrange(len(self.links)), False
+            time.sleep(0.05)
 
     def _zombie_etcd_cut(self, rng: random.Random) -> str:
         """Scenario (a) of tests/partition: a holder loses etcd for TTL + 6 s; its
