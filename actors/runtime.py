@@ -45,7 +45,14 @@ class Runtime:
 
     def __init__(self, config: Config, *, pool_size: int = 10) -> None:
         self.config = config
-        self.store = Store(config.database_url, max_size=pool_size)
+        # A silent PostgreSQL costs a step about the database timeout, not the pool's
+        # default 30 s wait for a connection (its lease held all along).
+        self.store = Store(
+            config.database_url,
+            max_size=pool_size,
+            timeout=config.database_timeout,
+            connect_options=config.database_options(),
+        )
         try:
             self.etcd: EtcdClient = config.etcd_client()
             self.registry = RegistryClient.from_config(config)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import signal
@@ -57,11 +58,42 @@ class LaunchError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (the kernel's pick)."""
+    """A TCP port that was free on ``host`` a moment ago (the kernel's pick).
+
+    Nothing holds it afterwards: another bind (a proxy, another test's server) may take
+    it before its user does. Where the user is a child of this process, :class:`LocalMigration`
+    holds the port instead (:func:`reserve_port`) and hands the socket down.
+    """
     with socket.socket() as probe:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def reserve_port(host: str = "127.0.0.1", port: int = 0, *, timeout: float = 0) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (port 0: the kernel's pick), held by this
+    process: no other bind can take the port while it is open.
+
+    :param timeout: seconds to retry while the port is in use (a restart on the same
+        port, whose last connections may linger); 0: fail at once.
+    :raises OSError: the port could not be bound (EADDRINUSE past ``timeout``).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        try:
+            # The server's accepted connections inherit it: without it, those of a stopped
+            # server (TIME_WAIT) keep its port from being bound again for a minute. A
+            # listening socket conflicts with every other bind all the same.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(2048)
+            return sock
+        except OSError as error:
+            sock.close()
+            if error.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
@@ -88,6 +120,14 @@ class _Child:
     exit_codes: list[int | None] = field(default_factory=list)
     #: Variables of this process alone, over the run's (see :meth:`LocalMigration.set_env`).
     env: dict[str, str] = field(default_factory=dict)
+    #: The port it serves on, held by the launcher until the process is spawned (None: it
+    #: listens on nothing the launcher chose).
+    port: int | None = None
+    #: The launcher's socket on :attr:`port`, until it is handed down (or, for a program
+    #: that cannot inherit it, closed just before the program binds the port itself).
+    listener: socket.socket | None = None
+    #: The program takes ``--fd N`` (the listener inherited) rather than binding the port.
+    inherits_listener: bool = True
 
     @property
     def pid(self) -> int | None:
@@ -168,8 +208,13 @@ class LocalMigration:
         self.threads = threads
         self.die_with_parent = die_with_parent
         run_id = uuid.uuid4().hex[:10]
-        simulator_port = free_port()
-        api_port = free_port()
+        # The ports are held from here until the programs serve on them (each gets its
+        # socket as an inherited descriptor, --fd): a port only probed free could be taken
+        # meanwhile, as a partition test's proxy once took the API's.
+        simulator_socket = reserve_port()
+        api_socket = reserve_port() if api else None
+        simulator_port = simulator_socket.getsockname()[1]
+        api_port = api_socket.getsockname()[1] if api_socket is not None else 0
         self.simulator_url = f"http://127.0.0.1:{simulator_port}"
         self.api_url = f"http://127.0.0.1:{api_port}" if api else ""
         self.env: dict[str, str] = {
@@ -202,12 +247,19 @@ class LocalMigration:
         ]  # fmt: skip
         if api:
             simulator_command += ["--notify-url", self.api_url]
-        self._simulator = _Child("simulator", simulator_command, self.log_dir / "simulator.log")
+        self._simulator = _Child(
+            "simulator", simulator_command, self.log_dir / "simulator.log",
+            port=simulator_port, listener=simulator_socket,
+        )  # fmt: skip
         self._api = (
             _Child(
                 "api",
                 program("api", ["registry-migrator", "api", "--port", str(api_port)]),
                 self.log_dir / "api.log",
+                port=api_port,
+                listener=api_socket,
+                # A program run in a container (command_for) gets no descriptor of ours.
+                inherits_listener=command_for is None,
             )
             if api
             else None
@@ -246,17 +298,48 @@ class LocalMigration:
         api = [self._api] if self._api is not None else []
         return [self._simulator, *api, *self._workers, *self._schedulers]
 
+    def _listener_for(self, child: _Child) -> socket.socket | None:
+        """The socket ``child`` is to serve on: the one reserved at construction, or, for a
+        restart, a new one on the same port (retried while its last connections linger)."""
+        if child.port is None:
+            return None
+        listener, child.listener = child.listener, None
+        if listener is None:
+            try:
+                listener = reserve_port(port=child.port, timeout=10)
+            except OSError as error:
+                raise LaunchError(f"{child.name}: port {child.port}: {error}") from error
+        return listener
+
     def _spawn(self, child: _Child) -> None:
         if child.running():
             return
         child.log_offset = child.log_path.stat().st_size if child.log_path.exists() else 0
         environment = {**os.environ, **self.env, **child.env, "PYTHONUNBUFFERED": "1"}
+        command = child.command
+        listener = self._listener_for(child)
+        inherited: tuple[int, ...] = ()
+        if listener is not None and child.inherits_listener:
+            inherited = (listener.fileno(),)
+            command = [*command, "--fd", str(listener.fileno())]
+        elif listener is not None:
+            listener.close()  # the program binds the port itself, a moment from now
+            listener = None
+        try:
+            self._popen(child, command, environment, inherited)
+        finally:
+            if listener is not None:  # the child has its copy; ours would keep it open
+                listener.close()
+
+    def _popen(self, child: _Child, command: list[str], environment: dict[str, str],
+               inherited: tuple[int, ...]) -> None:  # fmt: skip
         with open(child.log_path, "ab") as log:
             log.write(f"--- {time.strftime('%H:%M:%S')} starting {child.name}\n".encode())
             log.flush()
             child.log_offset = log.tell()
             child.process = subprocess.Popen(
-                child.command,
+                command,
+                pass_fds=inherited,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -358,6 +441,9 @@ class LocalMigration:
         }
         for child in self._children():
             child.process = None
+            if child.listener is not None:  # reserved, never handed down
+                child.listener.close()
+                child.listener = None
         return codes
 
     def __enter__(self) -> LocalMigration:

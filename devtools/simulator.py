@@ -82,6 +82,7 @@ from migration.registry import (
     RegistryImportStatus,
     quote_repository_path,
 )
+from service.sockets import inherited_listener
 
 log = structlog.get_logger(__name__)
 
@@ -1147,6 +1148,7 @@ def serve(
     log_level: str = "info",
     ready_file: str | None = None,
     state_file: str | None = None,
+    fd: int | None = None,
 ) -> None:
     """Run the simulator in the foreground until SIGINT/SIGTERM (the CLI's entry).
 
@@ -1157,13 +1159,15 @@ def serve(
     :param ready_file: a file to write the base URL into once listening (for port 0).
     :param state_file: where the registry's state is saved at stop and restored from at
         start (a stop and start is then an outage, not a new registry).
-    :raises OSError: when ``host:port`` cannot be bound.
+    :param fd: serve on this inherited listening TCP socket instead of binding
+        ``host:port`` (a launcher that reserved the port passes it: no race for the port).
+    :raises OSError: when ``host:port`` cannot be bound, or ``fd`` is not a TCP socket.
     :raises ValueError: when ``state_file`` exists but is not a simulator's state.
     """
     if state_file:
         load_state(state_file)  # a bad file stops here, with its reason, not in uvicorn
-    sock = listen(host, port)
-    port = sock.getsockname()[1]
+    sock = inherited_listener(fd) if fd is not None else listen(host, port)
+    host, port = sock.getsockname()[:2]
     url = f"http://{host}:{port}"
     app = create_app(SimulatedRegistry(config), state_file=state_file)
     server = uvicorn.Server(_uvicorn_config(app, host=host, port=port, log_level=log_level))

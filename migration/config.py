@@ -138,6 +138,13 @@ class Config:
     :param lease_ttl: seconds an etcd lease lives without keep-alive (``MIGRATOR_LEASE_TTL``).
     :param registry_timeout: seconds each registry call may take, for each of connect,
         read, write (``MIGRATOR_REGISTRY_TIMEOUT``); a call past it is a registry fault.
+    :param database_timeout: seconds a PostgreSQL connection may go unanswered before this
+        client gives it up (``MIGRATOR_DATABASE_TIMEOUT``): the connect timeout, TCP
+        keep-alives that declare a silent peer dead, and ``tcp_user_timeout`` for data
+        sent but never acknowledged. Without them a process cut off from PostgreSQL
+        mid-step waits for the kernel to give up (15 minutes or more) with the step held.
+    :param database_statement_timeout: seconds PostgreSQL lets one statement run
+        (``MIGRATOR_DATABASE_STATEMENT_TIMEOUT``, its ``statement_timeout``); 0: no limit.
     :param log_level: debug, info, warning or error (``MIGRATOR_LOG_LEVEL``).
     :param queue_name: the RabbitMQ queue of the actors (``MIGRATOR_QUEUE_NAME``); separate
         migrations (or test runs) sharing one RabbitMQ use separate queues.
@@ -160,6 +167,8 @@ class Config:
     notification_secret: str | None = field(default=None, repr=False)
     lease_ttl: float = 10.0
     registry_timeout: float = 5.0
+    database_timeout: float = 10.0
+    database_statement_timeout: float = 0.0
     log_level: str = "info"
     queue_name: str = "registry_migrator"
     queue_type: str = "classic"
@@ -219,10 +228,46 @@ class Config:
             registry_timeout=_number(
                 env, f"{PREFIX}REGISTRY_TIMEOUT", d.registry_timeout, minimum=0.1, maximum=300
             ),
+            database_timeout=_number(
+                env, f"{PREFIX}DATABASE_TIMEOUT", d.database_timeout, minimum=2, maximum=3600
+            ),
+            database_statement_timeout=_number(
+                env,
+                f"{PREFIX}DATABASE_STATEMENT_TIMEOUT",
+                d.database_statement_timeout,
+                minimum=0,
+                maximum=86400,
+            ),
             log_level=level,
             queue_name=queue,
             queue_type=queue_type,
         )
+
+    def database_options(self) -> dict[str, str | int]:
+        """libpq connection options bounding how long a connection may go unanswered
+        (:attr:`database_timeout`) and a statement may run (:attr:`database_statement_timeout`),
+        for ``psycopg.connect(**options)`` or a pool's ``kwargs``.
+
+        A dead peer is noticed within about the timeout whatever the connection is doing:
+        connecting (``connect_timeout``, whole seconds), waiting for an answer to a query
+        the server received (keep-alives: idle, then ``count`` probes ``interval`` apart),
+        or sending what is never acknowledged (``tcp_user_timeout``, milliseconds).
+        """
+        timeout = self.database_timeout
+        idle = max(1, int(timeout / 2))
+        interval = max(1, int((timeout - idle) / 3))
+        options: dict[str, str | int] = {
+            "connect_timeout": max(2, math.ceil(timeout)),
+            "keepalives": 1,
+            "keepalives_idle": idle,
+            "keepalives_interval": interval,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(timeout * 1000),
+        }
+        if self.database_statement_timeout:
+            milliseconds = max(1, int(self.database_statement_timeout * 1000))
+            options["options"] = f"-c statement_timeout={milliseconds}"
+        return options
 
     def require_notification_secret(self) -> str:
         """The notification secret, or :class:`ConfigError` when it is not set."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -320,16 +320,21 @@ class Store:
     :param max_size: most connections the pool opens (size it to the worker threads).
     :param timeout: seconds a call waits for a free connection before
         :class:`StoreUnavailable`.
+    :param connect_options: libpq options of every connection (``Config.database_options``:
+        the client-side bounds on a silent server); default a 5 s connect timeout.
     :raises StoreUnavailable: PostgreSQL cannot be reached now.
     """
 
     def __init__(
-        self, database_url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
-    ) -> None:
+        self, database_url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 30.0,
+        connect_options: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self._where = _where(database_url)
+        # Client-side bounds (Config.database_options): keep-alives, tcp_user_timeout...
+        options = {"connect_timeout": 5, **(connect_options or {})}
         try:
             # Fail now, with one clear line, rather than after the pool's timeout.
-            psycopg.connect(database_url, connect_timeout=5).close()
+            psycopg.connect(database_url, **options).close()
         except psycopg.Error as error:
             raise StoreUnavailable(
                 f"cannot reach PostgreSQL at {self._where}: {_first_line(error)}"
@@ -339,7 +344,7 @@ class Store:
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            kwargs={"autocommit": True, "connect_timeout": 5},
+            kwargs={"autocommit": True, **options},
             check=check_quietly,  # a round trip only when the socket has news
             name="migration-store",
             open=True,

@@ -40,7 +40,9 @@ def open_store() -> Iterator[Store]:
             logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         )
     try:
-        with Store(config.database_url, max_size=2) as store:
+        with Store(
+            config.database_url, max_size=2, connect_options=config.database_options()
+        ) as store:
             yield store
     except StoreError as error:
         fail(str(error))

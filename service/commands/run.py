@@ -6,6 +6,7 @@ their ``--help`` loads none of it, and ``enqueue`` does not load the API.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -56,7 +57,15 @@ def _stop_on_signals() -> threading.Event:
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-def api(host: str, port: int) -> None:
+@click.option(
+    "--fd",
+    type=click.IntRange(3),
+    default=None,
+    metavar="N",
+    help="Serve on the listening TCP socket inherited as file descriptor N instead of "
+    "binding --host/--port (a launcher that holds the port passes it).",
+)
+def api(host: str, port: int, fd: int | None) -> None:
     """Serve the notification API, /healthz, /readyz and /metrics (uvicorn).
 
     The registry sends PUT /notifications/registry/repositories/<path>/status with
@@ -91,6 +100,16 @@ def api(host: str, port: int) -> None:
         broker_check=rabbitmq_check(config.broker_url),
         queue_counts=rabbitmq_queue_counts(config.broker_url),
     )
+    sockets = None
+    if fd is not None:
+        from service.sockets import inherited_listener
+
+        try:
+            sockets = [inherited_listener(fd)]
+        except OSError as error:
+            click.echo(f"registry-migrator api: --fd {fd}: {error.strerror or error}", err=True)
+            sys.exit(2)
+        host, port = sockets[0].getsockname()[:2]
     log.info("api_starting", host=host, port=port, broker=actors.broker.__class__.__name__)
     # Serve at once (liveness, /readyz 503) while a server is down; say so in the log, with
     # backoff, until all answer.
@@ -106,7 +125,15 @@ def api(host: str, port: int) -> None:
     # ends the process with status 0 (as the simulator does) rather than "killed by SIGTERM".
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+        # Server.run, not uvicorn.run: it serves a socket it is given (uvicorn's own fd
+        # option would take the descriptor for a Unix socket).
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False)
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=sockets)
+        if not server.started:
+            sys.exit(3)  # as uvicorn.run: the server never started (the port, the app)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -161,6 +161,15 @@ _DEFAULTS = SimulatorConfig()
     help="Write the base URL into PATH once listening (useful with --port 0).",
 )
 @click.option(
+    "--fd",
+    type=click.IntRange(3),
+    default=None,
+    metavar="N",
+    help="Serve on the listening TCP socket inherited as file descriptor N (--host and "
+    "--port then only name it): a launcher that holds the port passes it, so that no "
+    "other program can take the port between its choice and this bind.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -190,6 +199,7 @@ def simulator(
     notify_max_attempts: int,
     seed: int | None,
     ready_file: str | None,
+    fd: int | None,
     log_level: str,
 ) -> None:
     """Serve a simulated registry import API until SIGTERM/SIGINT.
@@ -251,13 +261,13 @@ def simulator(
             log_level=log_level,
             ready_file=ready_file,
             state_file=state_file,
+            fd=fd,
         )
     except ValueError as error:  # the state file
         click.echo(f"registry-migrator simulator: {error}", err=True)
         sys.exit(2)
     except OSError as error:
         reason = error.strerror or error
-        click.echo(
-            f"registry-migrator simulator: cannot listen on {host}:{port}: {reason}", err=True
-        )
+        where = f"file descriptor {fd}" if fd is not None else f"{host}:{port}"
+        click.echo(f"registry-migrator simulator: cannot listen on {where}: {reason}", err=True)
         sys.exit(1)

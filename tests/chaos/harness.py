@@ -7,8 +7,12 @@ every few seconds; the other injects the heavy faults once each, in a random ord
 random times (SIGSTOP a worker past its lease TTL then SIGCONT, restart RabbitMQ, kill the
 etcd leader then restart it, restart PostgreSQL) mixed with the registry's faults (the
 simulator stopped then started again, 503 on every start, every answer slower than the
-client's timeout, 401 on every call ended by an automated ``registry-migrator resume``).
-Every fault is logged with its time, wall clock included (stalls are measured from its end).
+client's timeout, 401 on every call ended by an automated ``registry-migrator resume``)
+and, when the workers talk through cuttable links (``tests/partition/links.py``, the
+``--long`` run), with issue 13's zombies: a lease holder cut from etcd (its PostgreSQL link
+slowed, so that its late writes land after its lease expired), and a worker SIGSTOPped
+inside its registry start call past its TTL. Every fault is logged with its time, wall
+clock included (stalls are measured from its end).
 """
 
 from __future__ import annotations
@@ -23,7 +27,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from devtools.launcher import LaunchError, LocalMigration
+from tests.partition.links import ProcessLinks, SeenRequest
 from tests.servers import EtcdCluster
+
+#: Seconds a zombie stays cut off or paused past its lease TTL: long enough for the next
+#: holder to step its repositories first (tests/partition's (e) saw the next step 6 s after
+#: the pause at TTL 3), so that the zombie's late writes meet the fence.
+ZOMBIE_EXTRA_S = 6.0
 
 
 @dataclass(frozen=True)
@@ -177,11 +187,17 @@ class FaultInjector:
         paused.
     :param slow_s: the delay of every answer during the slow fault (longer than the
         workers' registry client timeout).
+    :param links: each worker's links (etcd, PostgreSQL, registry through proxies): given,
+        the zombie faults are injected once each too (:attr:`ZOMBIE`).
+    :param holder_tokens: the tokens (lease create revisions) of the repository leases
+        worker ``i`` holds now: a zombie's, whose late writes the fence must refuse.
     """
 
     HEAVY = ("worker_pause", "rabbitmq_restart", "etcd_leader_kill", "postgres_restart")
     REGISTRY = ("registry_down", "registry_5xx", "registry_slow", "registry_401")
-    #: Every fault injected once per run.
+    #: Zombie holders (issue 13): alive, lease lost, writes refused by the fence.
+    ZOMBIE = ("zombie_etcd_cut", "zombie_pause_in_start")
+    #: Every fault injected once per run (and :attr:`ZOMBIE` with ``links``).
     ONCE = HEAVY + REGISTRY
 
     def __init__(
@@ -203,7 +219,16 @@ class FaultInjector:
         registry_fault_max_s: float = 20.0,
         registry_seen: Callable[[], tuple[float, bool]] = lambda: (0, False),
         slow_s: float = 6.0,
+        links: list[ProcessLinks] | None = None,
+        holder_tokens: Callable[[int], set[int]] = lambda _index: set(),
     ) -> None:
+        self.links = links or []
+        self.holder_tokens = holder_tokens
+        #: The faults of this run, once each.
+        self.once = self.ONCE + (self.ZOMBIE if self.links else ())
+        #: The tokens each zombie held when its fault began (its writes with them after the
+        #: next holder's are refused): what the chaos report counts as fenced by zombies.
+        self.zombie_tokens: set[int] = set()
         self.registry_fault_max_s = registry_fault_max_s
         self.registry_seen = registry_seen
         self.lease_holder = lease_holder
@@ -292,7 +317,7 @@ class FaultInjector:
 
     def _heavy_loop(self) -> None:
         rng = self._heavy_random
-        order = list(self.ONCE)
+        order = list(self.once)
         rng.shuffle(order)
         for kind in order:
             if self._stop.wait(rng.uniform(*self.heavy_gap)):
@@ -316,6 +341,87 @@ class FaultInjector:
                 self.run.resume_worker(index)
         what = "a lease holder" if holder is not None else "no lease held"
         return f"worker-{index} ({what}) SIGSTOP {self.lease_ttl + 2:g} s, SIGCONT"
+
+    # -- zombies: a holder alive but without its lease -----------------------------------
+
+    def _a_holder(self, rng: random.Random) -> tuple[int, bool]:
+        """A worker behind links that holds a repository lease now (waiting up to 20 s),
+        else any of them: (its index, whether it holds one)."""
+        deadline = time.monotonic() + 20
+        while True:
+            for index in range(len(self.links)):
+                if self.holder_tokens(index):
+                    return index, True
+            if time.monotonic() > deadline:
+                return rng.randrange(len(self.links)), False
+            time.sleep(0.05)
+
+    def _zombie_etcd_cut(self, rng: random.Random) -> str:
+        """Scenario (a) of tests/partition: a holder loses etcd for TTL + 6 s; its
+        PostgreSQL link is 4 s slow each way meanwhile (the node's network in trouble), so
+        the writes it still makes land after its lease expired and the next holder wrote.
+        (Cut for TTL + 2 s with 2 s of delay, the 600-repository --long run refused none:
+        the zombie's writes landed before any next holder's.)"""
+        index, held = self._a_holder(rng)
+        links = self.links[index]
+        assert links.etcd is not None
+        with self.locks[index]:
+            tokens = self.holder_tokens(index)
+            self.zombie_tokens |= tokens
+            links.etcd.cut()
+            links["postgres"].degrade(delay=4.0)
+            try:
+                time.sleep(self.lease_ttl + ZOMBIE_EXTRA_S)
+            finally:
+                links.restore()
+        what = f"holding {len(tokens)} leases" if held else "no lease held"
+        return (
+            f"worker-{index} ({what}) cut from etcd, PostgreSQL +4 s,"
+            f" {self.lease_ttl + ZOMBIE_EXTRA_S:g} s"
+        )
+
+    def _zombie_pause_in_start(self, _rng: random.Random) -> str:
+        """Scenario (e): SIGSTOP the first worker seen sending a registry start (by its
+        registry proxy, before the request is forwarded) for TTL + 6 s, then SIGCONT: its
+        call's answer and its writes come after its lease expired and (the pre-import's
+        notification retried once the lease is free) after the next holder's."""
+        fired = threading.Event()
+        paused: list[int] = []
+
+        def hook(index: int) -> Callable[[SeenRequest], None]:
+            def seen(request: SeenRequest) -> None:
+                if fired.is_set() or request.method != "PUT" or "/import/" not in request.target:
+                    return
+                if not self.locks[index].acquire(blocking=False):
+                    return  # being restarted or killed: the next start
+                if fired.is_set():
+                    self.locks[index].release()
+                    return
+                self.run.pause_worker(index)
+                paused.append(index)
+                fired.set()
+
+            return seen
+
+        for index, links in enumerate(self.links):
+            links["registry"].on_request = hook(index)
+        fired.wait(60)
+        for links in self.links:
+            links["registry"].on_request = None
+        if not fired.is_set():
+            return "no start seen in 60 s: nothing paused"
+        index = paused[0]
+        try:
+            tokens = self.holder_tokens(index)
+            self.zombie_tokens |= tokens
+            time.sleep(self.lease_ttl + ZOMBIE_EXTRA_S)
+        finally:
+            self.run.resume_worker(index)
+            self.locks[index].release()
+        return (
+            f"worker-{index} (holding {len(tokens)} leases) SIGSTOP inside its start call"
+            f" {self.lease_ttl + ZOMBIE_EXTRA_S:g} s, SIGCONT"
+        )
 
     def _rabbitmq_restart(self, _rng: random.Random) -> str:
         self.restart_service("rabbitmq")

@@ -24,9 +24,11 @@ def partitioned(
     made: list[PartitionRun] = []
 
     def make(*, lease_ttl: float = 3, workers: int = 2, threads: int = 2,
-             api_links: bool = False, broker_heartbeat: int = 4) -> PartitionRun:  # fmt: skip
+             api_links: bool = False, broker_heartbeat: int = 4,
+             env: dict[str, str] | None = None) -> PartitionRun:  # fmt: skip
         run = LocalMigration(
-            env={**stack, "MIGRATOR_DATABASE_URL": database_url, "MIGRATOR_LOG_LEVEL": "info"},
+            env={**stack, "MIGRATOR_DATABASE_URL": database_url, "MIGRATOR_LOG_LEVEL": "info",
+                 **(env or {})},
             log_dir=tmp_path / f"run-{len(made)}",
             workers=workers, threads=threads, lease_ttl=lease_ttl, worker_shutdown_timeout=5,
             simulator_args=["--no-double-start-guard", "--pre-import-seconds", "0.1", "0.3",

@@ -24,6 +24,12 @@ What each fault looks like to the process behind the proxy:
   more (200 ms, doubling for consecutive losses: Linux's minimum RTO), which is what
   a lost segment does to a TCP stream as the application sees it.
 
+- ``blackhole()``: a cut the client's *kernel* sees too. A proxy in user space acknowledges
+  every byte the client sends and answers its keep-alive probes, so a cut through it never
+  trips the client's TCP timeouts (``tcp_user_timeout``, keep-alives); ``blackhole`` also
+  drops the packets of the proxy's port in the kernel (``iptables``, loopback only, rules
+  named for this process and removed by ``restore``), as a real partition would.
+
 ``requests`` records the HTTP request lines a proxy saw from its client (the registry
 link): an observer of the worker's registry calls outside the worker itself.
 """
@@ -32,10 +38,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import random
 import re
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -62,6 +71,27 @@ class SeenRequest:
     method: str
     target: str
     held: bool
+
+
+class BlackholeUnavailable(RuntimeError):
+    """``iptables`` is missing or refused the rule (not root, no netfilter): the message
+    says which."""
+
+
+def _iptables(action: str, port: int) -> None:
+    """Add (``-I``) or delete (``-D``) the two rules that drop loopback TCP to and from
+    ``port``; a rule's comment names this process (``partition-<pid>``)."""
+    iptables = shutil.which("iptables")
+    if iptables is None:
+        raise BlackholeUnavailable("iptables is not installed (.ci/run installs it)")
+    for side in ("--dport", "--sport"):
+        done = subprocess.run(
+            [iptables, "-w", "5", action, "INPUT", "-i", "lo", "-p", "tcp", side, str(port),
+             "-m", "comment", "--comment", f"partition-{os.getpid()}", "-j", "DROP"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if done.returncode != 0 and action == "-I":
+            raise BlackholeUnavailable(f"iptables {action} failed: {done.stderr.strip()}")
 
 
 class _Direction:
@@ -145,6 +175,7 @@ class FaultProxy:
         self.on_request: Callable[[SeenRequest], None] | None = None
         self.closed = False
         self._cut = threading.Event()
+        self._blackholed = False
         self._refusing = False
         self._delay = 0.0
         self._jitter = 0.0
@@ -171,6 +202,17 @@ class FaultProxy:
         """Stop forwarding both ways, closing nothing: the peer sees silence."""
         self._cut.set()
 
+    def blackhole(self) -> None:
+        """Cut, and drop this link's packets in the kernel too: the client's own TCP
+        timeouts see the partition (see the module's docstring).
+
+        :raises BlackholeUnavailable: iptables is missing or refused the rule.
+        """
+        self.cut()
+        if not self._blackholed:
+            _iptables("-I", self.port)
+            self._blackholed = True
+
     def refuse(self) -> None:
         """Reset every connection and every new one until :meth:`restore`."""
         self._refusing = True
@@ -188,9 +230,15 @@ class FaultProxy:
         with self._lock:
             self._delay = self._jitter = self._loss = 0.0
         self._refusing = False
+        if self._blackholed:
+            _iptables("-D", self.port)
+            self._blackholed = False
         self._cut.clear()
 
     def close(self) -> None:
+        if self._blackholed:
+            _iptables("-D", self.port)
+            self._blackholed = False
         self.closed = True
         with contextlib.suppress(OSError):
             self._listener.close()
@@ -281,71 +329,128 @@ def _with_port(url: str, port: int, *, query: str | None = None) -> str:
     )
 
 
+class ProxyGroup:
+    """Several :class:`FaultProxy` faulted together: one link to a cluster (every etcd
+    member's endpoint), so that a cut leaves no member to fail over to."""
+
+    def __init__(self, proxies: list[FaultProxy]) -> None:
+        self.proxies = proxies
+
+    def cut(self) -> None:
+        for proxy in self.proxies:
+            proxy.cut()
+
+    def refuse(self) -> None:
+        for proxy in self.proxies:
+            proxy.refuse()
+
+    def degrade(self, *, delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0) -> None:
+        for proxy in self.proxies:
+            proxy.degrade(delay=delay, jitter=jitter, loss=loss)
+
+    def restore(self) -> None:
+        for proxy in self.proxies:
+            proxy.restore()
+
+    def close(self) -> None:
+        for proxy in self.proxies:
+            proxy.close()
+
+
 class ProcessLinks:
-    """One process's four links, each a :class:`FaultProxy`.
+    """One process's links, each a :class:`FaultProxy` (etcd: a :class:`ProxyGroup`, one
+    proxy per member endpoint).
 
     :param env: the run's ``MIGRATOR_*`` variables (the real addresses): database, etcd
-        (one endpoint), broker and registry URLs.
+        endpoints, broker and registry URLs.
     :param name: whose links (``worker-0``...), for messages.
     :param broker_heartbeat: the AMQP heartbeat (s) this process asks RabbitMQ for: how soon
         the broker notices a silent partition (about two heartbeats); None keeps the URL's.
+    :param services: which links go through proxies (the others stay direct).
     """
 
     SERVICES = ("etcd", "postgres", "rabbitmq", "registry")
 
     def __init__(self, env: Mapping[str, str], *, name: str,
-                 broker_heartbeat: int | None = None) -> None:  # fmt: skip
+                 broker_heartbeat: int | None = None,
+                 services: tuple[str, ...] = SERVICES) -> None:  # fmt: skip
         self.name = name
-        endpoints = env["MIGRATOR_ETCD_ENDPOINTS"].split(",")
-        if len(endpoints) != 1:
-            raise ValueError("ProcessLinks proxies one etcd endpoint")
+        if not set(services) <= set(self.SERVICES):
+            raise ValueError(f"services must be among {self.SERVICES}")
+        self.services = services
         self._urls = {
             "postgres": env["MIGRATOR_DATABASE_URL"],
             "rabbitmq": env["MIGRATOR_BROKER_URL"],
             "registry": env["MIGRATOR_REGISTRY_URL"],
         }
         targets = {
-            "etcd": _host_port(endpoints[0]),
-            **{s: (urlsplit(u).hostname or "127.0.0.1", urlsplit(u).port or 0)
-               for s, u in self._urls.items()},
-        }  # fmt: skip
-        self.proxies = {
+            s: (urlsplit(u).hostname or "127.0.0.1", urlsplit(u).port or 0)
+            for s, u in self._urls.items()
+        }
+        self.proxies: dict[str, FaultProxy] = {
             service: FaultProxy(
                 name=f"{name}/{service}",
                 target=targets[service],
                 record_http=service == "registry",
             )
-            for service in self.SERVICES
+            for service in services
+            if service != "etcd"
         }
+        self.etcd: ProxyGroup | None = None
+        if "etcd" in services:
+            self.etcd = ProxyGroup([
+                FaultProxy(name=f"{name}/etcd-{i}", target=_host_port(endpoint))
+                for i, endpoint in enumerate(env["MIGRATOR_ETCD_ENDPOINTS"].split(","))
+            ])  # fmt: skip
         self.broker_heartbeat = broker_heartbeat
 
     def __getitem__(self, service: str) -> FaultProxy:
+        """The proxy of ``service`` (a single one: use :attr:`etcd` for etcd's group)."""
+        if service == "etcd" and self.etcd is not None and len(self.etcd.proxies) == 1:
+            return self.etcd.proxies[0]
         return self.proxies[service]
 
     def env(self) -> dict[str, str]:
-        """The process's ``MIGRATOR_*`` addresses, each pointing at its proxy."""
-        broker = self._urls["rabbitmq"]
-        query = None
-        if self.broker_heartbeat is not None:
-            kept = [
-                q for q in urlsplit(broker).query.split("&") if q and not q.startswith("heartbeat=")
-            ]
-            query = "&".join([*kept, f"heartbeat={self.broker_heartbeat}"])
-        port = {service: proxy.port for service, proxy in self.proxies.items()}
-        return {
-            "MIGRATOR_ETCD_ENDPOINTS": f"127.0.0.1:{port['etcd']}",
-            "MIGRATOR_DATABASE_URL": _with_port(self._urls["postgres"], port["postgres"]),
-            "MIGRATOR_BROKER_URL": _with_port(broker, port["rabbitmq"], query=query),
-            "MIGRATOR_REGISTRY_URL": _with_port(self._urls["registry"], port["registry"]),
-        }
+        """The process's ``MIGRATOR_*`` addresses of the proxied links, each pointing at
+        its proxy."""
+        out: dict[str, str] = {}
+        if self.etcd is not None:
+            out["MIGRATOR_ETCD_ENDPOINTS"] = ",".join(
+                f"127.0.0.1:{proxy.port}" for proxy in self.etcd.proxies
+            )
+        if "postgres" in self.proxies:
+            out["MIGRATOR_DATABASE_URL"] = _with_port(
+                self._urls["postgres"], self.proxies["postgres"].port
+            )
+        if "rabbitmq" in self.proxies:
+            broker = self._urls["rabbitmq"]
+            query = None
+            if self.broker_heartbeat is not None:
+                kept = [
+                    q for q in urlsplit(broker).query.split("&")
+                    if q and not q.startswith("heartbeat=")
+                ]  # fmt: skip
+                query = "&".join([*kept, f"heartbeat={self.broker_heartbeat}"])
+            out["MIGRATOR_BROKER_URL"] = _with_port(
+                broker, self.proxies["rabbitmq"].port, query=query
+            )
+        if "registry" in self.proxies:
+            out["MIGRATOR_REGISTRY_URL"] = _with_port(
+                self._urls["registry"], self.proxies["registry"].port
+            )
+        return out
 
     def restore(self) -> None:
         for proxy in self.proxies.values():
             proxy.restore()
+        if self.etcd is not None:
+            self.etcd.restore()
 
     def close(self) -> None:
         for proxy in self.proxies.values():
             proxy.close()
+        if self.etcd is not None:
+            self.etcd.close()
 
     def __enter__(self) -> ProcessLinks:
         return self
