@@ -10,12 +10,14 @@ Two kinds of writes move a repository:
   (``SELECT ... FOR UPDATE``), so claims, and only claims, are serialized; under that lock
   it counts the active repositories and refuses past the capacity. Every other write can
   only keep or lower that count, so the capacity is a hard bound however many run at once.
-  The locked part is one server-side call (``migration_fenced_write``, schema 0002), so the
-  lock is held for the server's work only, not across client round trips.
 - :meth:`Store.step` for every later event, and :meth:`Store.undo_claim`. Both are fenced
   like a claim: the write names the state it expects and the caller's fencing token, and is
   refused when the state differs or a newer token has written the row. A refusal changes
   nothing but is recorded in ``migration_events`` with ``accepted = false``.
+
+Every fenced write is one call to the server function ``migration_fenced_write`` (schema
+0005): fence check, refusal record, capacity check and event insert happen there, under the
+row locks, so the locks are held for the server's work only, not across client round trips.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 import structlog
@@ -50,7 +52,6 @@ from migration.states import (
     REQUEUE_STATES,
     UNDO_CLAIM,
     Event,
-    InvalidTransition,
     SkipReason,
     State,
     Transition,
@@ -95,13 +96,16 @@ _SELECT_LAST_WRITTEN_BY = (
     " AND (SELECT e.message_id FROM migration_events e WHERE e.repository_id = r.id"
     " AND e.accepted ORDER BY e.id DESC LIMIT 1) = %(message_id)s ORDER BY r.id"
 )
-# The row a one-call write computes its transition from, read without a lock, with the
+# How many times a fenced write reads the row again after the function found it moved
+# since the read (each time another write got in between; more in a row is a bug).
+_MISMATCH_RETRIES = 5
+# The row a fenced write computes its transition from, read without a lock, with the
 # max_retries setting (an abort needs it) in the same round trip.
 _READ_FOR_WRITE = (
     "SELECT r.*, (SELECT max_retries FROM migration_settings WHERE id = 1)"
     " AS settings_max_retries FROM container_repositories r WHERE r.id = %s"
 )
-# Schema 0002's function; every argument is cast so that the call resolves whatever types
+# Schema 0005's function; every argument is cast so that the call resolves whatever types
 # the driver sends.
 _FENCED_WRITE = (
     "SELECT w.outcome, (w.repository).* FROM migration_fenced_write(%(id)s::bigint,"
@@ -134,9 +138,6 @@ _TO_FRONT = (
     " WHERE id = %(id)s AND fencing_token <= %(token)s"
     " AND migration_state IN ('import_aborted', 'default') RETURNING *"
 )
-
-#: How :class:`Store` makes fenced writes (see :attr:`Store.write_path`).
-WritePath = Literal["function", "locked"]
 
 
 class StoreError(Exception):
@@ -345,11 +346,6 @@ class Store:
         )
         self._refused = 0
         self._refused_lock = threading.Lock()
-        #: ``"function"``: claims and steps are one call to ``migration_fenced_write``
-        #: after an unlocked read, with the locked transaction as the fallback (any
-        #: mismatch, a refusal, a schema before 0002). ``"locked"``: the locked
-        #: transaction only (the path before 0002; tests and bench/claim.py compare them).
-        self.write_path: WritePath = "function"
 
     def close(self) -> None:
         """Close every connection."""
@@ -756,7 +752,11 @@ class Store:
     # -- fenced writes ----------------------------------------------------------------------
 
     def refused_writes(self) -> int:
-        """How many fenced writes this Store refused (stale token or state changed)."""
+        """How many fenced writes this Store had refused (stale token or state changed).
+
+        Each one is also a ``migration_events`` row with ``accepted = false``, recorded by
+        the server function that refused it.
+        """
         with self._refused_lock:
             return self._refused
 
@@ -770,15 +770,14 @@ class Store:
         actor: str,
         message_id: str | None,
         detail: dict[str, Any] | None = None,
+        seen: Repository | None = None,
     ) -> StepResult:
         """Move a repository into an active state, within the capacity.
 
-        Under the settings-row lock (serializes claims): lock the repository row, check
-        the token and the expected state (a refusal is recorded), then enabled and
-        capacity, then write the transition and an event. With :attr:`write_path`
-        ``"function"`` the locked part is one call to ``migration_fenced_write`` (see
-        ``migration/schema/0002_fenced_write_function.sql``), so the lock is held for the
-        server's work only; anything unexpected takes the locked transaction.
+        One call to ``migration_fenced_write`` (schema 0005): under the settings-row lock
+        (serializes claims) and the repository row's, it checks the token and the expected
+        state (a refusal is recorded), then enabled and capacity, then writes the
+        transition and an event. The lock is held for the server's work only.
 
         :param repository_id: the repository.
         :param expected_state: the state the caller saw (``default`` or ``import_aborted``).
@@ -787,61 +786,24 @@ class Store:
         :param actor: who writes (actor name), for the events log.
         :param message_id: the message being processed, for the events log.
         :param detail: extra JSON for the events log.
+        :param seen: the row as the caller read it, if it has it: the transition is
+            computed from it, which saves a read (the function checks it under the lock;
+            when it no longer holds, the row is read again).
         :raises RepositoryNotFound: no such repository.
         :raises InvalidTransition: the event is not allowed from ``expected_state``.
         """
         event = Event(event)
         if event not in CLAIM_EVENTS:
             raise ValueError(f"{event} does not enter an active state; use step()")
-        author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
-        expected = State(expected_state)
-        if self.write_path == "function":
-            done = self._write_in_one_call(
-                repository_id, expected_state=expected, author=author, claim=True,
-                transition_of=lambda repo, max_retries: apply(
-                    repo.migration_state, event, retries_count=repo.migration_retries_count,
-                    max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
-                ),
-                refusal_event=event,
-            )  # fmt: skip
-            if done is not None:
-                return done
-        return self._claim_locked(
-            repository_id, expected_state=expected, event=event, author=author
-        )
-
-    def _claim_locked(
-        self, repository_id: int, *, expected_state: State, event: Event, author: _Author
-    ) -> StepResult:
-        # Five round trips under the settings lock: the path before schema 0002, and the
-        # fallback of the one-call path.
-        with self._connection() as conn, conn.transaction():
-            settings_row = conn.execute(
-                "SELECT enabled, capacity, max_retries FROM migration_settings"
-                " WHERE id = 1 FOR UPDATE"
-            ).fetchone()
-            assert settings_row is not None, "migration_settings row missing"
-            enabled, capacity, max_retries = settings_row
-            repo = self._lock_row(conn, repository_id)
-            refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=expected_state, event=event, author=author
-            )
-            if refused is not None:
-                return refused
-            transition = apply(
-                repo.migration_state,
-                event,
-                retries_count=repo.migration_retries_count,
-                max_retries=max_retries,
-                aborted_in_state=repo.migration_aborted_in_state,
-            )
-            if not enabled:
-                return StepResult(outcome=Outcome.DISABLED, repository=repo)
-            active = conn.execute(_COUNT_ACTIVE).fetchone()
-            if active is None or active[0] >= capacity:
-                return StepResult(outcome=Outcome.AT_CAPACITY, repository=repo)
-            written = self._write(conn, repo, transition, author)
-        return StepResult(outcome=Outcome.CLAIMED, repository=written, transition=transition)
+        return self._fenced_write(
+            repository_id, expected_state=State(expected_state), event=event, claim=True,
+            author=_Author(token=token, actor=actor, message_id=message_id, detail=detail),
+            transition_of=lambda repo, max_retries: apply(
+                repo.migration_state, event, retries_count=repo.migration_retries_count,
+                max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
+            ),
+            seen=seen,
+        )  # fmt: skip
 
     def step(
         self,
@@ -854,6 +816,7 @@ class Store:
         message_id: str | None,
         detail: dict[str, Any] | None = None,
         skip_reason: SkipReason | None = None,
+        seen: Repository | None = None,
     ) -> StepResult:
         """Write one fenced transition that does not enter an active state from outside.
 
@@ -865,50 +828,25 @@ class Store:
         :param message_id: the message being processed, for the events log.
         :param detail: extra JSON for the events log.
         :param skip_reason: required with ``skip_import``.
+        :param seen: the row as the caller read it (see :meth:`claim`); an abort reads
+            the row anyway (it needs the ``max_retries`` setting).
         :raises RepositoryNotFound: no such repository.
         :raises InvalidTransition: the event is not allowed from ``expected_state``.
         """
         event = Event(event)
         if event in CLAIM_EVENTS:
             raise ValueError(f"{event} enters an active state; use claim() (capacity check)")
-        author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
-        expected = State(expected_state)
         reason = SkipReason(skip_reason) if skip_reason is not None else None
-        if self.write_path == "function":
-            done = self._write_in_one_call(
-                repository_id, expected_state=expected, author=author, claim=False,
-                transition_of=lambda repo, max_retries: apply(
-                    repo.migration_state, event, retries_count=repo.migration_retries_count,
-                    max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
-                    skip_reason=reason,
-                ),
-                refusal_event=event,
-            )  # fmt: skip
-            if done is not None:
-                return done
-        with self._connection() as conn, conn.transaction():
-            repo = self._lock_row(conn, repository_id)
-            refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=expected, event=event, author=author
-            )
-            if refused is not None:
-                return refused
-            max_retries = 1
-            if event is Event.ABORT_IMPORT:
-                row = conn.execute(
-                    "SELECT max_retries FROM migration_settings WHERE id = 1"
-                ).fetchone()
-                max_retries = int(row[0]) if row else 1
-            transition = apply(
-                repo.migration_state,
-                event,
-                retries_count=repo.migration_retries_count,
-                max_retries=max_retries,
-                aborted_in_state=repo.migration_aborted_in_state,
+        return self._fenced_write(
+            repository_id, expected_state=State(expected_state), event=event, claim=False,
+            author=_Author(token=token, actor=actor, message_id=message_id, detail=detail),
+            transition_of=lambda repo, max_retries: apply(
+                repo.migration_state, event, retries_count=repo.migration_retries_count,
+                max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
                 skip_reason=reason,
-            )
-            written = self._write(conn, repo, transition, author)
-        return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
+            ),
+            seen=seen if event is not Event.ABORT_IMPORT else None,
+        )  # fmt: skip
 
     def undo_claim(
         self,
@@ -920,44 +858,27 @@ class Store:
         actor: str,
         message_id: str | None,
         detail: dict[str, Any] | None = None,
+        seen: Repository | None = None,
     ) -> StepResult:
         """Put a claimed repository back (the registry said 429), counting no retry. Fenced.
 
         :param expected_state: the claimed state (``pre_importing`` or ``importing``).
         :param claimed_from: the state the claim came from (``StepResult.transition.from_state``).
         :param token: the caller's fencing token.
+        :param seen: the row as the caller read it (see :meth:`claim`).
         :raises InvalidTransition: ``claimed_from -> expected_state`` is not a claim.
         """
-        author = _Author(token=token, actor=actor, message_id=message_id, detail=detail)
-        expected = State(expected_state)
         back_to = State(claimed_from)
-        if self.write_path == "function":
-            done = self._write_in_one_call(
-                repository_id, expected_state=expected, author=author, claim=False,
-                transition_of=lambda repo, _max_retries: undo_claim(
-                    repo.migration_state, claimed_from=back_to,
-                    retries_count=repo.migration_retries_count,
-                    aborted_in_state=repo.migration_aborted_in_state,
-                ),
-                refusal_event=UNDO_CLAIM,
-            )  # fmt: skip
-            if done is not None:
-                return done
-        with self._connection() as conn, conn.transaction():
-            repo = self._lock_row(conn, repository_id)
-            refused = self._refuse_if_fenced_out(
-                conn, repo, expected_state=expected, event=UNDO_CLAIM, author=author
-            )
-            if refused is not None:
-                return refused
-            transition = undo_claim(
-                repo.migration_state,
-                claimed_from=back_to,
+        return self._fenced_write(
+            repository_id, expected_state=State(expected_state), event=UNDO_CLAIM, claim=False,
+            author=_Author(token=token, actor=actor, message_id=message_id, detail=detail),
+            transition_of=lambda repo, _max_retries: undo_claim(
+                repo.migration_state, claimed_from=back_to,
                 retries_count=repo.migration_retries_count,
                 aborted_in_state=repo.migration_aborted_in_state,
-            )
-            written = self._write(conn, repo, transition, author)
-        return StepResult(outcome=Outcome.STEPPED, repository=written, transition=transition)
+            ),
+            seen=seen,
+        )  # fmt: skip
 
     def requeue(
         self,
@@ -1058,169 +979,101 @@ class Store:
         )  # fmt: skip
         return rows
 
-    def _write_in_one_call(
+    def _fenced_write(
         self,
         repository_id: int,
         *,
         expected_state: State,
-        author: _Author,
+        event: str,
         claim: bool,
+        author: _Author,
         transition_of: Callable[[Repository, int], Transition],
-        refusal_event: str,
-    ) -> StepResult | None:
-        """A fenced write as one unlocked read and one ``migration_fenced_write`` call.
+        seen: Repository | None,
+    ) -> StepResult:
+        """A fenced write: one ``migration_fenced_write`` call (schema 0005), after a read.
 
-        Returns None whenever the locked transaction must decide instead: no such row, a
-        transition the state machine refuses (it raises there, as always), the row changed
-        between the read and the call, or the function is missing (schema before 0002).
+        The transition is computed here (migration/states.py is the one state machine)
+        from the row as last read, and the function writes it only when the locked row
+        still holds what it was computed from. When the row shows the write fenced out,
+        the function is asked to refuse it: it records the refusal under the row lock.
+        When the row moved in between (``mismatch``), it is read again.
 
+        :param event: the event name the events log records (a refusal's too).
         :param transition_of: the transition from a row and the ``max_retries`` setting.
-        :param refusal_event: the event name a refusal records. A write the read shows
-            fenced out is refused under the repository row's lock alone, on the same
-            connection, as the step's locked path does (a refusal changes no count, so a
-            claim's does not queue for the settings lock either); when the locked row is
-            no longer fenced out, None (the locked path decides).
+        :param seen: the row as the caller read it, used instead of the first read when
+            it is in ``expected_state``.
         """
         with self._connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            row = cur.execute(_READ_FOR_WRITE, (repository_id,)).fetchone()
-            if row is None:
-                return None
-            max_retries = int(row.pop("settings_max_retries") or 1)
-            repo = Repository.from_row(**row)
-            if repo.fencing_token > author.token or repo.migration_state is not expected_state:
-                with conn.transaction():
-                    locked = self._lock_row(conn, repository_id)
-                    return self._refuse_if_fenced_out(
-                        conn, locked, expected_state=expected_state, event=refusal_event,
-                        author=author,
-                    )  # fmt: skip
-            try:
-                transition = transition_of(repo, max_retries)
-            except InvalidTransition:
-                return None
-            try:
+            repo = seen if seen is not None and seen.migration_state is expected_state else None
+            max_retries = 1  # only an abort needs the setting, and an abort reads the row
+            for _attempt in range(_MISMATCH_RETRIES):
+                if repo is None:
+                    row = cur.execute(_READ_FOR_WRITE, (repository_id,)).fetchone()
+                    if row is None:
+                        raise RepositoryNotFound(f"no repository with id {repository_id}")
+                    max_retries = int(row.pop("settings_max_retries") or 1)
+                    repo = Repository.from_row(**row)
+                transition: Transition | None = None
+                if repo.fencing_token <= author.token and repo.migration_state is expected_state:
+                    transition = transition_of(repo, max_retries)  # may raise InvalidTransition
                 written = cur.execute(
                     _FENCED_WRITE,
                     {
-                        "id": repo.id,
+                        "id": repository_id,
                         "claim": claim,
-                        "from": transition.from_state.value,
+                        "from": expected_state.value,
                         "from_retries": repo.migration_retries_count,
                         "from_aborted_in": _value(repo.migration_aborted_in_state),
                         "token": author.token,
-                        "to": transition.to_state.value,
-                        "retries": transition.retries_count,
-                        "aborted_in": _value(transition.aborted_in_state),
-                        "reason": _value(transition.skipped_reason),
-                        "arrival": _arrival_column(transition),
-                        "event": str(transition.event),
+                        "to": _value(transition.to_state) if transition else None,
+                        "retries": transition.retries_count if transition else None,
+                        "aborted_in": _value(transition.aborted_in_state) if transition else None,
+                        "reason": _value(transition.skipped_reason) if transition else None,
+                        "arrival": _arrival_column(transition) if transition else None,
+                        "event": str(event),
                         "actor": author.actor,
                         "message_id": author.message_id,
                         "detail": Jsonb(author.detail or {}),
                     },
                 ).fetchone()
-            except psycopg.errors.UndefinedFunction:
-                return None  # the schema is before 0002: the locked path works on any
-        assert written is not None
-        outcome = written.pop("outcome")
-        if outcome == "mismatch":
-            return None
-        result = Repository.from_row(**written)
-        if outcome in ("claimed", "stepped"):
-            return StepResult(outcome=Outcome(outcome), repository=result, transition=transition)
-        return StepResult(outcome=Outcome(outcome), repository=result)
+                assert written is not None
+                outcome = written.pop("outcome")
+                if outcome == "not_found":
+                    raise RepositoryNotFound(f"no repository with id {repository_id}")
+                if outcome == "mismatch":
+                    repo = None  # the row moved since it was read: read it again
+                    continue
+                result = Repository.from_row(**written)
+                if outcome in ("claimed", "stepped"):
+                    return StepResult(
+                        outcome=Outcome(outcome), repository=result, transition=transition
+                    )
+                if outcome in (Outcome.STALE_TOKEN, Outcome.STATE_CHANGED):
+                    self._count_refusal(result, Outcome(outcome), event, expected_state, author)
+                return StepResult(outcome=Outcome(outcome), repository=result)
+        raise StoreError(
+            f"repository {repository_id} changed under {_MISMATCH_RETRIES} fenced writes in a row"
+        )
 
-    @staticmethod
-    def _lock_row(conn: psycopg.Connection[Any], repository_id: int) -> Repository:
-        cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
-        repo = cur.execute(
-            "SELECT * FROM container_repositories WHERE id = %s FOR UPDATE", (repository_id,)
-        ).fetchone()
-        if repo is None:
-            raise RepositoryNotFound(f"no repository with id {repository_id}")
-        return repo
-
-    def _refuse_if_fenced_out(
+    def _count_refusal(
         self,
-        conn: psycopg.Connection[Any],
         repo: Repository,
-        *,
-        expected_state: State,
+        outcome: Outcome,
         event: str,
+        expected_state: State,
         author: _Author,
-    ) -> StepResult | None:
-        if repo.fencing_token > author.token:
-            outcome = Outcome.STALE_TOKEN
-        elif repo.migration_state is not expected_state:
-            outcome = Outcome.STATE_CHANGED
-        else:
-            return None
-        why = {
-            "reason": outcome.value,
-            "expected_state": expected_state.value,
-            "row_state": repo.migration_state.value,
-            "row_token": repo.fencing_token,
-        }
-        conn.execute(
-            "INSERT INTO migration_events (repository_id, from_state, to_state, event, token,"
-            " actor, message_id, detail, accepted)"
-            " VALUES (%s, %s, NULL, %s, %s, %s, %s, %s, false)",
-            (repo.id, repo.migration_state.value, str(event), author.token, author.actor,
-             author.message_id, Jsonb({**(author.detail or {}), **why})),
-        )  # fmt: skip
+    ) -> None:
+        """Count and log a refusal the function recorded."""
         with self._refused_lock:
             self._refused += 1
         metrics.FENCED_WRITES_REFUSED.labels(outcome.value).inc()
         log.warning(
             "fenced_write_refused", repository_id=repo.id, migration_event=str(event),
-            token=author.token, actor=author.actor, message_id=author.message_id, **why,
+            token=author.token, actor=author.actor, message_id=author.message_id,
+            reason=outcome.value, expected_state=expected_state.value,
+            row_state=repo.migration_state.value, row_token=repo.fencing_token,
         )  # fmt: skip
-        return StepResult(outcome=outcome, repository=repo)
-
-    @staticmethod
-    def _write(
-        conn: psycopg.Connection[Any],
-        repo: Repository,
-        transition: Transition,
-        author: _Author,
-    ) -> Repository:
-        arrival = _arrival_column(transition)
-        stamp = sql.SQL(", {} = now()").format(sql.Identifier(arrival)) if arrival else sql.SQL("")
-        # The WHERE repeats the fence: the row is locked, so it always matches; it is there
-        # so that this statement alone can never write over a newer token.
-        query = sql.SQL(
-            "UPDATE container_repositories SET migration_state = %(to)s,"
-            " migration_retries_count = %(retries)s, migration_aborted_in_state = %(aborted_in)s,"
-            " migration_skipped_reason = %(reason)s, fencing_token = %(token)s,"
-            " last_step_at = now(){stamp}"
-            " WHERE id = %(id)s AND migration_state = %(from)s AND fencing_token <= %(token)s"
-            " RETURNING *"
-        ).format(stamp=stamp)
-        cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
-        written = cur.execute(
-            query,
-            {
-                "to": transition.to_state.value,
-                "retries": transition.retries_count,
-                "aborted_in": transition.aborted_in_state.value
-                if transition.aborted_in_state
-                else None,
-                "reason": transition.skipped_reason.value if transition.skipped_reason else None,
-                "token": author.token,
-                "id": repo.id,
-                "from": transition.from_state.value,
-            },
-        ).fetchone()
-        assert written is not None, "the locked row no longer matched its own fence"
-        conn.execute(
-            "INSERT INTO migration_events (repository_id, from_state, to_state, event, token,"
-            " actor, message_id, detail, accepted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, true)",
-            (repo.id, transition.from_state.value, transition.to_state.value,
-             str(transition.event), author.token, author.actor, author.message_id,
-             Jsonb(author.detail or {})),
-        )  # fmt: skip
-        return written
 
 
 def _select_ordered(
