@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Self
@@ -34,6 +35,20 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+#: Seconds a pooled connection may sit unused and still be handed out without a check.
+IDLE_BEFORE_CHECK = 1.0
+
+
+def _stamp_returned(conn: psycopg.Connection[Any]) -> None:
+    conn._migration_returned_at = time.monotonic()  # type: ignore[attr-defined]
+
+
+def _check_if_idle(conn: psycopg.Connection[Any]) -> None:
+    returned = getattr(conn, "_migration_returned_at", None)
+    if returned is None or time.monotonic() - returned > IDLE_BEFORE_CHECK:
+        ConnectionPool.check_connection(conn)
+
+
 class StoreBase:
     """The migration's PostgreSQL state. Thread-safe; one per process.
 
@@ -62,7 +77,11 @@ class StoreBase:
             max_size=max_size,
             timeout=timeout,
             kwargs={"autocommit": True, "connect_timeout": 5},
-            check=ConnectionPool.check_connection,
+            # The check costs a round trip: only for a connection idle long enough to have
+            # been lost meanwhile (a server restart, an idle timeout); one used a moment
+            # ago is alive, or fails its next query as it could right after any check.
+            check=_check_if_idle,
+            reset=_stamp_returned,
             name="migration-store",
             open=True,
         )

@@ -209,31 +209,27 @@ class RepositoriesMixin(StoreBase):
         Both kinds skip root namespaces in the deny list. Each part reads a partial index;
         the id-only inner select lets the deny-list filter run on index entries.
         """
+        deny = bool(settings.root_namespace_deny_list)
+        # Both parts in one round trip; each keeps its own plan on its partial index.
+        query = sql.SQL("({}) UNION ALL ({})").format(
+            select_ordered(state="import_aborted", order=("migration_aborted_at", "id"),
+                           deny=deny, cutoff=False, limit=limit),
+            select_ordered(state="default", order=("created_at", "id"), deny=deny,
+                           cutoff=settings.created_before is not None, limit=limit),
+        )  # fmt: skip
         found = self._many(
-            select_ordered(
-                state="import_aborted",
-                order=("migration_aborted_at", "id"),
-                deny=bool(settings.root_namespace_deny_list),
-                cutoff=False,
-                limit=limit,
-            ),
-            {"deny": list(settings.root_namespace_deny_list)},
+            query,
+            {"deny": list(settings.root_namespace_deny_list), "cutoff": settings.created_before},
         )
-        if len(found) < limit:
-            found += self._many(
-                select_ordered(
-                    state="default",
-                    order=("created_at", "id"),
-                    deny=bool(settings.root_namespace_deny_list),
-                    cutoff=settings.created_before is not None,
-                    limit=limit - len(found),
-                ),
-                {
-                    "deny": list(settings.root_namespace_deny_list),
-                    "cutoff": settings.created_before,
-                },
+        # UNION ALL promises no order: aborted ones first, each part in its own order.
+        found.sort(
+            key=lambda r: (
+                (0, r.migration_aborted_at, r.id)
+                if r.migration_state is State.IMPORT_ABORTED
+                else (1, r.created_at, r.id)
             )
-        return found
+        )
+        return found[:limit]
 
     def waiting_time_passed(self, settings: Settings) -> bool:
         """True when ``enqueue_waiting_time`` has passed since the last finished step.

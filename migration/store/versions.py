@@ -54,9 +54,9 @@ def require_versions(applied: list[str]) -> None:
     ``applied``."""
     missing = [version for version, _ in schema_files() if version not in applied]
     if missing:
-        at = applied[-1] if applied else "no schema"
+        at = f"is at {applied[-1]}" if applied else "has no schema yet"
         raise SchemaOutdated(
-            f"the database schema is at {at}, this release needs {missing[-1]}"
+            f"the database {at}, this release needs {missing[-1]}"
             f" (missing: {', '.join(missing)}); run `registry-migrator db upgrade`"
         )
 

@@ -130,6 +130,17 @@ def test_processes_refuse_a_schema_older_than_they_need(database_url: str) -> No
             lines = result.stderr.strip().splitlines()
             assert len(lines) == 1, (args, result.stderr)
             assert newest in lines[0] and "registry-migrator db upgrade" in lines[0], lines
+        # A worker process exits at boot, saying why (Dramatiq's main process then stops).
+        worker = subprocess.run(
+            [str(Path(sys.executable).parent / "dramatiq"), "actors", "--processes", "1",
+             "--threads", "1"],
+            env={**os.environ, "MIGRATOR_DATABASE_URL": url}, capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
+        assert worker.returncode != 0
+        output = (worker.stdout + worker.stderr).splitlines()
+        [said] = [line for line in output if "schema_outdated" in line]
+        assert newest in said and "registry-migrator db upgrade" in said
         # db upgrade itself opens the store regardless, and is the fix.
         upgraded = _run(url, "db", "upgrade")
         assert upgraded.exit_code == 0 and f"applied {newest}" in upgraded.stdout
