@@ -181,11 +181,12 @@ _LIBRARIES = (
     ("queue.py", "thread handoff (threading, queue)"),
 )
 _OURS = (
-    "trigger_enqueue", "execute (actors/enqueuer.py", "claim (migration/store.py",
-    "step (migration/store.py", "candidates (migration/store.py", "settings (migration/store.py",
+    "trigger_enqueue", "execute (actors/enqueuer.py", "claim (migration/store/writes.py",
+    "step (migration/store/writes.py", "candidates (migration/store/repositories.py",
+    "settings (migration/store/settings.py",
     "try_acquire (leases/hold.py", "release (leases/hold.py", "enter (leases/gate.py",
     "start_pre_import (migration/registry.py", "start_import (migration/registry.py",
-    "handle_registry_notification", "_one (migration/store.py",
+    "handle_registry_notification", "_one (migration/store/base.py",
 )  # fmt: skip
 
 

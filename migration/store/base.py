@@ -113,7 +113,9 @@ class StoreBase:
             cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
             return cur.execute(query.encode(), params).fetchone()
 
-    def _many(self, query: str | sql.Composed, params: dict[str, object]) -> list[Repository]:
+    def _many(
+        self, query: str | bytes | sql.Composed, params: dict[str, object]
+    ) -> list[Repository]:
         with self._connection() as conn:
             cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
             text = query.encode() if isinstance(query, str) else query

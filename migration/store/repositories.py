@@ -25,7 +25,7 @@ from migration.store.sql import (
     SELECT_LAST_WRITTEN_BY,
     SELECT_STALE,
     TO_FRONT,
-    select_ordered,
+    candidates_query,
 )
 from migration.store.status import waiting_time_passed_on
 
@@ -209,14 +209,11 @@ class RepositoriesMixin(StoreBase):
         Both kinds skip root namespaces in the deny list. Each part reads a partial index;
         the id-only inner select lets the deny-list filter run on index entries.
         """
-        deny = bool(settings.root_namespace_deny_list)
-        # Both parts in one round trip; each keeps its own plan on its partial index.
-        query = sql.SQL("({}) UNION ALL ({})").format(
-            select_ordered(state="import_aborted", order=("migration_aborted_at", "id"),
-                           deny=deny, cutoff=False, limit=limit),
-            select_ordered(state="default", order=("created_at", "id"), deny=deny,
-                           cutoff=settings.created_before is not None, limit=limit),
-        )  # fmt: skip
+        query = candidates_query(
+            deny=bool(settings.root_namespace_deny_list),
+            cutoff=settings.created_before is not None,
+            limit=limit,
+        )
         found = self._many(
             query,
             {"deny": list(settings.root_namespace_deny_list), "cutoff": settings.created_before},

@@ -8,6 +8,8 @@ which tests/unit/test_schema_vocabulary.py checks.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from psycopg import sql
 
 from migration.states import ACTIVE_STATES, FINISHED_STATES, State
@@ -114,3 +116,16 @@ def select_ordered(
         " SELECT id FROM container_repositories WHERE {filters} ORDER BY {order} LIMIT {limit})"
         " ORDER BY {order}"
     ).format(filters=sql.SQL(" AND ").join(filters), order=order_by, limit=sql.Literal(int(limit)))
+
+
+@lru_cache(maxsize=64)
+def candidates_query(*, deny: bool, cutoff: bool, limit: int) -> bytes:
+    """Aborted and ready candidates in one round trip (each part on its partial index), as
+    text composed once per shape: composing it is a good part of a claim's client CPU."""
+    query = sql.SQL("({}) UNION ALL ({})").format(
+        select_ordered(state="import_aborted", order=("migration_aborted_at", "id"),
+                       deny=deny, cutoff=False, limit=limit),
+        select_ordered(state="default", order=("created_at", "id"), deny=deny,
+                       cutoff=cutoff, limit=limit),
+    )  # fmt: skip
+    return query.as_bytes(None)
