@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -26,7 +27,7 @@ from migration.keys import enqueue_gate_name, registry_breaker_name
 from migration.migrator import Migrator
 from migration.registry import RegistryClient
 from migration.registry_health import THRESHOLD, RegistryHealth
-from migration.store import Store
+from migration.store import SchemaOutdated, Store, StoreUnavailable, check_schema
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +55,8 @@ class Runtime:
             connect_options=config.database_options(),
         )
         try:
+            # Refuse to work against a schema older than this release needs (one line).
+            self.store.require_schema()
             self.etcd: EtcdClient = config.etcd_client()
             self.registry = RegistryClient.from_config(config)
         except Exception:
@@ -177,6 +180,18 @@ class RuntimeMiddleware(Middleware):
     The runtime is closed after the worker has stopped (every running message finished or
     was interrupted), so a graceful shutdown (SIGTERM) revokes the lease at once.
     """
+
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        # A worker refuses to start against a schema older than it needs: one line, and the
+        # process exits (Dramatiq's main process then stops the others). PostgreSQL down
+        # is not a reason to exit: the runtime is made on the first message, as before.
+        try:
+            check_schema(CONFIG.database_url)
+        except SchemaOutdated as error:
+            log.error("schema_outdated", error=str(error))
+            sys.exit(3)
+        except StoreUnavailable:
+            pass
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         # A launcher (tests, the demo) asks the worker child to die with Dramatiq's main

@@ -58,19 +58,11 @@ def add_repositories(database_url: str, paths: Iterable[str]) -> list[int]:
     """Insert plain repositories (state default, 3 tags, created a day ago); their ids."""
     created = datetime.now(UTC) - timedelta(days=1)
     rows = list(paths)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        with (
-            conn.cursor() as cur,
-            cur.copy(
-                "COPY container_repositories (path, created_at, tags_count) FROM STDIN"
-            ) as copy,
-        ):
-            for n, path in enumerate(rows):
-                copy.write_row((path, created - timedelta(microseconds=len(rows) - n), 3))
-        found = conn.execute(
-            "SELECT id FROM container_repositories WHERE path = ANY(%s) ORDER BY id", (rows,)
-        ).fetchall()
-    return [int(r[0]) for r in found]
+    with Store(database_url, max_size=1) as store:  # the store's one seeder
+        return store.add_repositories(
+            (path, created - timedelta(microseconds=len(rows) - n), 3)
+            for n, path in enumerate(rows)
+        )
 
 
 def terminal_count(database_url: str, ids: Sequence[int]) -> int:

@@ -11,12 +11,20 @@ on to the next candidate. After each timed operation, untimed, the claimed repos
 set to import_done, so the in-flight count stays at most the number of claimers (as it
 stays at most the capacity in a migration).
 
-Two claim paths take turns in the same run (``Store.write_path``): ``locked``, the claim
-before schema 0002 (settings lock held across five client round trips), and ``function``,
-one call to ``migration_fenced_write`` (lock held for the server's work only). Per table
-size, 1 and 16 claimers and the two paths take turns in rounds (the machine is shared).
+Two kinds of claim take turns in the same run, by the same claimer processes (issue 16's
+P4 baseline):
 
-Reported per (size, claimers, path): p50 / p99 / max / mean of the operation and of its two
+- ``ours``: ``Store.candidates`` + ``Store.claim`` of one of them, given the row it saw (one
+  call of schema 0005's ``migration_fenced_write``: fence, settings-row lock, capacity count,
+  write, event);
+- ``raw``: a bare ``SELECT id ... ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED`` of
+  one ready row and an ``UPDATE`` of its state in the same transaction: no capacity, no
+  fence, no event, no deny list. The floor a claim can cost here.
+
+Per table size, 1 and 16 claimers and the two kinds take turns in rounds (the machine is
+shared). The headline is our CPU per operation over the raw claim's (goal <= 2).
+
+Reported per (size, claimers, kind): p50 / p99 / max / mean of the operation and of its two
 parts, operations per second, refused claims, and where the time can go:
 
 - CPU per operation: the claimer processes' CPU plus their PostgreSQL backends' (from /proc)
@@ -25,7 +33,8 @@ parts, operations per second, refused claims, and where the time can go:
   the operations need the cores (other work on the machine only adds to it).
 - the settings-row lock: a sampler asks ``pgrowlocks`` whether the row is locked; the
   fraction of samples that find it locked is the lock's utilisation U, and U / (operations
-  per second) is the lock time per operation (the server-side hold for the function path).
+  per second) is the lock time per operation (the server-side hold of our claims; the raw
+  claim never takes it).
   ``lock bound`` = claimers x that time: the mean latency if the lock were the only queue.
 
 Goal: p99 <= 5 ms at 1,000,000 repositories with 16 claimers.
@@ -34,7 +43,7 @@ Usage::
 
     uv run python bench/claim.py            # 100k and 1M (seeding 1M takes a minute or two)
     uv run python bench/claim.py --quick    # 100k only, under a minute
-    uv run python bench/claim.py --quick --claim-path function
+    uv run python bench/claim.py --quick --kind ours
 
 Prints a table, writes bench/results/claim.json, and the headline as its last line.
 """
@@ -60,12 +69,22 @@ from psycopg.conninfo import make_conninfo
 
 from bench import _common, support
 from migration.states import Event, State
-from migration.store import Outcome, Store, WritePath
+from migration.store import Outcome, Store
 
 GOAL_P99_MS = 5.0
 CANDIDATES = 20
 CLAIMERS = (1, 16)
-PATHS: tuple[WritePath, ...] = ("locked", "function")
+KINDS = ("ours", "raw")
+GOAL_CPU_RATIO = 2.0  # ours / raw CPU per operation (issue 16, P4)
+# The raw claim: one ready row, skipping the rows other claimers hold, and its state.
+RAW_SELECT = (
+    "SELECT id FROM container_repositories WHERE migration_state = 'default'"
+    " ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+RAW_UPDATE = (
+    "UPDATE container_repositories SET migration_state = 'pre_importing',"
+    " migration_pre_import_started_at = now(), last_step_at = now() WHERE id = %s"
+)
 DENY_LIST = ["api-org-0"]  # the largest root namespace: the filter has work to do
 LOCK_SAMPLE_INTERVAL = 0.004  # seconds between pgrowlocks samples
 
@@ -104,7 +123,7 @@ def claimer_process(
     :param index: which candidate of the list it claims; also its name in PostgreSQL.
     :param url: the benchmark's database.
     :param barrier: every claimer process and the parent meet there to start a round.
-    :param commands: receives ``{"claimers", "path", "seconds"}`` per round, None to stop.
+    :param commands: receives ``{"claimers", "kind", "seconds"}`` per round, None to stop.
     :param results: sends a :class:`Measured` (as a dict) per round.
     """
     support.quiet_logs()
@@ -114,10 +133,11 @@ def claimer_process(
     with (
         Store(named, min_size=1, max_size=1) as store,
         psycopg.connect(named, autocommit=True) as side,
+        psycopg.connect(named) as raw,
     ):
         while (command := commands.recv()) is not None:
-            store.write_path = command["path"]
             settings = store.settings()
+            kind = command["kind"]
             backends = [
                 int(r[0])
                 for r in side.execute(
@@ -130,7 +150,10 @@ def claimer_process(
                 client_began, server_began = time.process_time(), _common.cpu_seconds(backends)
                 deadline = time.perf_counter() + command["seconds"]
                 while time.perf_counter() < deadline:
-                    _operation(store, settings, side, index, measured)
+                    if kind == "raw":
+                        _raw_operation(raw, side, measured)
+                    else:
+                        _operation(store, settings, side, index, measured)
                 measured.cpu_client = time.process_time() - client_began
                 measured.cpu_server = _common.cpu_seconds(backends) - server_began
             results.send(asdict(measured))
@@ -152,6 +175,7 @@ def _operation(
         token=1,
         actor="bench-claim",
         message_id=None,
+        seen=repository,  # as the migrator does: the row the candidates read
     )
     done = time.perf_counter_ns()
     into.total.append(done - began)
@@ -165,6 +189,30 @@ def _operation(
         )
     else:
         into.refused += 1
+
+
+def _raw_operation(
+    raw: psycopg.Connection[Any], side: psycopg.Connection[Any], into: Measured
+) -> None:
+    """The baseline: a bare SKIP LOCKED claim of one row, then (untimed) the same exit."""
+    began = time.perf_counter_ns()
+    with raw.transaction():
+        row = raw.execute(RAW_SELECT).fetchone()
+        picked = time.perf_counter_ns()
+        if row is not None:
+            raw.execute(RAW_UPDATE, (row[0],))
+    done = time.perf_counter_ns()
+    into.total.append(done - began)
+    into.candidates.append(picked - began)
+    into.claims.append(done - picked)
+    if row is None:
+        into.refused += 1
+        return
+    side.execute(
+        "UPDATE container_repositories SET migration_state = 'import_done',"
+        " migration_import_done_at = now() WHERE id = %s",
+        (row[0],),
+    )
 
 
 class Claimers:
@@ -194,11 +242,11 @@ class Claimers:
             self.pipes.append((command_write, result_read))
 
     def round(
-        self, *, claimers: int, path: WritePath, seconds: float, lock_probe: LockProbe | None
+        self, *, claimers: int, kind: str, seconds: float, lock_probe: LockProbe | None
     ) -> Round:
         """One timed round; the processes beyond ``claimers`` sit it out."""
         for command, _ in self.pipes:
-            command.send({"claimers": claimers, "path": path, "seconds": seconds})
+            command.send({"claimers": claimers, "kind": kind, "seconds": seconds})
         self.barrier.wait(timeout=120)
         busy_began, all_began = machine_busy()
         began = time.perf_counter()
@@ -208,7 +256,7 @@ class Claimers:
         busy_done, all_done = machine_busy()
         return Round(
             claimers=claimers,
-            path=path,
+            kind=kind,
             measured=[m for m in done if m.total],
             wall=wall,
             lock_samples=samples,
@@ -256,7 +304,7 @@ class Round:
     """One round's measurements, from every claimer that took part."""
 
     claimers: int
-    path: WritePath
+    kind: str
     measured: list[Measured]
     wall: float
     lock_samples: int
@@ -271,8 +319,8 @@ def ms(values: list[int], fraction: float) -> float:
     return support.percentile(sorted(values), fraction) / 1e6
 
 
-def summarize(size: int, claimers: int, path: WritePath, done: list[Round]) -> dict[str, Any]:
-    """One result row from the rounds of one (size, claimers, path)."""
+def summarize(size: int, claimers: int, kind: str, done: list[Round]) -> dict[str, Any]:
+    """One result row from the rounds of one (size, claimers, kind)."""
     cores = os.cpu_count() or 1
     total = [v for r in done for v in r.values("total")]
     wall = sum(r.wall for r in done)
@@ -286,7 +334,7 @@ def summarize(size: int, claimers: int, path: WritePath, done: list[Round]) -> d
     return {
         "repositories": size,
         "claimers": claimers,
-        "claim_path": path,
+        "kind": kind,
         "operations": operations,
         "ops_per_s": ops_per_s,
         "p50_ms": ms(total, 0.5),
@@ -325,12 +373,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="100,000 repositories only")
     parser.add_argument("--sizes", help="comma-separated table sizes (default 100000,1000000)")
     parser.add_argument("--seconds", type=float, help="measured seconds per round")
-    parser.add_argument("--rounds", type=int, help="rounds per claimer count and path")
+    parser.add_argument("--rounds", type=int, help="rounds per claimer count and kind")
     parser.add_argument(
-        "--claim-path",
-        choices=("both", *PATHS),
+        "--kind",
+        choices=("both", *KINDS),
         default="both",
-        help="the claim path(s) to measure; both take turns in each round (default both)",
+        help="ours (candidates + Store.claim), raw (a bare SKIP LOCKED claim) or both, taking"
+        " turns in each round (default both; the headline needs both)",
     )
     args = parser.parse_args(argv)
     text = args.sizes or ("100000" if args.quick else "100000,1000000")
@@ -342,7 +391,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--sizes: each size must be at least {CANDIDATES * max(CLAIMERS)}")
     args.seconds = args.seconds or (1.5 if args.quick else 4.0)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.paths = PATHS if args.claim_path == "both" else (args.claim_path,)
+    args.kinds = KINDS if args.kind == "both" else (args.kind,)
     return args
 
 
@@ -382,28 +431,37 @@ def main(argv: list[str] | None = None) -> int:
                 probe.close()
     print(table(results))
     largest = max(args.size_list)
-    path = "function" if "function" in args.paths else args.paths[0]
-    target = next(
-        r
-        for r in results
-        if r["repositories"] == largest and r["claimers"] == 16 and r["claim_path"] == path
-    )
-    other = next(
-        (
-            r
-            for r in results
-            if r["repositories"] == largest and r["claimers"] == 16 and r["claim_path"] != path
-        ),
-        None,
-    )
+
+    def row_of(kind: str) -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in results
+                if r["repositories"] == largest and r["claimers"] == 16 and r["kind"] == kind
+            ),
+            None,
+        )
+
+    ours, raw = row_of("ours"), row_of("raw")
+    target = ours or raw
+    assert target is not None
     met = target["p99_ms"] <= GOAL_P99_MS
-    headline = (
-        f"{target['p99_ms']:.2f} ms p99 candidates + claim at {largest:,} repositories with "
-        f"16 claimers ({path} path; p50 {target['p50_ms']:.2f} ms"
-        + (f"; locked path p99 {other['p99_ms']:.2f} ms" if other else "")
-        + f"; CPU bound on the mean {target['cpu_bound_mean_ms']:.1f} ms"
-        f"; goal <= {GOAL_P99_MS:g} ms {'met' if met else 'missed'})"
+    ratio = ours["cpu_per_op_ms"] / raw["cpu_per_op_ms"] if ours and raw else None
+    ratio_met = ratio is not None and ratio <= GOAL_CPU_RATIO
+    detail = (
+        f"{target['kind']}: p99 {target['p99_ms']:.2f} ms, p50 {target['p50_ms']:.2f} ms,"
+        f" CPU bound on the mean {target['cpu_bound_mean_ms']:.1f} ms;"
+        f" p99 goal <= {GOAL_P99_MS:g} ms {'met' if met else 'missed'}"
     )
+    if ours and raw and ratio is not None:
+        headline = (
+            f"{ratio:.2f} x our CPU per candidates + claim over a raw SKIP LOCKED claim's"
+            f" ({ours['cpu_per_op_ms']:.2f} / {raw['cpu_per_op_ms']:.2f} ms) at {largest:,}"
+            f" repositories with 16 claimers (goal <= {GOAL_CPU_RATIO:g} x:"
+            f" {'met' if ratio_met else 'missed'}; raw p99 {raw['p99_ms']:.2f} ms; {detail})"
+        )
+    else:
+        headline = f"{target['p99_ms']:.2f} ms p99 at {largest:,} repositories ({detail})"
     support.publish(
         "claim",
         {
@@ -412,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                 "sizes": args.size_list,
                 "seconds_per_round": args.seconds,
                 "rounds": args.rounds,
-                "claim_paths": list(args.paths),
-                "claimers": "processes, one Store (1 connection) + 1 side connection each",
+                "kinds": list(args.kinds),
+                "claimers": "processes, one Store (1 connection) + 1 raw + 1 side connection each",
                 "candidates_per_run": CANDIDATES,
                 "deny_list": DENY_LIST,
             },
@@ -422,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "goal_p99_ms": GOAL_P99_MS,
             "goal_met": met,
+            "cpu_ratio_ours_over_raw": ratio,
+            "goal_cpu_ratio": GOAL_CPU_RATIO,
+            "goal_cpu_ratio_met": ratio_met,
             "headline": headline,
         },
     )
@@ -431,27 +492,25 @@ def main(argv: list[str] | None = None) -> int:
 def measure(
     claimers: Claimers, probe: LockProbe | None, *, size: int, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """The rounds of one table size: claimer counts and paths take turns."""
-    rounds: dict[tuple[int, WritePath], list[Round]] = {
-        (n, p): [] for n in CLAIMERS for p in args.paths
-    }
+    """The rounds of one table size: claimer counts and kinds take turns."""
+    rounds: dict[tuple[int, str], list[Round]] = {(n, k): [] for n in CLAIMERS for k in args.kinds}
     for number in range(args.rounds):
-        # Alternate the order, so neither count nor path always goes first.
+        # Alternate the order, so neither count nor kind always goes first.
         counts = CLAIMERS if number % 2 == 0 else CLAIMERS[::-1]
-        paths = args.paths if number % 2 == 0 else args.paths[::-1]
+        kinds = args.kinds if number % 2 == 0 else args.kinds[::-1]
         for count in counts:
-            for path in paths:
-                rounds[(count, path)].append(
+            for kind in kinds:
+                rounds[(count, kind)].append(
                     claimers.round(
-                        claimers=count, path=path, seconds=args.seconds, lock_probe=probe
+                        claimers=count, kind=kind, seconds=args.seconds, lock_probe=probe
                     )
                 )
     results = []
-    for (count, path), done in rounds.items():
-        row = summarize(size, count, path, done)
+    for (count, kind), done in rounds.items():
+        row = summarize(size, count, kind, done)
         results.append(row)
         _common.note(
-            f"{size:,} x {count} {path}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms,"
+            f"{size:,} x {count} {kind}: p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms,"
             f" {row['ops_per_s']:.0f} ops/s, CPU/op {row['cpu_per_op_ms']:.2f} ms"
         )
     return results
@@ -462,11 +521,11 @@ def table(results: list[dict[str, Any]]) -> str:
         return "-" if value is None else value * scale
 
     return _common.table(
-        ["repositories", "claimers", "path", "ops", "ops/s", "p50 ms", "p99 ms", "max ms",
+        ["repositories", "claimers", "kind", "ops", "ops/s", "p50 ms", "p99 ms", "max ms",
          "mean ms", "cand p50", "cand p99", "claim p50", "claim p99", "refused",
          "CPU/op ms", "cpu bound", "lock %", "lock ms/op", "lock bound", "machine %"],
         [
-            [f"{r['repositories']:,}", r["claimers"], r["claim_path"], r["operations"],
+            [f"{r['repositories']:,}", r["claimers"], r["kind"], r["operations"],
              r["ops_per_s"], r["p50_ms"], r["p99_ms"], r["max_ms"], r["mean_ms"],
              r["candidates_p50_ms"], r["candidates_p99_ms"], r["claim_p50_ms"],
              r["claim_p99_ms"], r["refused"], r["cpu_per_op_ms"], r["cpu_bound_mean_ms"],

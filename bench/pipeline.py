@@ -70,12 +70,11 @@ _TRIGGER_SENT = {"pg": 0, "etcd": 2, "rmq": 1}
 _TRIGGER_COLLAPSED = {"pg": 0, "etcd": 1, "rmq": 0}
 GATE_LEASE_WINDOW = 30  # half of actors.runtime.GATE_TTL
 SETTINGS_MAX_AGE = 1.0  # actors.runtime.SETTINGS_MAX_AGE
-# An accepted claim or step (Store.write_path "function", schema 0002): an unlocked read and
-# one migration_fenced_write call. (The locked path it falls back to: claim 7 = BEGIN,
-# settings FOR UPDATE, row FOR UPDATE, count, UPDATE, INSERT, COMMIT; step 5.) The pool's
-# connection check, one round trip per Store call, is counted nowhere in this model.
-_CLAIM_TXN = 2
-_STEP_TXN = 2
+# An accepted claim or step: one call of schema 0005's migration_fenced_write (the migrator
+# passes the row it saw, so no read before it; an abort reads, for the max_retries setting).
+# The pool's connection check, one round trip per Store call, is counted nowhere here.
+_CLAIM_TXN = 1
+_STEP_TXN = 1
 OPERATIONS: dict[str, dict[str, int]] = {
     # enqueuer run that started a repository: gate leave, in_flight, candidates
     # (aborted + default), lease acquire, get, claim, registry start, release.
@@ -179,11 +178,12 @@ _LIBRARIES = (
     ("queue.py", "thread handoff (threading, queue)"),
 )
 _OURS = (
-    "trigger_enqueue", "execute (actors/enqueuer.py", "claim (migration/store.py",
-    "step (migration/store.py", "candidates (migration/store.py", "settings (migration/store.py",
+    "trigger_enqueue", "execute (actors/enqueuer.py", "claim (migration/store/writes.py",
+    "step (migration/store/writes.py", "candidates (migration/store/repositories.py",
+    "settings (migration/store/settings.py",
     "try_acquire (leases/hold.py", "release (leases/hold.py", "enter (leases/gate.py",
     "start_pre_import (migration/registry.py", "start_import (migration/registry.py",
-    "handle_registry_notification", "_one (migration/store.py",
+    "handle_registry_notification", "_one (migration/store/base.py",
 )  # fmt: skip
 
 

@@ -32,6 +32,8 @@ from rich.text import Text
 
 from migration.states import State
 from migration.store import Store
+from migration.store.seed import insert_repositories as store_insert
+from migration.store.status import migration_seconds as store_migration_seconds
 from service.status import DONE_REASON_LABEL, STATE_STYLE, MigrationStatus
 
 #: The root namespace the demo puts in the deny list.
@@ -154,17 +156,9 @@ def plan_repositories(count: int, *, seed: int) -> list[PlannedRepository]:
 
 
 def insert_repositories(database_url: str, rows: Iterable[PlannedRepository]) -> int:
-    """COPY ``rows`` into ``container_repositories``; return how many."""
-    n = 0
-    with (
-        psycopg.connect(database_url, connect_timeout=5) as conn,
-        conn.cursor() as cur,
-        cur.copy("COPY container_repositories (path, created_at, tags_count) FROM STDIN") as copy,
-    ):
-        for row in rows:
-            copy.write_row((row.path, row.created_at, row.tags_count))
-            n += 1
-    return n
+    """Insert ``rows`` with the store's one seeder; return how many."""
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        return store_insert(conn, ((r.path, r.created_at, r.tags_count) for r in rows))
 
 
 def migration_seconds(database_url: str) -> float | None:
@@ -173,11 +167,7 @@ def migration_seconds(database_url: str) -> float | None:
     Measured in the database so that process start-up and shutdown are not counted.
     """
     with psycopg.connect(database_url, connect_timeout=5) as conn:
-        row = conn.execute(
-            "SELECT extract(epoch FROM max(at) - min(at))::float8 FROM migration_events"
-            " WHERE accepted"
-        ).fetchone()
-    return float(row[0]) if row and row[0] is not None else None
+        return store_migration_seconds(conn)
 
 
 class Progress:

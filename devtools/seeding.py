@@ -22,17 +22,13 @@ def seed_spread(store: Store, count: int, *, seed: int = 7) -> list[int]:
     """
     rng = random.Random(seed)
     specials = ("native", "missing", "fail-once", "fail-always")
-    ids = []
+    rows = []
     old = datetime.now(UTC) - timedelta(days=1)
     for n in range(count):
         kind = specials[n % 10] if n % 10 < len(specials) else "plain"
         path = f"group-{n % 17}/project-{n}/{kind}-{rng.randrange(10**6)}"
-        ids.append(
-            store.add_repository(
-                path, created_at=old - timedelta(minutes=n), tags_count=rng.randrange(1, 20)
-            )
-        )
-    return ids
+        rows.append((path, old - timedelta(minutes=n), rng.randrange(1, 20)))
+    return store.add_repositories(rows)  # the store's one seeder
 
 
 __all__ = ["seed_spread"]

@@ -293,6 +293,7 @@ class Migrator:
                 message_id=writer.message_id,
                 skip_reason=skip_reason,
                 detail=detail,
+                seen=repository,
             )
         )
 
@@ -313,6 +314,7 @@ class Migrator:
                 actor=writer.actor,
                 message_id=writer.message_id,
                 detail=detail,
+                seen=repository,
             )
         )
 
@@ -353,6 +355,7 @@ class Migrator:
                 actor=writer.actor,
                 message_id=writer.message_id,
                 detail={"why": why, **detail},
+                seen=repository,
             )
         )
 

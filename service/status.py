@@ -13,14 +13,14 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from leases import EtcdUnavailable, HeldKey, LeaseError, SharedBreaker, list_held
 from migration.config import Config
 from migration.keys import leases_prefix, registry_breaker_name
-from migration.queries import ACTIVE_SQL, WAITING_TIME_PASSED_SQL
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, TERMINAL_STATES, State
+from migration.store.status import read_snapshot
+from migration.store.versions import require_schema_on
 
 #: The windows (minutes) of the throughput figures.
 THROUGHPUT_WINDOWS = (1, 5, 15)
@@ -176,93 +176,6 @@ class MigrationStatus:
         return out
 
 
-def _read_database(conn: psycopg.Connection[Any], *, recent: int) -> dict[str, Any]:
-    cur = conn.cursor(row_factory=dict_row)
-    settings_row = cur.execute("SELECT * FROM migration_settings WHERE id = 1").fetchone()
-    if settings_row is None:
-        raise psycopg.errors.UndefinedTable("migration_settings row missing")
-    settings = Settings.from_row(**settings_row)
-    now = cur.execute("SELECT now() AS now").fetchone()["now"]  # type: ignore[index]
-    counts = dict.fromkeys((s.value for s in State), 0)
-    for row in cur.execute(
-        "SELECT migration_state AS state, count(*) AS n FROM container_repositories GROUP BY 1"
-    ):
-        counts[row["state"]] = int(row["n"])
-    skipped: dict[str, int] = {}
-    done: dict[str, int] = {}
-    for row in cur.execute(
-        "SELECT migration_state AS state, migration_skipped_reason AS reason, count(*) AS n"
-        " FROM container_repositories WHERE migration_skipped_reason IS NOT NULL"
-        " GROUP BY 1, 2 ORDER BY 3 DESC"
-    ):
-        (skipped if row["state"] == State.IMPORT_SKIPPED else done)[row["reason"]] = int(row["n"])
-    deny = list(settings.root_namespace_deny_list)
-    excluded = cur.execute(
-        "SELECT count(*) FILTER (WHERE root_namespace = ANY(%(deny)s::text[])) AS denied,"
-        " count(*) FILTER (WHERE migration_state = 'default'"
-        "   AND NOT root_namespace = ANY(%(deny)s::text[])"
-        "   AND %(cutoff)s::timestamptz IS NOT NULL AND created_at >= %(cutoff)s) AS cut"
-        " FROM container_repositories WHERE migration_state IN ('default', 'import_aborted')",
-        {"deny": deny, "cutoff": settings.created_before},
-    ).fetchone()
-    assert excluded is not None
-    # Accepted writes into import_done, per window. `at` is the writer's clock_timestamp();
-    # the scan is bounded by the largest window.
-    windows = ", ".join(
-        f"count(*) FILTER (WHERE at > %(now)s - interval '{m} minutes') AS w{m}"
-        for m in THROUGHPUT_WINDOWS
-    )
-    done_rows = cur.execute(
-        f"SELECT {windows} FROM migration_events"  # noqa: S608 - constants only
-        " WHERE accepted AND to_state = 'import_done'"
-        f" AND at > %(now)s - interval '{max(THROUGHPUT_WINDOWS)} minutes'",
-        {"now": now},
-    ).fetchone()
-    assert done_rows is not None
-    oldest = cur.execute(
-        "SELECT id, path, migration_state, last_step_at,"  # noqa: S608 - constants only
-        " extract(epoch FROM %(now)s - last_step_at)::float8 AS age"
-        f" FROM container_repositories WHERE migration_state IN {ACTIVE_SQL}"
-        " ORDER BY last_step_at NULLS FIRST, id LIMIT 1",
-        {"now": now},
-    ).fetchone()
-    ends = cur.execute(
-        "SELECT e.repository_id, r.path, e.to_state, e.at,"
-        " coalesce(CASE WHEN e.to_state = 'import_skipped' THEN r.migration_skipped_reason END,"
-        "          e.detail->>'why') AS reason"
-        " FROM migration_events e JOIN container_repositories r ON r.id = e.repository_id"
-        " WHERE e.accepted AND e.to_state IN ('import_aborted', 'import_skipped')"
-        " ORDER BY e.id DESC LIMIT %(recent)s",
-        {"recent": recent},
-    ).fetchall()
-    backing_off = cur.execute(
-        "SELECT id, path, migration_state, registry_failures, registry_not_before,"
-        " registry_last_error, count(*) OVER () AS total FROM container_repositories"
-        " WHERE registry_not_before > %(now)s ORDER BY registry_not_before LIMIT 10",
-        {"now": now},
-    ).fetchall()
-    waited = True
-    if settings.enqueue_waiting_time > 0:
-        passed = cur.execute(
-            WAITING_TIME_PASSED_SQL, {"now": now, "wait": settings.enqueue_waiting_time}
-        ).fetchone()
-        waited = bool(passed and passed["passed"])
-    return {
-        "settings": settings,
-        "now": now,
-        "counts": counts,
-        "skipped": skipped,
-        "done_by_reason": done,
-        "denied": int(excluded["denied"]),
-        "cut": int(excluded["cut"]),
-        "done": {m: int(done_rows[f"w{m}"]) for m in THROUGHPUT_WINDOWS},
-        "oldest": oldest,
-        "ends": ends,
-        "waited": waited,
-        "backing_off": backing_off,
-    }
-
-
 def _read_etcd(config: Config) -> tuple[list[Lease] | None, str | None, Breaker | None]:
     try:
         with config.etcd_client(timeout=3.0) as client:
@@ -298,12 +211,14 @@ def collect(config: Config, *, recent: int = 10, leases: bool = True) -> Migrati
     :param recent: how many of the latest aborts and skips to include.
     :param leases: also list the held lease keys in etcd.
     :raises psycopg.Error: PostgreSQL cannot be read (the caller turns it into one line).
+    :raises SchemaOutdated: the database's schema is older than this release needs.
     """
     with psycopg.connect(config.database_url, connect_timeout=5) as conn:
         conn.read_only = True
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         with conn.transaction():
-            db = _read_database(conn, recent=recent)
+            require_schema_on(conn)
+            db = read_snapshot(conn, recent=recent, windows=THROUGHPUT_WINDOWS)
     settings: Settings = db["settings"]
     counts: dict[str, int] = db["counts"]
     total = sum(counts.values())

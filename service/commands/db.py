@@ -23,8 +23,12 @@ def fail(message: str, status: int = 1) -> None:
 
 
 @contextmanager
-def open_store() -> Iterator[Store]:
-    """A Store on ``MIGRATOR_DATABASE_URL``; database trouble becomes one line and exit 1."""
+def open_store(*, require_schema: bool = True) -> Iterator[Store]:
+    """A Store on ``MIGRATOR_DATABASE_URL``; database trouble becomes one line and exit 1.
+
+    :param require_schema: refuse (one line, exit 1) a schema older than this release
+        needs; only ``db upgrade``, the fix, opens the store without.
+    """
     # Imported here, not above: ``--help`` of the commands that use a store imports neither.
     import psycopg
     import structlog
@@ -43,6 +47,8 @@ def open_store() -> Iterator[Store]:
         with Store(
             config.database_url, max_size=2, connect_options=config.database_options()
         ) as store:
+            if require_schema:
+                store.require_schema()
             yield store
     except StoreError as error:
         fail(str(error))
@@ -71,7 +77,7 @@ def upgrade() -> None:
     Example:
       registry-migrator db upgrade
     """
-    with open_store() as store:
+    with open_store(require_schema=False) as store:
         applied = store.upgrade()
         versions = store.schema_versions()
     if applied:

@@ -47,6 +47,23 @@ def deadline_publisher(
     return publish
 
 
+def refuse_outdated_schema(config: Config) -> None:
+    """Exit with one line when the database's schema is older than this release needs.
+
+    PostgreSQL down is no reason to exit here: the process starts and waits for it, and
+    its runtime checks the schema once it answers (``/readyz`` says why until then).
+    """
+    from migration.store import SchemaOutdated, StoreUnavailable, check_schema
+
+    try:
+        check_schema(config.database_url)
+    except SchemaOutdated as error:
+        click.echo(f"registry-migrator: {error}", err=True)
+        sys.exit(1)
+    except StoreUnavailable:
+        pass
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -88,6 +105,7 @@ def api(host: str, port: int, fd: int | None) -> None:
     log = structlog.get_logger(__name__)
     config = Config.from_env()
     config.require_notification_secret()
+    refuse_outdated_schema(config)
     configure_logging(config.log_level)
     runtime = LazyRuntime(lambda: Runtime(config))
 
@@ -195,6 +213,7 @@ def scheduler(health_port: int, health_host: str, metrics_port: int) -> None:
 
     log = structlog.get_logger(__name__)
     config = Config.from_env()
+    refuse_outdated_schema(config)
     configure_logging(config.log_level)
     stop = _stop_on_signals()
     server = None

@@ -31,10 +31,13 @@ def snapshot(config: Config, *, recent: int) -> MigrationStatus:
     """:func:`service.status.collect`, with database trouble turned into one line and exit 1."""
     import psycopg
 
+    from migration.store.versions import SchemaOutdated
     from service.status import collect
 
     try:
         return collect(config, recent=recent)
+    except SchemaOutdated as error:
+        _fail(str(error))
     except psycopg.errors.UndefinedTable:
         _fail("the database has no schema yet; run `registry-migrator db upgrade`")
     except psycopg.Error as error:

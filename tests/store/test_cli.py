@@ -13,8 +13,9 @@ import pytest
 import structlog
 from click.testing import CliRunner, Result
 
-from migration.store import schema_files
+from migration.store import SchemaOutdated, Store, schema_files
 from service.cli import main
+from tests.fixtures import temporary_database
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -109,3 +110,38 @@ def test_database_down_is_one_line_without_traceback() -> None:
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach PostgreSQL at 127.0.0.1:1/nothing" in lines[0]
+
+
+def test_processes_refuse_a_schema_older_than_they_need(database_url: str) -> None:
+    with temporary_database(database_url, prefix="test_old_schema") as url:
+        newest = schema_files()[-1][0]
+        with Store(url, max_size=1) as store:
+            # The database as the previous release left it: the newest version not applied.
+            store.require_schema()
+            with store._connection() as conn:  # the test's own surgery, not the store's API
+                conn.execute("DELETE FROM schema_migrations WHERE version = %s", (newest,))
+            with pytest.raises(SchemaOutdated, match=f"needs {newest}.*db upgrade"):
+                store.require_schema()
+        env = {"MIGRATOR_NOTIFICATION_SECRET": "s3cret-for-the-test"}
+        for args in (["settings", "show"], ["status", "--json"], ["repositories", "show", "1"],
+                     ["api", "--port", "1"], ["scheduler", "--health-port", "0"]):  # fmt: skip
+            result = CliRunner().invoke(main, args, env={"MIGRATOR_DATABASE_URL": url, **env})
+            assert result.exit_code == 1, (args, result.output)
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, (args, result.stderr)
+            assert newest in lines[0] and "registry-migrator db upgrade" in lines[0], lines
+        # A worker process exits at boot, saying why (Dramatiq's main process then stops).
+        worker = subprocess.run(
+            [str(Path(sys.executable).parent / "dramatiq"), "actors", "--processes", "1",
+             "--threads", "1"],
+            env={**os.environ, "MIGRATOR_DATABASE_URL": url}, capture_output=True, text=True,
+            timeout=120, check=False,
+        )  # fmt: skip
+        assert worker.returncode != 0
+        output = (worker.stdout + worker.stderr).splitlines()
+        [said] = [line for line in output if "schema_outdated" in line]
+        assert newest in said and "registry-migrator db upgrade" in said
+        # db upgrade itself opens the store regardless, and is the fix.
+        upgraded = _run(url, "db", "upgrade")
+        assert upgraded.exit_code == 0 and f"applied {newest}" in upgraded.stdout
+        assert _run(url, "settings", "show").exit_code == 0

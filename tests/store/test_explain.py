@@ -14,13 +14,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from migration.queries import WAITING_TIME_PASSED_SQL
 from migration.settings import Settings
-from migration.store import (
-    _COUNT_ACTIVE,
-    _SELECT_STALE,
-    Store,
-    _select_ordered,
+from migration.store import Store
+from migration.store.sql import (
+    COUNT_ACTIVE,
+    SELECT_STALE,
+    WAITING_TIME_PASSED_SQL,
+    select_ordered,
 )
 
 # How long one of these queries may take here. They run in well under a millisecond; the
@@ -105,7 +105,7 @@ def _run_checks(store: Store, database_url: str, rows: int) -> dict[str, float]:
     deny = list(settings.root_namespace_deny_list)
     timings: dict[str, float] = {}
     with psycopg.connect(database_url, autocommit=True) as conn:
-        aborted = _select_ordered(
+        aborted = select_ordered(
             state="import_aborted",
             order=("migration_aborted_at", "id"),
             deny=True,
@@ -115,7 +115,7 @@ def _run_checks(store: Store, database_url: str, rows: int) -> dict[str, float]:
         nodes, ms = _explain_generic(conn, aborted, {"deny": ("text[]", deny)})
         _check(nodes, ms, "container_repositories_aborted", "aborted candidates")
         timings["aborted"] = ms
-        ready = _select_ordered(
+        ready = select_ordered(
             state="default", order=("created_at", "id"), deny=True, cutoff=True, limit=5
         ).as_string(conn)
         nodes, ms = _explain_generic(
@@ -128,11 +128,11 @@ def _run_checks(store: Store, database_url: str, rows: int) -> dict[str, float]:
         )
         _check(nodes, ms, "container_repositories_ready", "ready candidates")
         timings["ready"] = ms
-        nodes, ms = _explain_generic(conn, _COUNT_ACTIVE, {})
+        nodes, ms = _explain_generic(conn, COUNT_ACTIVE, {})
         _check(nodes, ms, "container_repositories_active", "capacity count")
         timings["count_active"] = ms
         nodes, ms = _explain_generic(
-            conn, _SELECT_STALE, {"age": ("float8", 120.0), "limit": ("bigint", 100)}
+            conn, SELECT_STALE, {"age": ("float8", 120.0), "limit": ("bigint", 100)}
         )
         _check(nodes, ms, "container_repositories_active", "stale")
         timings["stale"] = ms

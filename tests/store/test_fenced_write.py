@@ -1,11 +1,10 @@
-"""The one-call fenced write (schema 0002's ``migration_fenced_write``) against a real PostgreSQL.
+"""The one fenced write (schema 0005's ``migration_fenced_write``) against a real PostgreSQL.
 
-The same scripted history of claims, steps, undos and refusals runs on the locked path and on
-the function path, and must leave the same rows and the same events; the function path must
-answer the common writes without the locked transaction; the function itself writes nothing
-when the row no longer holds what the transition was computed from; and a database before
-0002 (no function) still gets every write through the locked path, and upgrading one adds
-the function.
+A scripted history of claims, steps, undos and refusals gives the answers and leaves the
+events the state machine says, the function recording each refusal itself; a row the caller
+saw saves the read and is read again when it moved; the function writes nothing when the
+row no longer holds what the transition was computed from; and upgrading a database made
+by an older release adds the function and keeps the rows.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ _VOLATILE_COLUMNS = {"id", "path", "root_namespace", "created_at", "last_step_at
 
 def _history(store: Store) -> tuple[list[object], list[int]]:
     """Run a fixed history on three new repositories; what each call returned, and the ids."""
-    a, b, c = (store.add_repository(f"hist/{store.write_path}/{n}") for n in "abc")
+    a, b, c = (store.add_repository(f"hist/{uuid.uuid4().hex[:8]}/{n}") for n in "abc")
     said: list[object] = []
 
     def claim(rid: int, expected: State, event: Event, token: int) -> None:
@@ -113,69 +112,98 @@ def _events(database_url: str, ids: list[int]) -> list[tuple[object, ...]]:
     return [tuple(r) for r in rows]
 
 
-class _NoLockedPath(Store):
-    """A Store whose locked transaction fails the test if any write reaches it."""
+# What each call of _history answers, in order (see the comments there).
+_EXPECTED = [
+    Outcome.CLAIMED, Outcome.AT_CAPACITY, Outcome.STATE_CHANGED, Outcome.STALE_TOKEN,
+    "InvalidTransition", "RepositoryNotFound", Outcome.STALE_TOKEN, Outcome.STEPPED,
+    Outcome.STATE_CHANGED, "InvalidTransition", "InvalidTransition", Outcome.STEPPED,
+    Outcome.STEPPED, Outcome.DISABLED, "InvalidTransition", Outcome.CLAIMED, Outcome.STEPPED,
+    Outcome.STATE_CHANGED, Outcome.CLAIMED, Outcome.STEPPED, Outcome.CLAIMED,
+    "InvalidTransition", Outcome.STEPPED, Outcome.STEPPED,
+]  # fmt: skip
 
-    @staticmethod
-    def _lock_row(conn: psycopg.Connection[Any], repository_id: int) -> Repository:
-        raise AssertionError("the locked path was taken")
 
-
-def test_function_and_locked_paths_write_the_same_history(
+def test_a_scripted_history_answers_and_records_as_the_state_machine_says(
     clean_store: Store, database_url: str
 ) -> None:
-    clean_store.write_path = "locked"
-    try:
-        locked_said, locked_ids = _history(clean_store)
-    finally:
-        clean_store.write_path = "function"
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        # The second run starts from the same in-flight count: the first left none active.
-        assert conn.execute(
-            "SELECT count(*) FROM container_repositories WHERE migration_state IN"
-            " ('pre_importing', 'pre_import_done', 'importing')"
-        ).fetchone() == (0,)
-    function_said, function_ids = _history(clean_store)
-
-    assert function_said == locked_said
-    # Every kind of answer was exercised, so the comparison covers them all.
-    outcomes = {s[0] if isinstance(s, tuple) else s for s in function_said}
-    assert outcomes == {*Outcome, "InvalidTransition", "RepositoryNotFound"}
-    assert _events(database_url, function_ids) == _events(database_url, locked_ids)
-    rows_locked = [_row(clean_store.get(i)) for i in locked_ids]  # type: ignore[arg-type]
-    rows_function = [_row(clean_store.get(i)) for i in function_ids]  # type: ignore[arg-type]
-    assert rows_function == rows_locked
-    assert rows_function[0]["migration_state"] is State.IMPORT_SKIPPED
-    assert rows_function[0]["migration_retries_count"] == 2
-
-
-def test_common_writes_do_not_take_the_locked_path(database_url: str, store: Store) -> None:
-    with _NoLockedPath(database_url, max_size=2) as fast:
-        rid = fast.add_repository("fast/path/one")
-        kw: dict[str, Any] = {"token": 3, "actor": ACTOR, "message_id": None}
-        claimed = fast.claim(rid, expected_state=State.DEFAULT, event=Event.START_PRE_IMPORT, **kw)
-        assert claimed.outcome is Outcome.CLAIMED
-        assert claimed.repository.migration_pre_import_started_at is not None
-        assert claimed.transition is not None
-        undone = fast.undo_claim(rid, expected_state=State.PRE_IMPORTING,
-                                 claimed_from=State.DEFAULT, **kw)  # fmt: skip
-        assert undone.outcome is Outcome.STEPPED
-        assert undone.repository.migration_state is State.DEFAULT
-        again = fast.claim(rid, expected_state=State.DEFAULT, event=Event.START_PRE_IMPORT, **kw)
-        assert again.outcome is Outcome.CLAIMED
-        stepped = fast.step(rid, expected_state=State.PRE_IMPORTING,
-                            event=Event.FINISH_PRE_IMPORT, **kw)  # fmt: skip
-        assert stepped.outcome is Outcome.STEPPED
-        assert stepped.repository.migration_pre_import_done_at is not None
-        # A refused step is recorded under the row lock (here: the assertion it was taken).
-        with pytest.raises(AssertionError, match="locked path"):
-            fast.step(rid, expected_state=State.PRE_IMPORTING, event=Event.FINISH_PRE_IMPORT, **kw)
-    assert [e.event for e in store.events(rid)] == [
-        "start_pre_import", "undo_claim", "start_pre_import", "finish_pre_import",
+    refused_before = clean_store.refused_writes()
+    said, ids = _history(clean_store)
+    assert [s[0] if isinstance(s, tuple) else s for s in said] == _EXPECTED
+    # Every kind of answer was exercised.
+    assert set(_EXPECTED) == {*Outcome, "InvalidTransition", "RepositoryNotFound"}
+    events = _events(database_url, ids)
+    accepted = [(e[0], e[1], e[2], e[3], e[4]) for e in events if e[8]]
+    assert accepted == [
+        (1, "default", "pre_importing", "start_pre_import", 5),
+        (1, "pre_importing", "pre_import_done", "finish_pre_import", 5),
+        (1, "pre_import_done", "importing", "start_import", 8),
+        (1, "importing", "import_aborted", "abort_import", 8),
+        (1, "import_aborted", "importing", "retry_import", 9),
+        (1, "importing", "import_aborted", "undo_claim", 9),
+        (1, "import_aborted", "importing", "retry_import", 10),
+        (1, "importing", "import_skipped", "abort_import", 10),
+        (3, "default", "pre_importing", "start_pre_import", 11),
+        (3, "pre_importing", "import_skipped", "skip_import", 11),
+        (2, "default", "import_done", "already_migrated", 12),
+    ]
+    # The function recorded each refusal: the row's state, no target, why, the caller's
+    # detail kept beside it.
+    refused = [(e[0], e[1], e[2], e[3], e[4], e[7]) for e in events if not e[8]]
+    assert refused == [
+        (1, "pre_importing", None, "start_pre_import", 6,
+         {"n": 6, "reason": "state_changed", "expected_state": "default",
+          "row_state": "pre_importing", "row_token": 5}),
+        (1, "pre_importing", None, "start_pre_import", 3,
+         {"n": 3, "reason": "stale_token", "expected_state": "pre_importing",
+          "row_state": "pre_importing", "row_token": 5}),
+        (1, "pre_importing", None, "finish_pre_import", 4,
+         {"reason": "stale_token", "expected_state": "pre_importing",
+          "row_state": "pre_importing", "row_token": 5}),
+        (1, "pre_import_done", None, "finish_pre_import", 5,
+         {"reason": "state_changed", "expected_state": "pre_importing",
+          "row_state": "pre_import_done", "row_token": 5}),
+        (1, "import_aborted", None, "undo_claim", 9,
+         {"reason": "state_changed", "expected_state": "importing",
+          "row_state": "import_aborted", "row_token": 9}),
     ]  # fmt: skip
+    assert clean_store.refused_writes() == refused_before + len(refused)
+    final = clean_store.get(ids[0])
+    assert final is not None
+    assert final.migration_state is State.IMPORT_SKIPPED
+    assert final.migration_retries_count == 2
 
 
-def test_the_function_writes_nothing_when_the_row_changed(
+def test_a_seen_row_saves_the_read_and_a_moved_one_is_read_again(
+    clean_store: Store, database_url: str
+) -> None:
+    rid = clean_store.add_repository("fn/seen/one")
+    seen = clean_store.get(rid)
+    assert seen is not None
+    kw: dict[str, Any] = {"token": 3, "actor": ACTOR, "message_id": None}
+    claimed = clean_store.claim(rid, expected_state=State.DEFAULT,
+                                event=Event.START_PRE_IMPORT, seen=seen, **kw)  # fmt: skip
+    assert claimed.outcome is Outcome.CLAIMED
+    assert claimed.repository.migration_pre_import_started_at is not None
+    # An abort (retries 0 -> 1), then the stale copy, still "default" with retries 0,
+    # undone in between: the function answers mismatch, the store reads again.
+    clean_store.undo_claim(rid, expected_state=State.PRE_IMPORTING,
+                           claimed_from=State.DEFAULT, **kw)  # fmt: skip
+    clean_store.claim(rid, expected_state=State.DEFAULT, event=Event.START_PRE_IMPORT, **kw)
+    clean_store.step(rid, expected_state=State.PRE_IMPORTING, event=Event.ABORT_IMPORT, **kw)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE container_repositories SET migration_state = 'default',"
+            " migration_aborted_in_state = NULL WHERE id = %s",
+            (rid,),
+        )
+    again = clean_store.claim(rid, expected_state=State.DEFAULT,
+                              event=Event.START_PRE_IMPORT, seen=seen, **kw)  # fmt: skip
+    assert again.outcome is Outcome.CLAIMED
+    # Computed from the row as it is (retries 1), not from the stale copy (retries 0).
+    assert again.repository.migration_retries_count == 1
+
+
+def test_the_function_refuses_and_records_or_writes_nothing(
     clean_store: Store, database_url: str
 ) -> None:
     rid = clean_store.add_repository("fn/mismatch/one")
@@ -184,74 +212,85 @@ def test_the_function_writes_nothing_when_the_row_changed(
         " %s, %s, %s, %s, 'pre_importing', 0, NULL, NULL, 'migration_pre_import_started_at',"
         " 'start_pre_import', 'x', NULL, '{}')"
     )
-    cases = [
-        ("pre_import_done", 0, None, 5),  # another state
-        ("default", 1, None, 5),  # another retries count
-        ("default", 0, "importing", 5),  # another aborted-in state
-    ]
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE container_repositories SET fencing_token = 7 WHERE id = %s", (rid,))
-        for from_state, retries, aborted_in, token in [*cases, ("default", 0, None, 6)]:
+        # The row moved since the read: nothing written, nothing recorded.
+        for from_state, retries, aborted_in, token in [
+            ("default", 1, None, 7),  # another retries count
+            ("default", 0, "importing", 7),  # another aborted-in state
+        ]:
             row = conn.execute(call, (rid, from_state, retries, aborted_in, token)).fetchone()
             assert row == ("mismatch", "default")
+        assert conn.execute("SELECT count(*) FROM migration_events").fetchone() == (0,)
+        # Fenced out: refused and recorded.
+        row = conn.execute(call, (rid, "pre_import_done", 0, None, 7)).fetchone()
+        assert row == ("state_changed", "default")
+        row = conn.execute(call, (rid, "default", 0, None, 6)).fetchone()
+        assert row == ("stale_token", "default")
         missing = conn.execute(call, (10**9, "default", 0, None, 9)).fetchone()
-        assert missing == ("mismatch", None)
-        events = conn.execute("SELECT count(*) FROM migration_events").fetchone()
-        assert events == (0,)
+        assert missing == ("not_found", None)
+        recorded = conn.execute(
+            "SELECT token, detail->>'reason', accepted FROM migration_events ORDER BY id"
+        ).fetchall()
+        assert recorded == [(7, "state_changed", False), (6, "stale_token", False)]
         # The same call with the row's values (and a token not older) writes.
         row = conn.execute(call, (rid, "default", 0, None, 7)).fetchone()
         assert row == ("claimed", "pre_importing")
 
 
-def test_a_database_before_0002_takes_the_locked_path(
-    clean_store: Store, database_url: str
-) -> None:
-    rid = clean_store.add_repository("fn/old-schema/one")
-    function_sql = dict(schema_files())["0002_fenced_write_function"]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("DROP FUNCTION migration_fenced_write")
-        try:
-            claimed = clean_store.claim(rid, expected_state=State.DEFAULT,
-                                        event=Event.START_PRE_IMPORT, token=1, actor=ACTOR,
-                                        message_id=None)  # fmt: skip
-            stepped = clean_store.step(rid, expected_state=State.PRE_IMPORTING,
-                                       event=Event.ABORT_IMPORT, token=1, actor=ACTOR,
-                                       message_id=None)  # fmt: skip
-        finally:
-            conn.execute(function_sql.encode())
-    assert claimed.outcome is Outcome.CLAIMED
-    assert stepped.repository.migration_state is State.IMPORT_ABORTED
-
-
 def test_the_function_counts_the_same_active_states() -> None:
-    text = dict(schema_files())["0002_fenced_write_function"]
+    text = dict(schema_files())["0005_one_fenced_write"]
     counted = re.search(r"count\(\*\).*?IN \(([^)]*)\)", text, re.DOTALL)
     assert counted is not None
     assert set(re.findall(r"'(\w+)'", counted.group(1))) == {s.value for s in ACTIVE_STATES}
 
 
-def test_upgrade_from_0001_adds_the_function(database_url: str) -> None:
-    # A database the previous release made: schema 0001 only, with a claimed repository.
+@pytest.mark.parametrize("old", ["0001_initial", "0004_reference_parity"])
+def test_upgrade_keeps_the_rows_and_the_one_path_works(database_url: str, old: str) -> None:
+    # A database an older release made, with a claimed repository and its event.
     name = f"test_old_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(database_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     old_url = database_url_for(database_url, name)
+    files = schema_files()
+    versions = [v for v, _ in files]
+    applied = files[: versions.index(old) + 1]
     try:
-        first_version, first_sql = schema_files()[0]
         with psycopg.connect(old_url, autocommit=True) as conn:
-            conn.execute(first_sql.encode())
             conn.execute(
                 "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (first_version,))
-        with _NoLockedPath(old_url, max_size=2) as store:
-            rid = store.add_repository("old/schema/one")
-            assert store.upgrade() == [v for v, _ in schema_files()[1:]]
+            for version, text in applied:
+                conn.execute(text.encode())
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            conn.execute(
+                "INSERT INTO container_repositories (path, migration_state, fencing_token,"
+                " migration_pre_import_started_at) VALUES ('old/claimed', 'pre_importing', 4,"
+                " now()), ('old/waiting', 'default', 0, NULL)"
+            )
+            conn.execute(
+                "INSERT INTO migration_events (repository_id, from_state, to_state, event,"
+                " token, actor, detail, accepted) VALUES (1, 'default', 'pre_importing',"
+                " 'start_pre_import', 4, 'old-release', '{}', true)"
+            )
+        with Store(old_url, max_size=2) as store:
+            assert store.upgrade() == versions[len(applied) :]
             assert store.upgrade() == []
-            claimed = store.claim(rid, expected_state=State.DEFAULT, event=Event.START_PRE_IMPORT,
-                                  token=1, actor=ACTOR, message_id=None)  # fmt: skip
-            assert claimed.outcome is Outcome.CLAIMED
+            assert store.schema_versions() == versions
+            claimed, waiting = store.get_by_path("old/claimed"), store.get_by_path("old/waiting")
+            assert claimed is not None and waiting is not None
+            assert (claimed.migration_state, claimed.fencing_token) == (State.PRE_IMPORTING, 4)
+            assert [e.actor for e in store.events(claimed.id)] == ["old-release"]
+            kw: dict[str, Any] = {"actor": ACTOR, "message_id": None}
+            assert store.step(claimed.id, expected_state=State.PRE_IMPORTING,
+                              event=Event.FINISH_PRE_IMPORT, token=3, **kw).outcome \
+                is Outcome.STALE_TOKEN  # fmt: skip
+            assert store.step(claimed.id, expected_state=State.PRE_IMPORTING,
+                              event=Event.FINISH_PRE_IMPORT, token=4, **kw).ok  # fmt: skip
+            assert store.claim(waiting.id, expected_state=State.DEFAULT,
+                               event=Event.START_PRE_IMPORT, token=1, **kw).ok  # fmt: skip
+            assert [e.accepted for e in store.events(claimed.id)] == [True, False, True]
     finally:
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(

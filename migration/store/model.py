@@ -1,0 +1,147 @@
+"""The store's values and errors: rows as dataclasses, outcomes, path validation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from migration.states import SkipReason, State, Transition
+
+# A registry repository path: lower-case components joined by '/', at least two of them
+# (root namespace and name), as the distribution spec names repositories.
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_PATH = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})+$")
+_MAX_PATH = 255
+
+
+class StoreError(Exception):
+    """Base of the store's own errors."""
+
+
+class StoreUnavailable(StoreError):
+    """PostgreSQL cannot be reached. ``str(error)`` is one line naming where."""
+
+
+class InvalidRepository(StoreError, ValueError):
+    """A repository to add is malformed or exists already. One line."""
+
+
+class RepositoryNotFound(StoreError, KeyError):
+    """No repository has that id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "repository not found"
+
+
+class Outcome(StrEnum):
+    """What became of a claim or a step."""
+
+    CLAIMED = "claimed"  # claim written
+    STEPPED = "stepped"  # step or undo written
+    DISABLED = "disabled"  # claim refused: the migration is paused
+    AT_CAPACITY = "at_capacity"  # claim refused: capacity repositories are in flight
+    STATE_CHANGED = "state_changed"  # refused (recorded): the state is not the expected one
+    STALE_TOKEN = "stale_token"  # noqa: S105 - refused (recorded): a newer token wrote the row
+
+
+def _value(member: StrEnum | None) -> str | None:
+    """An optional enum member as the text stored in its column."""
+    return member.value if member is not None else None
+
+
+def _json_values(row: dict[str, Any]) -> dict[str, object]:
+    """A row's values with timestamps as ISO 8601 text."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Repository:
+    """A ``container_repositories`` row."""
+
+    id: int
+    path: str
+    root_namespace: str
+    created_at: datetime
+    tags_count: int
+    migration_state: State
+    migration_pre_import_started_at: datetime | None
+    migration_pre_import_done_at: datetime | None
+    migration_import_started_at: datetime | None
+    migration_import_done_at: datetime | None
+    migration_aborted_at: datetime | None
+    migration_skipped_at: datetime | None
+    migration_aborted_in_state: State | None
+    migration_retries_count: int
+    migration_skipped_reason: SkipReason | None
+    fencing_token: int
+    last_step_at: datetime | None
+    registry_failures: int = 0
+    registry_not_before: datetime | None = None
+    registry_last_error: str | None = None
+
+    @classmethod
+    def from_row(cls, **row: Any) -> Repository:
+        """Build from a row, turning the text columns into their enums."""
+        row["migration_state"] = State(row["migration_state"])
+        if row["migration_aborted_in_state"] is not None:
+            row["migration_aborted_in_state"] = State(row["migration_aborted_in_state"])
+        if row["migration_skipped_reason"] is not None:
+            row["migration_skipped_reason"] = SkipReason(row["migration_skipped_reason"])
+        return cls(**row)
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly values keyed by column."""
+        return _json_values(self.__dict__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationEvent:
+    """A ``migration_events`` row: one accepted or refused write."""
+
+    id: int
+    repository_id: int
+    from_state: str | None
+    to_state: str | None
+    event: str
+    token: int
+    actor: str
+    message_id: str | None
+    at: datetime
+    detail: dict[str, Any]
+    accepted: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly values keyed by column."""
+        return _json_values(self.__dict__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    """The outcome of :meth:`Store.claim`, :meth:`Store.step` or :meth:`Store.undo_claim`.
+
+    :param outcome: what happened.
+    :param repository: the row after the write, or as it is when the write was refused.
+    :param transition: the transition written, or None when refused.
+    """
+
+    outcome: Outcome
+    repository: Repository
+    transition: Transition | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the write was made."""
+        return self.outcome in (Outcome.CLAIMED, Outcome.STEPPED)
+
+
+def validate_path(path: str) -> str:
+    """Return ``path`` when it is a valid repository path, else raise :class:`InvalidRepository`."""
+    if not isinstance(path, str) or len(path) > _MAX_PATH or not _PATH.match(path):
+        raise InvalidRepository(
+            f"invalid repository path {path!r}: expected root-namespace/.../name, lower-case "
+            f"letters and digits separated by . _ __ or -, at most {_MAX_PATH} characters"
+        )
+    return path

@@ -1,0 +1,131 @@
+"""The store's SQL text: constants and small builders, with no pool or logging import
+(``registry-migrator status`` reads through :mod:`migration.store.status` without them).
+
+The state lists are literals built from :mod:`migration.states`, not parameters: the
+partial indexes of the schema files are only used when the planner sees the same literals,
+which tests/unit/test_schema_vocabulary.py checks.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from psycopg import sql
+
+from migration.states import ACTIVE_STATES, FINISHED_STATES, State
+
+
+def sql_list(states: frozenset[State]) -> str:
+    """``('a', 'b')``: the states as SQL literals, in a stable order."""
+    return "(" + ", ".join(f"'{s.value}'" for s in sorted(states)) + ")"
+
+
+#: The active states (partial index container_repositories_active).
+ACTIVE_SQL = sql_list(ACTIVE_STATES)
+# The finished states whose latest step starts the enqueue waiting time (the reference's
+# recently_done_migration_step); the partial expression index
+# container_repositories_last_step_done (schema 0004) has the same literals.
+FINISHED_SQL = sql_list(FINISHED_STATES)
+#: True when the waiting time (%(wait)s seconds) has passed at %(now)s (None: the server's
+#: now()). Reads the expression index container_repositories_last_step_done.
+WAITING_TIME_PASSED_SQL = (
+    # max() of an indexed expression is one step down the index, whatever the plan; an
+    # EXISTS with a range condition can be planned as a scan under a generic plan.
+    "SELECT coalesce(max(GREATEST(migration_pre_import_done_at, migration_import_done_at,"  # noqa: S608 - constants only
+    " migration_aborted_at, migration_skipped_at))"
+    " <= coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(wait)s), true)"
+    " AS passed FROM container_repositories"
+    f" WHERE migration_state IN {FINISHED_SQL}"
+)
+
+COUNT_ACTIVE = f"SELECT count(*) FROM container_repositories WHERE migration_state IN {ACTIVE_SQL}"  # noqa: S608 - constants only
+# An active row with no last_step_at (written outside the project, e.g. imported from
+# GitLab's tables) is stale too, and first: the reference counts nil as stale.
+SELECT_STALE = (
+    f"SELECT * FROM container_repositories WHERE migration_state IN {ACTIVE_SQL}"  # noqa: S608
+    " AND (last_step_at IS NULL OR last_step_at < now() - make_interval(secs => %(age)s))"
+    " ORDER BY last_step_at NULLS FIRST LIMIT %(limit)s"
+)
+# Active repositories whose latest accepted write came from one message: what a delivery of
+# that message left behind (partial index on the active states, then each one's last event).
+SELECT_LAST_WRITTEN_BY = (
+    f"SELECT r.* FROM container_repositories r WHERE r.migration_state IN {ACTIVE_SQL}"  # noqa: S608
+    " AND (SELECT e.message_id FROM migration_events e WHERE e.repository_id = r.id"
+    " AND e.accepted ORDER BY e.id DESC LIMIT 1) = %(message_id)s ORDER BY r.id"
+)
+# How many times a fenced write reads the row again after the function found it moved
+# since the read (each time another write got in between; more in a row is a bug).
+# max_retries setting (an abort needs it) in the same round trip.
+READ_FOR_WRITE = (
+    "SELECT r.*, (SELECT max_retries FROM migration_settings WHERE id = 1)"
+    " AS settings_max_retries FROM container_repositories r WHERE r.id = %s"
+)
+# Schema 0005's function; every argument is cast so that the call resolves whatever types
+# the driver sends.
+FENCED_WRITE = (
+    "SELECT w.outcome, (w.repository).* FROM migration_fenced_write(%(id)s::bigint,"
+    " %(claim)s::boolean, %(from)s::text, %(from_retries)s::integer,"
+    " %(from_aborted_in)s::text, %(token)s::bigint, %(to)s::text, %(retries)s::integer,"
+    " %(aborted_in)s::text, %(reason)s::text, %(arrival)s::text, %(event)s::text,"
+    " %(actor)s::text, %(message_id)s::text, %(detail)s::jsonb) AS w"
+)
+
+# A registry fault's backoff: 5 s * 2^(faults so far), capped, then scaled by 0.5-1 (equal
+# jitter). The exponent is capped too, so a repository failing for days cannot overflow it.
+BACK_OFF = (
+    "UPDATE container_repositories SET registry_failures = registry_failures + 1,"
+    " registry_last_error = %(error)s,"
+    " registry_not_before = now() + make_interval(secs => least("
+    "(SELECT registry_backoff_max FROM migration_settings WHERE id = 1),"
+    " 5 * power(2, least(registry_failures, 20))) * (0.5 + random() / 2))"
+    " WHERE id = %(id)s AND fencing_token <= %(token)s RETURNING *"
+)
+
+# First in line: an aborted row just before the oldest abort (candidates take aborted rows
+# by migration_aborted_at), and no registry backoff for either kind.
+TO_FRONT = (
+    "UPDATE container_repositories SET registry_failures = 0, registry_not_before = NULL,"
+    " registry_last_error = NULL, fencing_token = %(token)s,"
+    " migration_aborted_at = CASE WHEN migration_state = 'import_aborted' THEN"
+    " (SELECT coalesce(min(migration_aborted_at), now()) - interval '1 second'"
+    "  FROM container_repositories WHERE migration_state = 'import_aborted')"
+    " ELSE migration_aborted_at END"
+    " WHERE id = %(id)s AND fencing_token <= %(token)s"
+    " AND migration_state IN ('import_aborted', 'default') RETURNING *"
+)
+
+
+def select_ordered(
+    *, state: str, order: tuple[str, str], deny: bool, cutoff: bool, limit: int
+) -> sql.Composed:
+    # The state is a literal (see the schema's note on partial indexes); the optional
+    # filters are left out of the text rather than disabled with an OR, for the same reason.
+    # The limit is a literal too: under a generic plan a parameter limit is assumed large,
+    # and the outer lookup by id turns into a hash join over a sequential scan.
+    assert state in {"default", "import_aborted"}
+    filters: list[sql.Composable] = [sql.SQL("migration_state = {}").format(sql.Literal(state))]
+    if cutoff:
+        filters.append(sql.SQL("created_at < %(cutoff)s"))
+    if deny:
+        filters.append(sql.SQL("root_namespace <> ALL(%(deny)s::text[])"))
+    # A repository backing off after registry faults waits (invariant 7).
+    filters.append(sql.SQL("(registry_not_before IS NULL OR registry_not_before <= now())"))
+    order_by = sql.SQL(", ").join(sql.Identifier(c) for c in order)
+    return sql.SQL(
+        "SELECT * FROM container_repositories WHERE id IN ("
+        " SELECT id FROM container_repositories WHERE {filters} ORDER BY {order} LIMIT {limit})"
+        " ORDER BY {order}"
+    ).format(filters=sql.SQL(" AND ").join(filters), order=order_by, limit=sql.Literal(int(limit)))
+
+
+@lru_cache(maxsize=64)
+def candidates_query(*, deny: bool, cutoff: bool, limit: int) -> bytes:
+    """Aborted and ready candidates in one round trip (each part on its partial index), as
+    text composed once per shape: composing it is a good part of a claim's client CPU."""
+    query = sql.SQL("({}) UNION ALL ({})").format(
+        select_ordered(state="import_aborted", order=("migration_aborted_at", "id"),
+                       deny=deny, cutoff=False, limit=limit),
+        select_ordered(state="default", order=("created_at", "id"), deny=deny,
+                       cutoff=cutoff, limit=limit),
+    )  # fmt: skip
+    return query.as_bytes(None)
