@@ -396,7 +396,12 @@ class EtcdClient:
         try:
             return self._with_fresh_token(watch)
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # The deadline may end the stream from either side: the server's end arrives as
+            # UNKNOWN "context deadline exceeded" (seen in CI).
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (
+                error.code() == grpc.StatusCode.UNKNOWN
+                and "deadline exceeded" in (error.details() or "")
+            ):
                 return False
             raise _unavailable("etcd watch failed", error) from error
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from devtools.launcher import LocalMigration
+from migration.store import Store
 from tests.fixtures import database_url
 from tests.partition.links import FaultProxy
 
@@ -34,8 +35,9 @@ def _bind_fails(port: int) -> bool:
 
 
 def test_the_launcher_holds_its_ports_from_choice_to_serving(
-    stack: dict[str, str], database_url: str, tmp_path: Path
+    stack: dict[str, str], database_url: str, store: Store, tmp_path: Path
 ) -> None:
+    # ``store``: the module's database at the schema the API requires.
     run = LocalMigration(
         env={**stack, "MIGRATOR_DATABASE_URL": database_url},
         log_dir=tmp_path, workers=0, scheduler=False,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.fixtures import database_url, store  # noqa: F401 (fixtures of this folder)
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 RULES_DIR = PROMETHEUS_DIR / "rules"

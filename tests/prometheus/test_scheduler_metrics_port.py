@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from migration.store import Store
+
 CLI = str(Path(sys.executable).with_name("registry-migrator"))
 
 
-def test_a_taken_metrics_port_is_one_line_and_exit_2(stack: dict[str, str]) -> None:
+def test_a_taken_metrics_port_is_one_line_and_exit_2(
+    stack: dict[str, str], database_url: str, store: Store
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -25,7 +29,13 @@ def test_a_taken_metrics_port_is_one_line_and_exit_2(stack: dict[str, str]) -> N
             text=True,
             timeout=120,
             check=False,
-            env={**os.environ, **stack, "MIGRATOR_ETCD_PREFIX": "/metrics-port-test"},
+            # A database at the schema it needs: the scheduler checks that first.
+            env={
+                **os.environ,
+                **stack,
+                "MIGRATOR_DATABASE_URL": database_url,
+                "MIGRATOR_ETCD_PREFIX": "/metrics-port-test",
+            },
         )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

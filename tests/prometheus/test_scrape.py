@@ -306,16 +306,21 @@ def test_prometheus_scrapes_a_real_migration(
         assert dead == {f"{run.env['MIGRATOR_QUEUE_NAME']}.XQ": 0}
 
         # -- the counts moved while it ran (a range query over the run) ---------------------
-        series = prometheus.api(
-            "query_range",
-            query="registry_migrator:repositories_finished:max",
-            start=started,
+        def finished_series() -> list[float] | None:
             # Up to now, not to when the table showed the last one finished: the scrape and
-            # the recording rule that see it come up to an interval after.
-            end=time.time(),
-            step=1,
-        )["result"]
-        values = [float(v) for _, v in series[0]["values"]]
+            # the recording rule that see it come up to an interval after, and a range
+            # query's last step may fall before that sample (54 of 60 seen in CI).
+            series = prometheus.api(
+                "query_range",
+                query="registry_migrator:repositories_finished:max",
+                start=started,
+                end=time.time(),
+                step=1,
+            )["result"]
+            values = [float(v) for _, v in series[0]["values"]]
+            return values if values and max(values) == COUNT else None
+
+        values = wait_until(finished_series, timeout=30, interval=1, what="the range at COUNT")
         print(f"finished repositories, one value a second: {values}")
         assert values == sorted(values), "the finished count went down"
         assert max(values) == COUNT and len(set(values)) >= 5
