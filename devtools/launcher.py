@@ -57,19 +57,6 @@ class LaunchError(RuntimeError):
     """A process of the local migration did not start (the message names it, with its log)."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on ``host`` a moment ago (the kernel's pick).
-
-    Nothing holds it afterwards: another bind (a proxy, another test's server) may take
-    it before its user does. Where the user is a child of this process, :class:`LocalMigration`
-    holds the port instead (:func:`reserve_port`) and hands the socket down.
-    """
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def reserve_port(host: str = "127.0.0.1", port: int = 0, *, timeout: float = 0) -> socket.socket:
     """A TCP socket listening on ``host:port`` (port 0: the kernel's pick), held by this
     process: no other bind can take the port while it is open.

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -25,27 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from devtools.ports import free_port, free_ports  # noqa: F401 (re-exported for tests)
+
 
 class EtcdClusterError(RuntimeError):
     """The private etcd cluster did not reach the state a test waited for."""
-
-
-def free_ports(count: int) -> list[int]:
-    """Ask the kernel for ``count`` distinct free TCP ports on 127.0.0.1.
-
-    :param count: how many ports.
-    :returns: the port numbers (free when asked; a race with another process is unlikely).
-    """
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @dataclass(frozen=True, slots=True)
