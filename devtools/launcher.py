@@ -44,6 +44,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
+from devtools.ports import free_port  # noqa: F401 (re-exported: tests import it from here)
 from migration.config import Config, split_broker_urls
 
 #: A line every Dramatiq worker process logs once it consumes.
