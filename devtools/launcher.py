@@ -44,7 +44,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from devtools.ports import free_port  # noqa: F401 (re-exported: tests import it from here)
+from devtools.ports import free_port  # tests import it from here too
 from migration.config import Config, split_broker_urls
 
 #: A line every Dramatiq worker process logs once it consumes.
@@ -199,8 +199,10 @@ class LocalMigration:
         # The ports are held from here until the programs serve on them (each gets its
         # socket as an inherited descriptor, --fd): a port only probed free could be taken
         # meanwhile, as a partition test's proxy once took the API's.
-        simulator_socket = reserve_port()
-        api_socket = reserve_port() if api else None
+        # Below the ephemeral range (devtools.ports): a simulator restart rebinds its port,
+        # which no client connection can have taken meanwhile.
+        simulator_socket = reserve_port(port=free_port())
+        api_socket = reserve_port(port=free_port()) if api else None
         simulator_port = simulator_socket.getsockname()[1]
         api_port = api_socket.getsockname()[1] if api_socket is not None else 0
         self.simulator_url = f"http://127.0.0.1:{simulator_port}"
