@@ -578,6 +578,22 @@ class LocalMigration:
                 return child.log_path
         raise KeyError(name)
 
+    def digest(self, *, lines: int = 12, width: int = 400) -> str:
+        """What each process did, in a few lines: its events counted (the most frequent
+        first), whether it runs, and its last ``lines`` lines cut at ``width`` characters.
+        For a failed test's report, where the log files are out of reach (CI)."""
+        out = [f"=== run digest ({self.log_dir})"]
+        for child in self._children():
+            counts: dict[str, int] = {}
+            for line in self.log_events(child.name):
+                key = f"{line.get('event')}:{line.get('level')}"
+                counts[key] = counts.get(key, 0) + 1
+            frequent = sorted(counts.items(), key=lambda item: -item[1])[:15]
+            out.append(f"--- {child.name} running={child.running()} exits={child.exit_codes}")
+            out.append("events: " + ", ".join(f"{key} {n}" for key, n in frequent))
+            out.extend(line[:width] for line in child.tail(lines).splitlines())
+        return "\n".join(out)
+
     def log_events(self, name: str, event: str | None = None) -> list[dict[str, Any]]:
         """The JSON log lines of process ``name`` (all its runs), optionally one ``event``."""
         found = []

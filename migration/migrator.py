@@ -274,6 +274,17 @@ class Migrator:
 
     # -- helpers ------------------------------------------------------------------------
 
+    @staticmethod
+    def _written_by(repository: Repository, writer: Writer) -> dict[str, Any]:
+        """The options of a fenced write that say who writes, on which row as seen."""
+        return {
+            "expected_state": repository.migration_state,
+            "token": writer.token,
+            "actor": writer.actor,
+            "message_id": writer.message_id,
+            "seen": repository,
+        }
+
     def _step(
         self,
         repository: Repository,
@@ -286,14 +297,10 @@ class Migrator:
         return _counted(
             self.store.step(
                 repository.id,
-                expected_state=repository.migration_state,
                 event=event,
-                token=writer.token,
-                actor=writer.actor,
-                message_id=writer.message_id,
                 skip_reason=skip_reason,
                 detail=detail,
-                seen=repository,
+                **self._written_by(repository, writer),
             )
         )
 
@@ -307,14 +314,7 @@ class Migrator:
     ) -> StepResult:
         return _counted(
             self.store.claim(
-                repository.id,
-                expected_state=repository.migration_state,
-                event=event,
-                token=writer.token,
-                actor=writer.actor,
-                message_id=writer.message_id,
-                detail=detail,
-                seen=repository,
+                repository.id, event=event, detail=detail, **self._written_by(repository, writer)
             )
         )
 
@@ -349,13 +349,9 @@ class Migrator:
         return _counted(
             self.store.undo_claim(
                 repository.id,
-                expected_state=repository.migration_state,
                 claimed_from=claimed_from,
-                token=writer.token,
-                actor=writer.actor,
-                message_id=writer.message_id,
                 detail={"why": why, **detail},
-                seen=repository,
+                **self._written_by(repository, writer),
             )
         )
 

@@ -80,6 +80,21 @@ class _Author:
     detail: dict[str, Any] | None
 
 
+def _transition_by(
+    event: Event, *, skip_reason: SkipReason | None = None
+) -> Callable[[Repository, int], Transition]:
+    """How ``event`` moves a repository row, given the ``max_retries`` setting."""
+
+    def transition_of(repo: Repository, max_retries: int) -> Transition:
+        return apply(
+            repo.migration_state, event, retries_count=repo.migration_retries_count,
+            max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
+            skip_reason=skip_reason,
+        )  # fmt: skip
+
+    return transition_of
+
+
 class WritesMixin(StoreBase):
     """The fenced writes: claim, step, undo_claim (one server function, schema 0005)."""
 
@@ -130,11 +145,7 @@ class WritesMixin(StoreBase):
         return self._fenced_write(
             repository_id, expected_state=State(expected_state), event=event, claim=True,
             author=_Author(token=token, actor=actor, message_id=message_id, detail=detail),
-            transition_of=lambda repo, max_retries: apply(
-                repo.migration_state, event, retries_count=repo.migration_retries_count,
-                max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
-            ),
-            seen=seen,
+            transition_of=_transition_by(event), seen=seen,
         )  # fmt: skip
 
     def step(
@@ -172,11 +183,7 @@ class WritesMixin(StoreBase):
         return self._fenced_write(
             repository_id, expected_state=State(expected_state), event=event, claim=False,
             author=_Author(token=token, actor=actor, message_id=message_id, detail=detail),
-            transition_of=lambda repo, max_retries: apply(
-                repo.migration_state, event, retries_count=repo.migration_retries_count,
-                max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
-                skip_reason=reason,
-            ),
+            transition_of=_transition_by(event, skip_reason=reason),
             seen=seen if event is not Event.ABORT_IMPORT else None,
         )  # fmt: skip
 

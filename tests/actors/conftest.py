@@ -38,9 +38,13 @@ def migration_env(stack: dict[str, str], database_url: str) -> dict[str, str]:
 
 @pytest.fixture
 def make_migration(
-    migration_env: dict[str, str], tmp_path: Path
+    migration_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., LocalMigration]]:
-    """Build (not start) local migrations; every one is stopped after the test."""
+    """Build (not start) local migrations; every one is stopped after the test.
+
+    When the test failed, each run's digest (events counted, the last lines of every
+    process) is printed: CI shows only the report, not the log files.
+    """
     made: list[LocalMigration] = []
 
     def make(**options: Any) -> LocalMigration:
@@ -50,6 +54,9 @@ def make_migration(
         return run
 
     yield make
+    report = getattr(request.node, "rep_call", None)
     for run in made:
+        if report is not None and report.failed:
+            print(run.digest())
         run.stop(timeout=20)
         run.delete_queues()

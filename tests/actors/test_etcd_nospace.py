@@ -50,6 +50,16 @@ def _charged(url: str) -> list[tuple[object, ...]]:
         ).fetchall()
 
 
+def _moving(url: str) -> list[tuple[object, ...]]:
+    """Repositories not yet terminal, with their state and last change."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT id, migration_state, migration_retries_count, updated_at FROM"
+            " container_repositories WHERE migration_state NOT IN"
+            " ('import_done', 'import_skipped') ORDER BY id"
+        ).fetchall()
+
+
 def _nospace_lines(run: LocalMigration) -> Counter[str]:
     found: Counter[str] = Counter()
     for name in ("worker-0", "scheduler-0", "api"):
@@ -129,12 +139,15 @@ def test_a_full_etcd_stops_the_migration_uncharged_until_recovered(
         assert recovered.returncode == 0, recovered.stdout + recovered.stderr
         assert "disarmed 1 NOSPACE alarm(s)" in recovered.stdout
         recovered_at = time.monotonic()
-        wait_until(
-            lambda: all_terminal(clean_store),
-            timeout=240,
-            interval=0.5,
-            what=f"{COUNT} repositories terminal after the recovery",
-        )
+        try:
+            wait_until(
+                lambda: all_terminal(clean_store),
+                timeout=240,
+                interval=0.5,
+                what=f"{COUNT} repositories terminal after the recovery",
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}; still moving: {_moving(database_url)}") from None
         finished_at = time.monotonic()
         lines = _nospace_lines(run)
     counts = {state: n for state, n in clean_store.counts_by_state().items() if n}
