@@ -586,7 +586,7 @@ class LocalMigration:
         for child in self._children():
             counts: dict[str, int] = {}
             for line in self.log_events(child.name):
-                key = f"{line.get('event')}:{line.get('level')}"
+                key = f"{str(line.get('event'))[:50]}:{line.get('level')}"
                 counts[key] = counts.get(key, 0) + 1
             frequent = sorted(counts.items(), key=lambda item: -item[1])[:15]
             out.append(f"--- {child.name} running={child.running()} exits={child.exit_codes}")

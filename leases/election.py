@@ -11,7 +11,7 @@ import threading
 
 from leases import _log
 from leases.errors import LeaseError
-from leases.hold import Acquisition, Hold, HolderInfo, try_acquire
+from leases.hold import Hold, HolderInfo, try_acquire
 from leases.session import Session
 
 log = _log.get_logger(__name__)
@@ -47,18 +47,12 @@ class Election:
         if self._hold is None or self._hold.released:
             acquisition = try_acquire(self.session, self.key, holder=self.holder)
             if acquisition.hold is None and acquisition.holder_token is not None:
-                # The key names this session's lease, so only this session made it: a create
-                # whose answer was lost (etcd timed out after applying it), or a resign whose
-                # delete failed. It stands in line for us; ignoring it would leave it first
-                # in line, leading nobody, for as long as the session lives.
-                acquisition = Acquisition(
-                    Hold(
-                        self.session,
-                        key=self.key,
-                        token=acquisition.holder_token,
-                        holder=acquisition.holder or self.holder,
-                    )
-                )
+                # The key names this session's lease, so only this session made it, yet no
+                # hold of ours has it: a resign whose delete failed, or a create whose
+                # answer was lost. Left there it would stand first in line, leading nobody,
+                # for as long as the session lives. The session deletes it in the
+                # background; the next check stands again, at the end of the line.
+                self.session.release_later(self.key, acquisition.holder_token)
             self._hold = acquisition.hold
         return self._hold
 

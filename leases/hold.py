@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 
 from leases import _log
@@ -167,7 +167,14 @@ class Hold:
         if self.released:
             return False
         self.released = True
-        return self.client.delete_if_created_at(self.key, self.token)
+        try:
+            return self.client.delete_if_created_at(self.key, self.token)
+        except LeaseError:
+            # The key lives on a lease kept alive: the session deletes it in the background
+            # (it would otherwise stay as long as the process lives).
+            if self.session is not None and not self.session.lost:
+                self.session.release_later(self.key, self.token)
+            raise
 
     def __enter__(self) -> Hold:
         return self
@@ -176,8 +183,13 @@ class Hold:
         try:
             self.release()
         except LeaseError as error:
-            # The key lives on the session's lease: it goes with the lease at the latest.
-            log.warning("lease_release_failed", key=self.key, token=self.token, error=str(error))
+            log.warning(
+                "lease_release_failed",
+                key=self.key,
+                token=self.token,
+                error=str(error),
+                consequence="deleted in the background, or with the session's lease",
+            )
 
 
 @dataclass(frozen=True)
@@ -255,7 +267,15 @@ def acquire_within(
 def _create(
     client: EtcdClient, session: Session | None, lease_id: int, key: str, holder: HolderInfo
 ) -> Acquisition:
-    result = client.create(key, holder.to_json(), lease_id=lease_id)
+    # Dated now: each create writes a value of its own, which is how a create whose answer
+    # was an error is told from a later one of ours (_undo_uncertain_create).
+    holder = replace(holder, acquired_at=_now())
+    value = holder.to_json()
+    try:
+        result = client.create(key, value, lease_id=lease_id)
+    except LeaseError:
+        _undo_uncertain_create(client, session, lease_id, key, value)
+        raise
     current = result.current
     if result.created and current is not None:
         token = current.create_revision
@@ -274,6 +294,32 @@ def _create(
         current.lease_id,
         revision=result.revision,
     )
+
+
+def _undo_uncertain_create(
+    client: EtcdClient, session: Session | None, lease_id: int, key: str, value: bytes
+) -> None:
+    """A create answered with an error may have landed: etcd applies the write that
+    crosses its quota and then answers NOSPACE (its quota applier), and a timeout or a
+    dropped connection tells nothing either way. Such a key is nobody's hold, yet it lives
+    on the session's lease, which keep-alive keeps alive: its repository would stay taken
+    until the process ends. Delete it if it is there and ours (on our lease, with the value
+    we wrote); if etcd cannot say, the session tries again in the background."""
+    try:
+        current = client.get(key)
+        if current is None or current.lease_id != lease_id or current.value != value:
+            return
+        client.delete_if_created_at(key, current.create_revision)
+        log.warning(
+            "lease_create_undone",
+            key=key,
+            token=current.create_revision,
+            why="etcd answered the create with an error, but it had landed",
+        )
+    except LeaseError as error:
+        log.warning("lease_create_uncertain", key=key, error=str(error))
+        if session is not None and not session.lost:
+            session.release_later(key, value=value)
 
 
 @contextmanager

@@ -60,6 +60,11 @@ class Session:
         self._last_refresh = time.monotonic()
         self._stream: KeepAliveStream | None = None
         self._lock = threading.Lock()  # guards _stream and the lost check-and-set
+        # Keys whose release failed, by key: their token. Deleted in the background (see
+        # release_later); while the session lives, nothing else would ever remove them.
+        self._unreleased: dict[str, tuple[int | None, bytes]] = {}
+        self._unreleased_changed = threading.Condition()
+        self._releaser: threading.Thread | None = None
         self._thread = threading.Thread(
             target=self._keep_alive, name=f"lease-keepalive-{self.lease_id:x}", daemon=True
         )
@@ -98,6 +103,68 @@ class Session:
         if self._closed.is_set():
             raise SessionLost(f"lease {self.lease_id:x} closed")
 
+    def release_later(self, key: str, token: int | None = None, *, value: bytes = b"") -> None:
+        """Delete ``key`` in the background if it is still ours: a hold's release failed
+        (etcd unreachable, a timeout), or a create whose answer was an error may have landed
+        all the same (etcd applies the write that crosses its quota, then answers NOSPACE).
+        The key lives on this session's lease, which keep-alive keeps alive: left alone, it
+        would stay taken for as long as the process lives, not for a TTL. Tried again every
+        TTL / 3 until the delete succeeds, the key is found not ours, or the session ends
+        (its keys go with its lease).
+
+        :param key: the key.
+        :param token: its create_revision, when known (a newer incarnation is never
+            deleted); None: the key is ours if it is on this session's lease with ``value``.
+        :param value: with ``token=None``, the value our create wrote.
+        """
+        with self._unreleased_changed:
+            self._unreleased[key] = (token, value)
+            if self._releaser is None:
+                self._releaser = threading.Thread(
+                    target=self._release_unreleased,
+                    name=f"lease-releaser-{self.lease_id:x}",
+                    daemon=True,
+                )
+                self._releaser.start()
+            self._unreleased_changed.notify()
+
+    def unreleased(self) -> dict[str, int | None]:
+        """The keys waiting for :meth:`release_later`'s delete, with their tokens."""
+        with self._unreleased_changed:
+            return {key: token for key, (token, _value) in self._unreleased.items()}
+
+    def _release_one(self, key: str, token: int | None, value: bytes) -> bool:
+        """Delete ``key`` if it is ours; True when it was deleted (False: not ours)."""
+        if token is None:
+            current = self.client.get(key)
+            if current is None or current.lease_id != self.lease_id or current.value != value:
+                return False
+            token = current.create_revision
+        return self.client.delete_if_created_at(key, token)
+
+    def _release_unreleased(self) -> None:
+        interval = self.ttl / 3
+        while not self._closed.is_set() and not self._lost.is_set():
+            with self._unreleased_changed:
+                while not self._unreleased and not self._closed.is_set():
+                    self._unreleased_changed.wait(interval)
+                pending = dict(self._unreleased)
+            for key, (token, value) in pending.items():
+                if self._closed.is_set() or self._lost.is_set():
+                    return
+                try:
+                    deleted = self._release_one(key, token, value)
+                except LeaseError as error:
+                    log.debug("lease_release_retry_failed", key=key, error=str(error))
+                    continue
+                with self._unreleased_changed:
+                    if self._unreleased.get(key) == (token, value):
+                        del self._unreleased[key]
+                log.info("lease_released_late", key=key, token=token, deleted=deleted)
+            with self._unreleased_changed:
+                if self._unreleased:
+                    self._unreleased_changed.wait(interval)
+
     def wait_lost(self, timeout: float | None = None) -> bool:
         """Block until the session is lost; True if it was within ``timeout``."""
         return self._lost.wait(timeout)
@@ -110,6 +177,8 @@ class Session:
         if self._closed.is_set():
             return
         self._closed.set()
+        with self._unreleased_changed:
+            self._unreleased_changed.notify_all()
         with self._lock:
             if self._stream is not None:
                 self._stream.close()

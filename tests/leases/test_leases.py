@@ -15,6 +15,7 @@ from leases import (
     DedupGate,
     Election,
     EtcdClient,
+    EtcdNoSpace,
     EtcdUnavailable,
     HolderInfo,
     Session,
@@ -270,3 +271,104 @@ def test_unreachable_etcd_raises_typed_error_within_timeout() -> None:
         # Within the 1 s timeout; the extra second is for a loaded 2-core machine (a retry
         # loop without a deadline would hang far longer).
         assert time.monotonic() - start < 1 + 1
+
+
+def test_a_failed_release_is_done_in_the_background_while_the_session_lives(
+    client: EtcdClient, prefix: str
+) -> None:
+    # Without it the key would outlive the failed release for as long as keep-alive keeps
+    # the session's lease: its repository taken until the process ends.
+    key = f"{prefix}/unreleased"
+    with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
+        hold = try_acquire(first, key).hold
+        assert hold is not None
+        real_delete = client.delete_if_created_at
+        deletes: list[str] = []
+
+        def delete_failing_twice(key: str, token: int) -> bool:
+            # The release, then the first retry in the background, fail.
+            deletes.append(key)
+            if len(deletes) <= 2:
+                raise EtcdUnavailable("etcd delete failed: injected")
+            return real_delete(key, token)
+
+        client.delete_if_created_at = delete_failing_twice  # type: ignore[method-assign]
+        try:
+            with pytest.raises(EtcdUnavailable):
+                hold.release()
+            acquisition, waited = wait_acquire(second, key, timeout=5 * TTL)
+        finally:
+            client.delete_if_created_at = real_delete  # type: ignore[method-assign]
+        assert not first.lost, "the key went with the release, not with a lost session"
+        assert first.unreleased() == {}
+        assert len(deletes) == 3, deletes
+        assert waited <= TTL + 1.5, waited
+        assert acquisition.hold is not None and acquisition.hold.token > hold.token
+        acquisition.hold.release()
+
+
+def _create_landing_then_failing(client: EtcdClient) -> Any:
+    """Make the client's next create land in etcd and then raise, as etcd answers the write
+    that crosses its quota: applied, then NOSPACE (its quota applier). Returns the undo."""
+    real_create = client.create
+    calls = iter([1])
+
+    def create(key: str, value: bytes, *, lease_id: int = 0) -> Any:
+        result = real_create(key, value, lease_id=lease_id)
+        if next(calls, None) is not None:
+            assert result.created
+            raise EtcdNoSpace("etcd create failed: mvcc: database space exceeded (injected)")
+        return result
+
+    client.create = create  # type: ignore[method-assign]
+    return lambda: setattr(client, "create", real_create)
+
+
+def test_a_create_answered_nospace_that_landed_is_undone(client: EtcdClient, prefix: str) -> None:
+    # Seen in CI: the repository's key stayed on the worker's live session for good, and
+    # every run after the recovery found its only candidate "busy".
+    key = f"{prefix}/landed"
+    with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
+        undo = _create_landing_then_failing(client)
+        try:
+            with pytest.raises(EtcdNoSpace):
+                try_acquire(first, key)
+        finally:
+            undo()
+        assert client.get(key) is None, "the create that landed was left on the live session"
+        assert first.unreleased() == {}
+        taken = try_acquire(second, key)
+        assert taken.hold is not None
+        taken.hold.release()
+
+
+def test_a_landed_create_etcd_cannot_confirm_is_undone_in_the_background(
+    client: EtcdClient, prefix: str
+) -> None:
+    key = f"{prefix}/landed-unconfirmed"
+    with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
+        undo = _create_landing_then_failing(client)
+        real_get = client.get
+        gets: list[str] = []
+
+        def get_failing_twice(key: str) -> Any:
+            # The undo's read, then the first one in the background, fail.
+            gets.append(key)
+            if len(gets) <= 2:
+                raise EtcdUnavailable("etcd get failed: injected")
+            return real_get(key)
+
+        client.get = get_failing_twice  # type: ignore[method-assign]
+        try:
+            with pytest.raises(EtcdNoSpace):
+                try_acquire(first, key)
+            acquisition, waited = wait_acquire(second, key, timeout=5 * TTL)
+        finally:
+            undo()
+            client.get = real_get  # type: ignore[method-assign]
+        assert not first.lost
+        assert first.unreleased() == {}
+        assert len(gets) == 3, gets
+        assert waited <= TTL + 1.5, waited
+        assert acquisition.hold is not None
+        acquisition.hold.release()
