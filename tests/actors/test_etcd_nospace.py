@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from devtools.launcher import LocalMigration
 from devtools.servers import EtcdCluster
@@ -40,24 +41,27 @@ COUNT = 60
 QUOTA = 2 * MIB
 
 
+def _repositories(url: str, where: str) -> list[tuple[object, ...]]:
+    """(id, state, retries, last change) of the repositories ``where`` says."""
+    with psycopg.connect(url) as conn:
+        query = sql.SQL(
+            "SELECT id, migration_state, migration_retries_count, updated_at"
+            " FROM container_repositories WHERE {} ORDER BY id"
+        ).format(sql.SQL(where))
+        return conn.execute(query).fetchall()
+
+
 def _charged(url: str) -> list[tuple[object, ...]]:
     """Repositories with a retry counted, or aborted or skipped."""
-    with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT id, path, migration_state, migration_retries_count FROM"
-            " container_repositories WHERE migration_retries_count > 0"
-            " OR migration_state IN ('import_aborted', 'import_skipped')"
-        ).fetchall()
+    return _repositories(
+        url,
+        "migration_retries_count > 0 OR migration_state IN ('import_aborted', 'import_skipped')",
+    )
 
 
 def _moving(url: str) -> list[tuple[object, ...]]:
-    """Repositories not yet terminal, with their state and last change."""
-    with psycopg.connect(url) as conn:
-        return conn.execute(
-            "SELECT id, migration_state, migration_retries_count, updated_at FROM"
-            " container_repositories WHERE migration_state NOT IN"
-            " ('import_done', 'import_skipped') ORDER BY id"
-        ).fetchall()
+    """Repositories not yet terminal."""
+    return _repositories(url, "migration_state NOT IN ('import_done', 'import_skipped')")
 
 
 def _nospace_lines(run: LocalMigration) -> Counter[str]:
@@ -150,6 +154,10 @@ def test_a_full_etcd_stops_the_migration_uncharged_until_recovered(
             raise AssertionError(f"{error}; still moving: {_moving(database_url)}") from None
         finished_at = time.monotonic()
         lines = _nospace_lines(run)
+        undone = {
+            event: sum(len(run.log_events(name, event)) for name in ("worker-0", "scheduler-0"))
+            for event in ("lease_create_undone", "lease_create_uncertain", "lease_released_late")
+        }
     counts = {state: n for state, n in clean_store.counts_by_state().items() if n}
     print(
         f"\nprefilled with {prefill.done} cycles to {prefill.max_db_size} B, filled with"
@@ -158,7 +166,8 @@ def test_a_full_etcd_stops_the_migration_uncharged_until_recovered(
         f" during the alarm: { {str(k): v for k, v in stalled.items() if v} };"
         f" etcd_nospace lines by where: {dict(lines)}; recovered"
         f" {recovered_at - full_at:.1f} s after the alarm; all terminal"
-        f" {finished_at - recovered_at:.1f} s after the recovery"
+        f" {finished_at - recovered_at:.1f} s after the recovery; keys etcd created but"
+        f" answered NOSPACE: {undone}"
     )
     print(recovered.stdout.strip())
     assert counts == {State.IMPORT_DONE: COUNT}
