@@ -42,10 +42,10 @@ QUOTA = 2 * MIB
 
 
 def _repositories(url: str, where: str) -> list[tuple[object, ...]]:
-    """(id, state, retries, last change) of the repositories ``where`` says."""
+    """(id, state, retries, last step) of the repositories ``where`` says."""
     with psycopg.connect(url) as conn:
         query = sql.SQL(
-            "SELECT id, migration_state, migration_retries_count, updated_at"
+            "SELECT id, migration_state, migration_retries_count, last_step_at"
             " FROM container_repositories WHERE {} ORDER BY id"
         ).format(sql.SQL(where))
         return conn.execute(query).fetchall()
