@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from leases.errors import LeaseError
 from leases.etcd import EtcdClient
-from leases.hold import HolderInfo
+from leases.hold import HolderInfo, undo_uncertain_create
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,12 @@ class DedupGate:
 
     def _create_first(self, free: list[str], value: bytes, lease_id: int) -> Ticket | None:
         for key in free:
-            result = self.client.create(key, value, lease_id=lease_id)
+            try:
+                result = self.client.create(key, value, lease_id=lease_id)
+            except LeaseError:
+                # A marker that landed all the same would fill its slot for up to the TTL.
+                undo_uncertain_create(self.client, None, lease_id, key, value)
+                raise
             if result.created and result.current is not None:
                 return Ticket(key, result.current.create_revision)
         return None  # every free slot was taken by a racing enter

@@ -268,13 +268,13 @@ def _create(
     client: EtcdClient, session: Session | None, lease_id: int, key: str, holder: HolderInfo
 ) -> Acquisition:
     # Dated now: each create writes a value of its own, which is how a create whose answer
-    # was an error is told from a later one of ours (_undo_uncertain_create).
+    # was an error is told from a later one of ours (undo_uncertain_create).
     holder = replace(holder, acquired_at=_now())
     value = holder.to_json()
     try:
         result = client.create(key, value, lease_id=lease_id)
     except LeaseError:
-        _undo_uncertain_create(client, session, lease_id, key, value)
+        undo_uncertain_create(client, session, lease_id, key, value)
         raise
     current = result.current
     if result.created and current is not None:
@@ -296,10 +296,12 @@ def _create(
     )
 
 
-def _undo_uncertain_create(
+def undo_uncertain_create(
     client: EtcdClient, session: Session | None, lease_id: int, key: str, value: bytes
 ) -> None:
-    """A create answered with an error may have landed: etcd applies the write that
+    """Delete ``key`` if a create of ours that raised had in fact landed.
+
+    A create answered with an error may have landed: etcd applies the write that
     crosses its quota and then answers NOSPACE (its quota applier), and a timeout or a
     dropped connection tells nothing either way. Such a key is nobody's hold, yet it lives
     on the session's lease, which keep-alive keeps alive: its repository would stay taken

@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from leases import DedupGate, EtcdClient, Ticket
+import pytest
+
+from leases import DedupGate, EtcdClient, EtcdNoSpace, Ticket
+from tests.leases.test_leases import create_landing_then_failing
 
 
 def _lease_of(client: EtcdClient, ticket: Ticket) -> int:
@@ -85,3 +88,19 @@ def test_enter_recovers_when_its_lease_was_revoked(client: EtcdClient, prefix: s
     assert second is not None
     assert _lease_of(client, second) != lease_id
     assert gate.pending() == 1
+
+
+def test_a_marker_created_but_answered_nospace_does_not_fill_its_slot(
+    client: EtcdClient, prefix: str
+) -> None:
+    # etcd applies the write that crosses its quota and answers NOSPACE: such a marker,
+    # left there, would hold its slot for the TTL with no message behind it.
+    gate = DedupGate(client, f"{prefix}/gate", slots=1, ttl=60)
+    undo = create_landing_then_failing(client)
+    try:
+        with pytest.raises(EtcdNoSpace):
+            gate.enter()
+    finally:
+        undo()
+    assert gate.pending() == 0
+    assert gate.enter() is not None, "the slot stayed taken"

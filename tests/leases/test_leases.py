@@ -307,7 +307,7 @@ def test_a_failed_release_is_done_in_the_background_while_the_session_lives(
         acquisition.hold.release()
 
 
-def _create_landing_then_failing(client: EtcdClient) -> Any:
+def create_landing_then_failing(client: EtcdClient) -> Any:
     """Make the client's next create land in etcd and then raise, as etcd answers the write
     that crosses its quota: applied, then NOSPACE (its quota applier). Returns the undo."""
     real_create = client.create
@@ -329,7 +329,7 @@ def test_a_create_answered_nospace_that_landed_is_undone(client: EtcdClient, pre
     # every run after the recovery found its only candidate "busy".
     key = f"{prefix}/landed"
     with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
-        undo = _create_landing_then_failing(client)
+        undo = create_landing_then_failing(client)
         try:
             with pytest.raises(EtcdNoSpace):
                 try_acquire(first, key)
@@ -347,7 +347,7 @@ def test_a_landed_create_etcd_cannot_confirm_is_undone_in_the_background(
 ) -> None:
     key = f"{prefix}/landed-unconfirmed"
     with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
-        undo = _create_landing_then_failing(client)
+        undo = create_landing_then_failing(client)
         real_get = client.get
         gets: list[str] = []
 
