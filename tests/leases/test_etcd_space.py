@@ -181,6 +181,10 @@ def test_without_compaction_nospace_is_an_outage_until_recovered(
         # The writes fail, typed: an outage like any other, with its own name.
         assert isinstance(cycles.error, EtcdNoSpace), cycles.error
         assert space_report(client).nospace
+        # The creates that crossed the quota were applied and answered NOSPACE: each was
+        # deleted, none left on the live session (it would stay taken for its whole life).
+        left = [kv.key for kv in client.get_prefix("/space/filler/")]
+        assert left == [], f"keys created but answered NOSPACE were left: {left}"
         with pytest.raises(EtcdNoSpace):
             try_acquire(session, "/space/after", holder=HOLDER)
         with pytest.raises(EtcdNoSpace):
