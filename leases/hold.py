@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 
 from leases import _log
-from leases.errors import LeaseError
+from leases.errors import EtcdNoSpace, LeaseError
 from leases.etcd import EtcdClient
 from leases.session import Session
 
@@ -273,8 +273,15 @@ def _create(
     value = holder.to_json()
     try:
         result = client.create(key, value, lease_id=lease_id)
-    except LeaseError:
+    except EtcdNoSpace:
+        # etcd answered, so it can be asked at once.
         undo_uncertain_create(client, session, lease_id, key, value)
+        raise
+    except LeaseError:
+        # A timeout or a broken connection: etcd may not answer a read either, and the
+        # caller must not wait for it a second time. The session looks in the background.
+        if session is not None and not session.lost:
+            session.release_later(key, value=value)
         raise
     current = result.current
     if result.created and current is not None:
@@ -302,8 +309,9 @@ def undo_uncertain_create(
     """Delete ``key`` if a create of ours that raised had in fact landed.
 
     A create answered with an error may have landed: etcd applies the write that
-    crosses its quota and then answers NOSPACE (its quota applier), and a timeout or a
-    dropped connection tells nothing either way. Such a key is nobody's hold, yet it lives
+    crosses its quota and then answers NOSPACE (its quota applier); a timeout or a
+    dropped connection tells nothing either way (those the session looks into in the
+    background, see :func:`_create`). Such a key is nobody's hold, yet it lives
     on the session's lease, which keep-alive keeps alive: its repository would stay taken
     until the process ends. Delete it if it is there and ours (on our lease, with the value
     we wrote); if etcd cannot say, the session tries again in the background."""

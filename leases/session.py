@@ -62,7 +62,8 @@ class Session:
         self._lock = threading.Lock()  # guards _stream and the lost check-and-set
         # Keys whose release failed, by key: their token. Deleted in the background (see
         # release_later); while the session lives, nothing else would ever remove them.
-        self._unreleased: dict[str, tuple[int | None, bytes]] = {}
+        # (key, token or None, value): several per key when several creates of it failed.
+        self._unreleased: set[tuple[str, int | None, bytes]] = set()
         self._unreleased_changed = threading.Condition()
         self._releaser: threading.Thread | None = None
         self._thread = threading.Thread(
@@ -118,7 +119,7 @@ class Session:
         :param value: with ``token=None``, the value our create wrote.
         """
         with self._unreleased_changed:
-            self._unreleased[key] = (token, value)
+            self._unreleased.add((key, token, value))
             if self._releaser is None:
                 self._releaser = threading.Thread(
                     target=self._release_unreleased,
@@ -128,10 +129,10 @@ class Session:
                 self._releaser.start()
             self._unreleased_changed.notify()
 
-    def unreleased(self) -> dict[str, int | None]:
+    def unreleased(self) -> list[tuple[str, int | None]]:
         """The keys waiting for :meth:`release_later`'s delete, with their tokens."""
         with self._unreleased_changed:
-            return {key: token for key, (token, _value) in self._unreleased.items()}
+            return sorted((key, token) for key, token, _value in self._unreleased)
 
     def _release_one(self, key: str, token: int | None, value: bytes) -> bool:
         """Delete ``key`` if it is ours; True when it was deleted (False: not ours)."""
@@ -148,8 +149,8 @@ class Session:
             with self._unreleased_changed:
                 while not self._unreleased and not self._closed.is_set():
                     self._unreleased_changed.wait(interval)
-                pending = dict(self._unreleased)
-            for key, (token, value) in pending.items():
+                pending = list(self._unreleased)
+            for key, token, value in pending:
                 if self._closed.is_set() or self._lost.is_set():
                     return
                 try:
@@ -158,9 +159,11 @@ class Session:
                     log.debug("lease_release_retry_failed", key=key, error=str(error))
                     continue
                 with self._unreleased_changed:
-                    if self._unreleased.get(key) == (token, value):
-                        del self._unreleased[key]
-                log.info("lease_released_late", key=key, token=token, deleted=deleted)
+                    self._unreleased.discard((key, token, value))
+                if deleted:
+                    log.info("lease_released_late", key=key, token=token)
+                else:
+                    log.debug("lease_release_not_needed", key=key, token=token)
             with self._unreleased_changed:
                 if self._unreleased:
                     self._unreleased_changed.wait(interval)

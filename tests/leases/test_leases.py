@@ -300,16 +300,17 @@ def test_a_failed_release_is_done_in_the_background_while_the_session_lives(
         finally:
             client.delete_if_created_at = real_delete  # type: ignore[method-assign]
         assert not first.lost, "the key went with the release, not with a lost session"
-        assert first.unreleased() == {}
+        assert first.unreleased() == []
         assert len(deletes) == 3, deletes
         assert waited <= TTL + 1.5, waited
         assert acquisition.hold is not None and acquisition.hold.token > hold.token
         acquisition.hold.release()
 
 
-def create_landing_then_failing(client: EtcdClient) -> Any:
-    """Make the client's next create land in etcd and then raise, as etcd answers the write
-    that crosses its quota: applied, then NOSPACE (its quota applier). Returns the undo."""
+def create_landing_then_failing(client: EtcdClient, error: Exception | None = None) -> Any:
+    """Make the client's next create land in etcd and then raise ``error``: by default as
+    etcd answers the write that crosses its quota, applied, then NOSPACE (its quota
+    applier). Returns the undo."""
     real_create = client.create
     calls = iter([1])
 
@@ -317,7 +318,7 @@ def create_landing_then_failing(client: EtcdClient) -> Any:
         result = real_create(key, value, lease_id=lease_id)
         if next(calls, None) is not None:
             assert result.created
-            raise EtcdNoSpace("etcd create failed: mvcc: database space exceeded (injected)")
+            raise error or EtcdNoSpace("etcd create failed: database space exceeded (injected)")
         return result
 
     client.create = create  # type: ignore[method-assign]
@@ -336,7 +337,7 @@ def test_a_create_answered_nospace_that_landed_is_undone(client: EtcdClient, pre
         finally:
             undo()
         assert client.get(key) is None, "the create that landed was left on the live session"
-        assert first.unreleased() == {}
+        assert first.unreleased() == []
         taken = try_acquire(second, key)
         assert taken.hold is not None
         taken.hold.release()
@@ -367,8 +368,30 @@ def test_a_landed_create_etcd_cannot_confirm_is_undone_in_the_background(
             undo()
             client.get = real_get  # type: ignore[method-assign]
         assert not first.lost
-        assert first.unreleased() == {}
+        assert first.unreleased() == []
         assert len(gets) == 3, gets
+        assert waited <= TTL + 1.5, waited
+        assert acquisition.hold is not None
+        acquisition.hold.release()
+
+
+def test_a_landed_create_whose_answer_timed_out_is_undone_in_the_background(
+    client: EtcdClient, prefix: str
+) -> None:
+    # A timeout: the caller does not wait for a read too; the session looks afterwards.
+    key = f"{prefix}/landed-timed-out"
+    with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
+        undo = create_landing_then_failing(
+            client, EtcdUnavailable("etcd create failed: DEADLINE_EXCEEDED (injected)")
+        )
+        try:
+            with pytest.raises(EtcdUnavailable):
+                try_acquire(first, key)
+        finally:
+            undo()
+        acquisition, waited = wait_acquire(second, key, timeout=5 * TTL)
+        assert not first.lost
+        assert first.unreleased() == []
         assert waited <= TTL + 1.5, waited
         assert acquisition.hold is not None
         acquisition.hold.release()
