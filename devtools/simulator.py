@@ -385,6 +385,10 @@ def _refused(code: int | None) -> bool:
     return code is not None and 400 <= code < 500 and code != 429
 
 
+#: Notification requests in flight at once (the others wait their turn, outside their timeout).
+NOTIFY_CONCURRENCY = 16
+
+
 class Notifier:
     """Delivers end-of-import notifications to the notification API, with retries.
 
@@ -396,6 +400,7 @@ class Notifier:
     def __init__(self, config_of: Callable[[], SimulatorConfig]) -> None:
         self._config_of = config_of
         self._client: httpx.AsyncClient | None = None
+        self._sending: asyncio.Semaphore | None = None
         self._tasks: dict[asyncio.Task[None], tuple[str, str, str]] = {}
         self.counts: Counter[str] = Counter()
         self.deliveries: list[dict[str, Any]] = []
@@ -428,9 +433,20 @@ class Notifier:
         )
         body = {"name": _name(path), "path": path, "status": str(status), "detail": detail}
         headers = {"Authorization": config.secret} if config.secret else {}
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=config.notify_timeout)
-        client = self._client
+        if self._client is None or self._sending is None:
+            # At most NOTIFY_CONCURRENCY requests in flight, on as many kept-alive connections:
+            # httpcore's pool scans every connection and queued request on each request and
+            # answer, so with one request per pending notification (hundreds when the imports
+            # take no time) the scans were most of the simulator's CPU (bench/pipeline.py).
+            self._client = httpx.AsyncClient(
+                timeout=config.notify_timeout,
+                limits=httpx.Limits(
+                    max_connections=NOTIFY_CONCURRENCY,
+                    max_keepalive_connections=NOTIFY_CONCURRENCY,
+                ),
+            )
+            self._sending = asyncio.Semaphore(NOTIFY_CONCURRENCY)
+        client, sending = self._client, self._sending
         last = ""
         attempts = refusals = 0
 
@@ -439,9 +455,10 @@ class Notifier:
             attempts += 1
             self.counts["attempts"] += 1
             try:
-                response = await client.put(
-                    url, json=body, headers=headers, timeout=config.notify_timeout
-                )
+                async with sending:  # the wait is no part of the request's timeout
+                    response = await client.put(
+                        url, json=body, headers=headers, timeout=config.notify_timeout
+                    )
             except httpx.HTTPError as error:
                 last = f"{type(error).__name__}: {error}"
                 return None
@@ -499,6 +516,7 @@ class Notifier:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+        self._sending = None
         return undelivered
 
 
