@@ -12,9 +12,7 @@ from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
 from dramatiq.common import dq_name, xq_name
 from dramatiq.middleware import (
     AgeLimit,
-    Callbacks,
     CurrentMessage,
-    Pipelines,
     Retries,
     ShutdownNotifications,
     TimeLimit,
@@ -100,12 +98,13 @@ def make_broker(config: Config, *, prometheus: bool = False) -> RabbitmqBroker:
     :param prometheus: add Dramatiq's Prometheus middleware (worker processes only: it
         serves metrics from a forked process).
     """
+    # Dramatiq's defaults less Callbacks and Pipelines (no actor sends on_success/on_failure
+    # or pipes: their hooks ran on every message for nothing, ~13 us of the ~30 us the
+    # process hooks took), plus CurrentMessage.
     middleware = [
         AgeLimit(max_age=MAX_AGE_MS),
         TimeLimit(time_limit=TIME_LIMIT_MS),
         ShutdownNotifications(notify_shutdown=True),
-        Callbacks(),
-        Pipelines(),
         Retries(max_retries=3, min_backoff=500, max_backoff=30_000),
         CurrentMessage(),
     ]

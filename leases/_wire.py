@@ -7,6 +7,7 @@ few request shapes :class:`leases.etcd.EtcdClient` sends per hold are therefore 
 by hand, and their answers decoded by hand; the bytes are the same as
 ``etcdserverpb.TxnRequest(...).SerializeToString()`` (checked byte for byte in
 ``tests/leases/test_wire.py``), and the decoder reads what ``TxnResponse.FromString`` would.
+The prefix range read on every trigger (the dedup gate) and breaker check goes the same way.
 
 The wire format (https://protobuf.dev/programming-guides/encoding/): a message is a sequence of
 fields, each a *tag* (``field_number << 3 | wire_type`` as a varint) followed by the value:
@@ -139,6 +140,30 @@ def put_if_created_at_txn(
     return _length_delimited(
         _TXN_COMPARE, _compare_created_at(guard_key, create_revision)
     ) + _length_delimited(_TXN_SUCCESS, _put(key, value, 0))
+
+
+# RangeRequest's fields (etcd's rpc.proto); enum values of RangeRequest.SortOrder/SortTarget.
+_RANGE_END = _tag(2, _LENGTH_DELIMITED)  # RangeRequest.range_end
+_RANGE_LIMIT = _tag(3, _VARINT)  # RangeRequest.limit
+_RANGE_SORT_ORDER = _tag(5, _VARINT)  # RangeRequest.sort_order
+_RANGE_SORT_TARGET = _tag(6, _VARINT)  # RangeRequest.sort_target
+SORT_ASCEND = 1
+SORT_DESCEND = 2
+SORT_BY_CREATE = 2
+
+
+def range_request(
+    key: bytes, range_end: bytes, *, limit: int = 0, sort_order: int = 0, sort_target: int = 0
+) -> bytes:
+    """``RangeRequest(key=key, range_end=range_end, limit=limit, sort_order=sort_order,
+    sort_target=sort_target)``: the keys in ``[key, range_end)``, sorted as asked."""
+    return (
+        _optional_bytes(_KEY, key)
+        + _optional_bytes(_RANGE_END, range_end)
+        + _optional_int(_RANGE_LIMIT, limit)
+        + _optional_int(_RANGE_SORT_ORDER, sort_order)
+        + _optional_int(_RANGE_SORT_TARGET, sort_target)
+    )
 
 
 # -- answers ------------------------------------------------------------------------------
@@ -296,6 +321,14 @@ def decode_txn_response(buf: bytes) -> TxnReply:
             last_response = (a, b)
     kvs = _response_op_range_kvs(buf[last_response[0] : last_response[1]]) if last_response else []
     return TxnReply(succeeded, revision, kvs)
+
+
+def decode_range_response(buf: bytes) -> list[WireKeyValue]:
+    """Read the ``kvs`` (field 2) of ``etcdserverpb.RangeResponse`` bytes, in their order.
+
+    Raises ValueError on bytes that are not a well-formed message.
+    """
+    return _range_kvs(buf)
 
 
 class StatusReply(NamedTuple):

@@ -184,6 +184,13 @@ class EtcdClient:
             request_serializer=None,  # the request is already bytes
             response_deserializer=_wire.decode_txn_response,
         )
+        # A prefix range (the gate's markers, a breaker's state: read on every trigger and
+        # notification) the same way: its RangeRequest/RangeResponse in protobuf cost ~0.1 ms.
+        self._range = self._client.channel.unary_unary(
+            "/etcdserverpb.KV/Range",
+            request_serializer=None,  # the request is already bytes
+            response_deserializer=_wire.decode_range_response,
+        )
         self._lease = self._client.leasestub
         self._watch = rpc.WatchStub(self._client.channel)
         self._maintenance = self._client.maintenancestub
@@ -308,15 +315,17 @@ class EtcdClient:
     def get_prefix(self, prefix: str, *, limit: int = 0) -> list[KeyValue]:
         """Every key under ``prefix``, oldest incarnation (create revision) first."""
         raw = prefix.encode()
-        request = rpc.RangeRequest(
-            key=raw,
-            range_end=_prefix_end(raw),
+        request = _wire.range_request(
+            raw,
+            _prefix_end(raw),
             limit=limit,
-            sort_order=rpc.RangeRequest.ASCEND,
-            sort_target=rpc.RangeRequest.CREATE,
+            sort_order=_wire.SORT_ASCEND,
+            sort_target=_wire.SORT_BY_CREATE,
         )
-        response = self._call("range", lambda: self._kv.Range(request, self.timeout, **self._auth))
-        return [_kv(kv) for kv in response.kvs]
+        kvs: list[_wire.WireKeyValue] = self._call(
+            "range", lambda: self._range(request, self.timeout, **self._auth)
+        )
+        return [_wire_kv(kv) for kv in kvs]
 
     def last_created_before(
         self, prefix: str, *, max_create_revision: int

@@ -11,11 +11,10 @@ import psycopg
 import structlog
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import kwargs_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from migration.connection_check import check_quietly
-from migration.store.model import Repository, StoreUnavailable
+from migration.store.model import Repository, StoreUnavailable, repository_rows
 
 log = structlog.get_logger("migration.store")
 
@@ -97,13 +96,13 @@ class StoreBase:
 
     def _one(self, query: str, params: tuple[object, ...]) -> Repository | None:
         with self._connection() as conn:
-            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            cur = conn.cursor(row_factory=repository_rows)
             return cur.execute(query.encode(), params).fetchone()
 
     def _many(
         self, query: str | bytes | sql.Composed, params: dict[str, object]
     ) -> list[Repository]:
         with self._connection() as conn:
-            cur = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+            cur = conn.cursor(row_factory=repository_rows)
             text = query.encode() if isinstance(query, str) else query
             return cur.execute(text, params).fetchall()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -145,3 +146,45 @@ def validate_path(path: str) -> str:
             f"letters and digits separated by . _ __ or -, at most {_MAX_PATH} characters"
         )
     return path
+
+
+_REPOSITORY_FIELDS = frozenset(f.name for f in fields(Repository))
+_STATES = State._value2member_map_
+_SKIP_REASONS = SkipReason._value2member_map_
+
+
+def repository_rows(cursor: Any) -> Callable[[Sequence[Any]], Repository]:
+    """A psycopg row factory making :class:`Repository` objects, about twice as fast as
+    ``kwargs_row(Repository.from_row)`` (~11 us a row here; the candidates of every run are
+    20 rows): the column names are read once per result, the enums looked up in their value
+    maps, and the frozen dataclass filled without its generated ``__init__``.
+
+    Only when the columns are exactly the dataclass's fields; any other result goes through
+    :meth:`Repository.from_row`, which raises on a missing or unknown column as before.
+    An unknown state text raises ValueError either way.
+    """
+    description = cursor.description
+    names = tuple(column.name for column in description) if description else ()
+    if frozenset(names) != _REPOSITORY_FIELDS or len(names) != len(_REPOSITORY_FIELDS):
+
+        def checked(values: Sequence[Any]) -> Repository:
+            return Repository.from_row(**dict(zip(names, values, strict=True)))
+
+        return checked
+    new = object.__new__
+
+    def make(values: Sequence[Any]) -> Repository:
+        row = dict(zip(names, values, strict=True))
+        state = row["migration_state"]
+        row["migration_state"] = _STATES.get(state) or State(state)
+        aborted_in = row["migration_aborted_in_state"]
+        if aborted_in is not None:
+            row["migration_aborted_in_state"] = _STATES.get(aborted_in) or State(aborted_in)
+        reason = row["migration_skipped_reason"]
+        if reason is not None:
+            row["migration_skipped_reason"] = _SKIP_REASONS.get(reason) or SkipReason(reason)
+        repository: Repository = new(Repository)
+        repository.__dict__.update(row)  # frozen: no __setattr__, but the same attributes
+        return repository
+
+    return make

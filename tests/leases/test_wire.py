@@ -93,6 +93,33 @@ def test_put_if_created_at_txn_bytes_equal_protobuf(
     assert _wire.put_if_created_at_txn(guard_key, create_revision, key, value) == expected
 
 
+@settings(max_examples=400)
+@given(
+    key=keys,
+    range_end=keys,
+    limit=int64s,
+    sort_order=st.sampled_from([0, _wire.SORT_ASCEND, _wire.SORT_DESCEND]),
+    sort_target=st.sampled_from([0, 1, _wire.SORT_BY_CREATE, 3, 4]),
+)
+@example(key=b"/p/", range_end=b"/p0", limit=0, sort_order=1, sort_target=2)
+def test_range_request_bytes_equal_protobuf(
+    key: bytes, range_end: bytes, limit: int, sort_order: int, sort_target: int
+) -> None:
+    expected = rpc.RangeRequest(
+        key=key, range_end=range_end, limit=limit, sort_order=sort_order, sort_target=sort_target
+    ).SerializeToString()
+    got = _wire.range_request(
+        key, range_end, limit=limit, sort_order=sort_order, sort_target=sort_target
+    )
+    assert got == expected
+
+
+def test_range_request_constants_are_protobufs() -> None:
+    assert _wire.SORT_ASCEND == rpc.RangeRequest.ASCEND
+    assert _wire.SORT_DESCEND == rpc.RangeRequest.DESCEND
+    assert _wire.SORT_BY_CREATE == rpc.RangeRequest.CREATE
+
+
 def test_encoded_request_parses_back_to_the_same_message() -> None:
     # The other direction: protobuf reads our bytes as the intended request.
     parsed = rpc.TxnRequest.FromString(_wire.create_txn(b"/a/\xc3\xa9", b"v", 42))
@@ -258,3 +285,38 @@ def test_decoder_never_fails_other_than_value_error(data: bytes) -> None:
         return
     # Whatever it accepts, protobuf reads alike.
     assert reply == expected_reply(rpc.TxnResponse.FromString(data))
+
+
+range_responses = st.builds(
+    lambda header, has_header, kvs, count, more: rpc.RangeResponse(
+        header=header if has_header else None, kvs=kvs, count=count, more=more
+    ),
+    headers,
+    st.booleans(),
+    st.lists(key_values, max_size=4),
+    int64s,
+    st.booleans(),
+)
+
+
+@settings(max_examples=300)
+@given(
+    message=range_responses,
+    # Field 111 only: field 2 is RangeResponse.kvs, b"\x12\x01x" a kv protobuf cannot parse.
+    extra=st.lists(unknown_fields.filter(lambda field: field[:1] != b"\x12"), max_size=2),
+)
+def test_decode_range_response_equals_protobuf(
+    message: rpc.RangeResponse, extra: list[bytes]
+) -> None:
+    data = message.SerializeToString() + b"".join(extra)
+    parsed = rpc.RangeResponse.FromString(data)
+    assert _wire.decode_range_response(data) == [
+        _wire.WireKeyValue(
+            key=kv.key,
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+            value=kv.value,
+            lease=kv.lease,
+        )
+        for kv in parsed.kvs
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -11,7 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from devtools.simulator import SimulatorConfig, SimulatorProcess, SimulatorServer
+from devtools.launcher import free_port
+from devtools.simulator import (
+    NotifyClient,
+    NotifyError,
+    SimulatorConfig,
+    SimulatorProcess,
+    SimulatorServer,
+)
 from migration.registry import (
     CancelOutcome,
     CancelResult,
@@ -610,8 +618,10 @@ def test_a_notification_undelivered_when_the_registry_stops_is_sent_after_it_res
         receiver.wait_for(2)  # refused, being retried
         registry.stop()
         receiver.default = 200
+        # Counted before the start: the restarted process may deliver before start() returns.
+        before = len(receiver.received)
         registry.start()
-        receiver.wait_for(len(receiver.received) + 1, timeout=10)
+        receiver.wait_for(before + 1, timeout=10)
         report = wait_for_report(registry, lambda r: r["notifications"]["sent"] == 1)
     assert receiver.received[-1]["answered"] == 200
     assert receiver.received[-1]["body"]["status"] == "pre_import_complete"
@@ -633,3 +643,84 @@ def test_a_bad_state_file_stops_the_command_with_one_line(tmp_path: Path) -> Non
     assert len(lines) == 1 and lines[0].startswith(
         f"registry-migrator simulator: cannot read the state file {state_file}"
     ), lines
+
+
+# -- the notifier's HTTP client --------------------------------------------------------------
+
+
+async def _serve_answers(answers: list[bytes]) -> tuple[asyncio.Server, list[bytes], list[int]]:
+    """A raw TCP server: the n-th request (over any connection) gets ``answers[n]``; records
+    each request's head and which connection (by accept order) it came on."""
+    heads: list[bytes] = []
+    connections: list[int] = []
+    accepted = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        mine = accepted
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                heads.append(head)
+                connections.append(mine)
+                writer.write(answers[len(heads) - 1])
+                await writer.drain()
+                answer = answers[len(heads) - 1]
+                if b"Connection: close" in answer or answer.startswith(b"HTTP/1.0"):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, heads, connections
+
+
+def test_notify_client_reads_each_kind_of_answer_and_reuses_connections() -> None:
+    answers = [
+        b'HTTP/1.1 202 Accepted\r\nContent-Length: 15\r\n\r\n{"accepted":1}\n',
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nab\r\n\r\n0\r\n\r\n",
+        b"HTTP/1.1 503 Busy\r\nContent-Length: 2\r\nConnection: close\r\n\r\nno",
+        b"HTTP/1.0 401 Unauthorized\r\n\r\nbody to the close",
+        b"SMTP ready\r\n\r\n",
+    ]
+
+    async def scenario() -> tuple[list[object], list[bytes], list[int]]:
+        server, heads, connections = await _serve_answers(answers)
+        port = server.sockets[0].getsockname()[1]
+        client = NotifyClient(f"http://127.0.0.1:{port}/base", keep=2)
+        got: list[object] = []
+        for _ in answers:
+            try:
+                got.append(await client.put_json("/x", {"é": 1}, {"Authorization": "s"}, timeout=5))
+            except NotifyError as error:
+                got.append(error.kind)
+        await client.aclose()
+        server.close()
+        return got, heads, connections
+
+    got, heads, connections = asyncio.run(scenario())
+    assert got == [202, 200, 503, 401, "RemoteProtocolError"]
+    # Kept alive through the 202 and the chunked 200; a new connection after each close.
+    assert connections == [1, 1, 1, 2, 3]
+    assert heads[0].startswith(b"PUT /x HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert b"Authorization: s\r\n" in heads[0] and b"Content-Type: application/json" in heads[0]
+
+
+def test_notify_client_names_a_refused_connection_and_a_timeout() -> None:
+    async def scenario() -> list[str]:
+        silent = await asyncio.start_server(lambda r, w: asyncio.sleep(10), "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        kinds = []
+        for url in (f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{port}"):
+            try:
+                await NotifyClient(url, keep=1).put_json("/x", {}, {}, timeout=0.3)
+            except NotifyError as error:
+                kinds.append(error.kind)
+        silent.close()
+        return kinds
+
+    assert asyncio.run(scenario()) == ["ConnectError", "ReadTimeout"]

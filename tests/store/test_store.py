@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from psycopg.rows import kwargs_row
 
 from migration.settings import SettingsError
 from migration.states import Event, InvalidTransition, SkipReason, State
@@ -19,6 +21,7 @@ from migration.store import (
     StoreUnavailable,
     schema_files,
 )
+from migration.store.model import Repository, repository_rows
 
 ACTOR = "test"
 
@@ -102,6 +105,39 @@ def test_add_and_read_a_repository(store: Store) -> None:
     assert repo.migration_state is State.DEFAULT
     assert (repo.migration_retries_count, repo.fencing_token, repo.last_step_at) == (0, 0, None)
     assert store.get(10**12) is None and store.get_by_path("no/such") is None
+
+
+def test_repository_rows_read_what_from_row_reads(store: Store, database_url: str) -> None:
+    # The store's fast row factory against the plain one, on rows with every enum column set.
+    rid = store.add_repository("acme/rows/aborted", tags_count=3)
+    skipped = store.add_repository("acme/rows/skipped", tags_count=3)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE container_repositories SET migration_state = 'import_aborted',"
+            " migration_aborted_in_state = 'pre_importing', migration_aborted_at = now()"
+            " WHERE id = %s",
+            (rid,),
+        )
+        conn.execute(
+            "UPDATE container_repositories SET migration_state = 'import_skipped',"
+            " migration_skipped_at = now(), migration_skipped_reason = 'too_many_tags'"
+            " WHERE id = %s",
+            (skipped,),
+        )
+        fast = conn.cursor(row_factory=repository_rows)
+        plain = conn.cursor(row_factory=kwargs_row(Repository.from_row))
+        query = "SELECT * FROM container_repositories WHERE id IN (%s, %s) ORDER BY id"
+        got = fast.execute(query, (rid, skipped)).fetchall()
+        assert len(got) == 2 and got == plain.execute(query, (rid, skipped)).fetchall()
+        assert got[0].migration_aborted_in_state is State.PRE_IMPORTING
+        assert got[1].migration_skipped_reason is SkipReason.TOO_MANY_TAGS
+        assert [store.get(rid), store.get(skipped)] == got
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            got[0].fencing_token = 5  # type: ignore[misc]
+        # Columns other than the dataclass's fields are refused, as from_row refuses them.
+        with pytest.raises(TypeError, match="unexpected keyword argument 'extra'"):
+            fast.execute("SELECT *, 1 AS extra FROM container_repositories WHERE id = %s", (rid,))
+            fast.fetchone()
 
 
 @pytest.mark.parametrize(
