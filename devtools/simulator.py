@@ -68,6 +68,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+import h11
 import httpx
 import structlog
 import tenacity
@@ -400,15 +401,27 @@ class NotifyError(Exception):
         self.kind = kind
 
 
+class _Connection:
+    """A kept-alive connection of :class:`NotifyClient`: the stream and its HTTP state."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.protocol = h11.Connection(our_role=h11.CLIENT)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class NotifyClient:
-    """A small HTTP/1.1 client for the notifications: PUT a JSON body, read the status.
+    """A small client for the notifications: PUT a JSON body, read the status.
 
     httpx's AsyncClient cost ~3 ms of the simulator's CPU per notification here (anyio
-    streams, h11, a pool that polls every idle connection on each request): more than half
-    of the simulator's CPU in bench/pipeline.py. This one writes the request bytes on an
-    asyncio stream and reads the answer's status line, headers and body (Content-Length,
-    chunked, or up to the close); connections are kept alive and reused (at most
-    ``keep`` idle ones), a connection the server has closed is never reused.
+    streams, a pool that polls every idle connection on each request): more than half of
+    the simulator's CPU in bench/pipeline.py. This one speaks HTTP/1.1 with h11 (the
+    protocol library httpx itself uses) over plain asyncio streams; connections are kept
+    alive and reused (at most ``keep`` idle ones) when h11 says the exchange left them
+    reusable.
 
     :param url: the notification API's base URL (http or https).
     :param keep: the most idle connections kept.
@@ -419,9 +432,9 @@ class NotifyClient:
         self._tls = parts.scheme == "https"
         self._host = parts.hostname or "localhost"
         self._port = parts.port or (443 if self._tls else 80)
-        self._authority = parts.netloc.rsplit("@", 1)[-1].encode("idna")
+        self._authority = parts.netloc.rsplit("@", 1)[-1]
         self._keep = keep
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._idle: list[_Connection] = []
 
     async def put_json(
         self, target: str, body: dict[str, Any], headers: Mapping[str, str], *, timeout: float
@@ -431,101 +444,97 @@ class NotifyClient:
         :raises NotifyError: no answer within ``timeout`` seconds, or none at all.
         """
         payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-        head = [
-            f"PUT {target} HTTP/1.1".encode(),
-            b"Host: " + self._authority,
-            b"Content-Type: application/json",
-            b"Content-Length: " + str(len(payload)).encode(),
-            b"Accept: */*",
-        ]
-        head += [f"{name}: {value}".encode() for name, value in headers.items()]
-        request = b"\r\n".join(head) + b"\r\n\r\n" + payload
+        request = h11.Request(
+            method="PUT",
+            target=target,
+            headers=[
+                ("Host", self._authority),
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(payload))),
+                ("Accept", "*/*"),
+                *headers.items(),
+            ],
+        )
         connection = None
         try:
             async with asyncio.timeout(timeout):
                 connection = await self._connection()
-                reader, writer = connection
-                writer.write(request)
-                await writer.drain()
-                code, reusable = await _read_answer(reader)
+                protocol = connection.protocol
+                connection.writer.write(
+                    protocol.send(request)
+                    + protocol.send(h11.Data(data=payload))
+                    + protocol.send(h11.EndOfMessage())
+                )
+                await connection.writer.drain()
+                code = await _read_answer(connection)
         except TimeoutError:
             self._discard(connection)
             raise NotifyError("ReadTimeout", f"no answer within {timeout:g} s") from None
         except NotifyError:
             self._discard(connection)
             raise
-        except (
-            OSError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ValueError,
-        ) as error:
+        except h11.ProtocolError as error:
+            self._discard(connection)
+            raise NotifyError("RemoteProtocolError", str(error)) from None
+        except OSError as error:
             self._discard(connection)
             kind = "ReadError" if connection is not None else "ConnectError"
             raise NotifyError(kind, str(error) or type(error).__name__) from None
         except BaseException:  # cancelled: the connection is in an unknown state
             self._discard(connection)
             raise
-        if reusable and len(self._idle) < self._keep:
+        protocol = connection.protocol
+        if (
+            protocol.our_state is h11.DONE
+            and protocol.their_state is h11.DONE
+            and len(self._idle) < self._keep
+        ):
+            protocol.start_next_cycle()
             self._idle.append(connection)
         else:
             self._discard(connection)
         return code
 
-    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connection(self) -> _Connection:
         while self._idle:
-            reader, writer = self._idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()  # the server closed it while it was idle
+            connection = self._idle.pop()
+            if not connection.reader.at_eof() and not connection.writer.is_closing():
+                return connection
+            connection.close()  # the server closed it while it was idle
         try:
-            return await asyncio.open_connection(
+            reader, writer = await asyncio.open_connection(
                 self._host, self._port, ssl=ssl.create_default_context() if self._tls else None
             )
         except OSError as error:
             raise NotifyError("ConnectError", str(error) or type(error).__name__) from None
+        return _Connection(reader, writer)
 
-    def _discard(
-        self, connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None
-    ) -> None:
+    def _discard(self, connection: _Connection | None) -> None:
         if connection is not None:
-            connection[1].close()
+            connection.close()
 
     async def aclose(self) -> None:
         """Close the idle connections."""
         idle, self._idle = self._idle, []
-        for _reader, writer in idle:
-            writer.close()
+        for connection in idle:
+            connection.close()
 
 
-async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """Read one HTTP/1.x answer; its status code and whether the connection can be reused."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    if not version.startswith("HTTP/1."):
-        raise NotifyError("RemoteProtocolError", f"not an HTTP/1 answer: {lines[0][:80]!r}")
-    code = int(rest[:3])
-    fields: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            fields[name.strip().lower()] = value.strip().lower()
-    reusable = version == "HTTP/1.1" and fields.get("connection") != "close"
-    if "chunked" in fields.get("transfer-encoding", ""):
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:  # then trailers, up to an empty line
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                    pass
-                break
-            await reader.readexactly(size + 2)
-    elif "content-length" in fields:
-        await reader.readexactly(int(fields["content-length"]))
-    elif code >= 200 and code not in (204, 304):
-        await reader.read()  # the body runs to the close
-        reusable = False
-    return code, reusable
+async def _read_answer(connection: _Connection) -> int:
+    """Read one answer (h11 parses it, body and all); its status code."""
+    protocol = connection.protocol
+    code: int | None = None
+    while True:
+        event = protocol.next_event()
+        if event is h11.NEED_DATA:
+            protocol.receive_data(await connection.reader.read(65536))  # b"": the close
+        elif isinstance(event, h11.Response):
+            code = event.status_code
+        elif isinstance(event, h11.EndOfMessage):
+            assert code is not None  # h11 sends a Response before the end of its body
+            return code
+        elif isinstance(event, h11.ConnectionClosed):
+            raise NotifyError("RemoteProtocolError", "the server closed without an answer")
 
 
 class Notifier:
