@@ -41,6 +41,7 @@ from devtools.invariants import (
     wrong_end_states,
 )
 from devtools.launcher import LocalMigration
+from devtools.waiting import wait_until
 from migration.store import Store
 
 BIN = Path(sys.executable).parent
@@ -260,17 +261,6 @@ def _skipped_and_charged(database_url: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def _wait(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def _first_start_after(run: LocalMigration, since: float) -> float | None:
     """Unix time of the first start the registry accepted (202) at or after ``since``."""
     times = [
@@ -308,7 +298,7 @@ def run_outage(
     def seen() -> bool:
         return registry_fault_undos(database_url) > 0 or store.settings().paused_reason is not None
 
-    _wait(seen, timeout=60, what=f"the migrator to see the {fault.name} fault")
+    wait_until(seen, timeout=60, interval=0.1, what=f"the migrator to see the {fault.name} fault")
     outage.seen_after_s = time.monotonic() - enabled_at
     time.sleep(max(0.0, enabled_at + hold_s - time.monotonic()))
     outage.skipped, outage.charged = _skipped_and_charged(database_url)
@@ -320,13 +310,19 @@ def run_outage(
     outage.held_s = time.monotonic() - began
     outage.total = sum(store.counts_by_state().values())
 
-    first = _wait(
+    first = wait_until(
         lambda: _first_start_after(run, ended_at),
         timeout=RESUME_BOUND_S + 60,
+        interval=0.1,
         what="a start accepted after the fault",
     )
     outage.resume_s = first - ended_at
-    _wait(lambda: all_terminal(store), timeout=finish_timeout, what="every repository terminal")
+    wait_until(
+        lambda: all_terminal(store),
+        timeout=finish_timeout,
+        interval=0.1,
+        what="every repository terminal",
+    )
     counts = store.counts_by_state()
     outage.terminal = sum(n for state, n in counts.items() if state in TERMINAL)
     outage.wrong_ends = wrong_end_states(database_url)

@@ -8,11 +8,9 @@ never see each other's rows. ``store``: a Store on it with the schema applied;
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -21,6 +19,7 @@ from psycopg import sql
 
 # Re-exported: the tests import it from here.
 from devtools.seeding import seed_spread  # noqa: F401
+from devtools.waiting import wait_until  # noqa: F401  # the tests import it from here
 from migration.config import Config
 from migration.store import Store
 
@@ -83,17 +82,3 @@ def clean_store(store: Store, database_url: str) -> Store:
         conn.execute("DELETE FROM migration_settings")
         conn.execute("INSERT INTO migration_settings (id) VALUES (1)")
     return store
-
-
-def wait_until(
-    condition: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll ``condition`` until it returns something truthy; that value, or AssertionError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(interval)

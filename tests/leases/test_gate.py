@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from leases import DedupGate, EtcdClient, EtcdNoSpace, Ticket
-from tests.leases.test_leases import create_landing_then_failing
+from tests.leases.test_leases import NOSPACE, failing
 
 
 def _lease_of(client: EtcdClient, ticket: Ticket) -> int:
@@ -96,11 +96,7 @@ def test_a_marker_created_but_answered_nospace_does_not_fill_its_slot(
     # etcd applies the write that crosses its quota and answers NOSPACE: such a marker,
     # left there, would hold its slot for the TTL with no message behind it.
     gate = DedupGate(client, f"{prefix}/gate", slots=1, ttl=60)
-    undo = create_landing_then_failing(client)
-    try:
-        with pytest.raises(EtcdNoSpace):
-            gate.enter()
-    finally:
-        undo()
+    with failing(client, "create", NOSPACE, after_the_call=True), pytest.raises(EtcdNoSpace):
+        gate.enter()
     assert gate.pending() == 0
     assert gate.enter() is not None, "the slot stayed taken"

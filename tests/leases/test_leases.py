@@ -6,7 +6,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -273,6 +275,42 @@ def test_unreachable_etcd_raises_typed_error_within_timeout() -> None:
         assert time.monotonic() - start < 1 + 1
 
 
+@contextmanager
+def failing(
+    client: EtcdClient,
+    method: str,
+    error: Exception,
+    *,
+    times: int = 1,
+    after_the_call: bool = False,
+) -> Iterator[list[str]]:
+    """Make the next ``times`` calls of the client's ``method`` raise ``error``: before they
+    reach etcd, or ``after_the_call`` (the write landed and the answer is the error, as etcd
+    answers the write that crosses its quota). Yields the key of every call made."""
+    real = getattr(client, method)
+    calls: list[str] = []
+
+    def call(key: str, *args: Any, **kwargs: Any) -> Any:
+        calls.append(key)
+        fails = len(calls) <= times
+        if fails and not after_the_call:
+            raise error
+        result = real(key, *args, **kwargs)
+        if fails:
+            assert getattr(result, "created", True), "the injected write did not land"
+            raise error
+        return result
+
+    setattr(client, method, call)
+    try:
+        yield calls
+    finally:
+        delattr(client, method)  # the class's method again
+
+
+NOSPACE = EtcdNoSpace("etcd create failed: database space exceeded (injected)")
+
+
 def test_a_failed_release_is_done_in_the_background_while_the_session_lives(
     client: EtcdClient, prefix: str
 ) -> None:
@@ -282,23 +320,12 @@ def test_a_failed_release_is_done_in_the_background_while_the_session_lives(
     with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
         hold = try_acquire(first, key).hold
         assert hold is not None
-        real_delete = client.delete_if_created_at
-        deletes: list[str] = []
-
-        def delete_failing_twice(key: str, token: int) -> bool:
-            # The release, then the first retry in the background, fail.
-            deletes.append(key)
-            if len(deletes) <= 2:
-                raise EtcdUnavailable("etcd delete failed: injected")
-            return real_delete(key, token)
-
-        client.delete_if_created_at = delete_failing_twice  # type: ignore[method-assign]
-        try:
+        # The release, then the first retry in the background, fail.
+        unavailable = EtcdUnavailable("etcd delete failed: injected")
+        with failing(client, "delete_if_created_at", unavailable, times=2) as deletes:
             with pytest.raises(EtcdUnavailable):
                 hold.release()
             acquisition, waited = wait_acquire(second, key, timeout=5 * TTL)
-        finally:
-            client.delete_if_created_at = real_delete  # type: ignore[method-assign]
         assert not first.lost, "the key went with the release, not with a lost session"
         assert first.unreleased() == []
         assert len(deletes) == 3, deletes
@@ -307,35 +334,13 @@ def test_a_failed_release_is_done_in_the_background_while_the_session_lives(
         acquisition.hold.release()
 
 
-def create_landing_then_failing(client: EtcdClient, error: Exception | None = None) -> Any:
-    """Make the client's next create land in etcd and then raise ``error``: by default as
-    etcd answers the write that crosses its quota, applied, then NOSPACE (its quota
-    applier). Returns the undo."""
-    real_create = client.create
-    calls = iter([1])
-
-    def create(key: str, value: bytes, *, lease_id: int = 0) -> Any:
-        result = real_create(key, value, lease_id=lease_id)
-        if next(calls, None) is not None:
-            assert result.created
-            raise error or EtcdNoSpace("etcd create failed: database space exceeded (injected)")
-        return result
-
-    client.create = create  # type: ignore[method-assign]
-    return lambda: setattr(client, "create", real_create)
-
-
 def test_a_create_answered_nospace_that_landed_is_undone(client: EtcdClient, prefix: str) -> None:
     # Seen in CI: the repository's key stayed on the worker's live session for good, and
     # every run after the recovery found its only candidate "busy".
     key = f"{prefix}/landed"
     with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
-        undo = create_landing_then_failing(client)
-        try:
-            with pytest.raises(EtcdNoSpace):
-                try_acquire(first, key)
-        finally:
-            undo()
+        with failing(client, "create", NOSPACE, after_the_call=True), pytest.raises(EtcdNoSpace):
+            try_acquire(first, key)
         assert client.get(key) is None, "the create that landed was left on the live session"
         assert first.unreleased() == []
         taken = try_acquire(second, key)
@@ -348,25 +353,15 @@ def test_a_landed_create_etcd_cannot_confirm_is_undone_in_the_background(
 ) -> None:
     key = f"{prefix}/landed-unconfirmed"
     with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
-        undo = create_landing_then_failing(client)
-        real_get = client.get
-        gets: list[str] = []
-
-        def get_failing_twice(key: str) -> Any:
-            # The undo's read, then the first one in the background, fail.
-            gets.append(key)
-            if len(gets) <= 2:
-                raise EtcdUnavailable("etcd get failed: injected")
-            return real_get(key)
-
-        client.get = get_failing_twice  # type: ignore[method-assign]
-        try:
+        # The undo's read, then the first one in the background, fail.
+        unavailable = EtcdUnavailable("etcd get failed: injected")
+        with (
+            failing(client, "create", NOSPACE, after_the_call=True),
+            failing(client, "get", unavailable, times=2) as gets,
+        ):
             with pytest.raises(EtcdNoSpace):
                 try_acquire(first, key)
             acquisition, waited = wait_acquire(second, key, timeout=5 * TTL)
-        finally:
-            undo()
-            client.get = real_get  # type: ignore[method-assign]
         assert not first.lost
         assert first.unreleased() == []
         assert len(gets) == 3, gets
@@ -381,14 +376,12 @@ def test_a_landed_create_whose_answer_timed_out_is_undone_in_the_background(
     # A timeout: the caller does not wait for a read too; the session looks afterwards.
     key = f"{prefix}/landed-timed-out"
     with Session(client, ttl=TTL) as first, Session(client, ttl=TTL) as second:
-        undo = create_landing_then_failing(
-            client, EtcdUnavailable("etcd create failed: DEADLINE_EXCEEDED (injected)")
-        )
-        try:
-            with pytest.raises(EtcdUnavailable):
-                try_acquire(first, key)
-        finally:
-            undo()
+        timed_out = EtcdUnavailable("etcd create failed: DEADLINE_EXCEEDED (injected)")
+        with (
+            failing(client, "create", timed_out, after_the_call=True),
+            pytest.raises(EtcdUnavailable),
+        ):
+            try_acquire(first, key)
         acquisition, waited = wait_acquire(second, key, timeout=5 * TTL)
         assert not first.lost
         assert first.unreleased() == []
