@@ -41,28 +41,44 @@ def _zombie_calls(
 
 
 def test_a_worker_cut_from_etcd_mid_import(partitioned: Make) -> None:
-    """(a) The holder of the victim, inside its start call, loses etcd; PostgreSQL and the
-    registry stay reachable, but its PostgreSQL link is slow (2 s each way: the node's
-    network is in trouble), so the write it makes after the failed call lands after its
-    lease expired and the next holder wrote: refused. (With a fast PostgreSQL link the
-    fence makes it undo its claim before the lease expires: see the next test.)"""
-    partition = partitioned(lease_ttl=TTL)
+    """(a) The holder of the victim, inside its start call, loses etcd while the registry
+    stays reachable. The rest of its node's network is in trouble too: PostgreSQL is silent
+    (what it sends is held, and delivered when the link heals) and RabbitMQ refuses (its
+    unacknowledged messages go to the other worker at once). Its PostgreSQL link heals only
+    once its lease has expired and the other worker has stepped the victim, so the write it
+    made after the failed call lands late: refused. (With PostgreSQL reachable and fast the
+    fence makes it undo its claim before its lease expires: see the next test.)
+
+    The order is made, not hoped for: a PostgreSQL link that was merely slow let the undo
+    race the next holder's step (on a loaded machine the undo won, was accepted, and there
+    was no refusal to see), and a notification consumed by the zombie itself waited on its
+    slow PostgreSQL before it could be retried elsewhere."""
+    # A connection the zombie opens during the cut completes when the link heals: give it
+    # longer than the cut can last.
+    partition = partitioned(lease_ttl=TTL, env={"MIGRATOR_DATABASE_TIMEOUT": "60"})
 
     def cut(index: int) -> None:
-        partition.links[index]["etcd"].cut()
-        partition.links[index]["postgres"].degrade(delay=2.0)
+        links = partition.links[index]
+        links["etcd"].cut()
+        links["postgres"].cut()
+        links["rabbitmq"].refuse()
 
     partition.on_victim_start(cut)
     partition.start()
     index, token, cut_at = partition.victim_in_start_call()
     links = partition.links[index]
-    figures = Figures("a: worker<->etcd cut, slow PostgreSQL", extra={"zombie": index})
-    gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
-    next_at = partition.next_holder_step(token, timeout=30)
-    refused = until(lambda: partition.refusals(token), timeout=30, what="the zombie's refusal")
-    lost = partition.log_times(f"worker-{index}", "lease_session_lost", after=cut_at)
-    restored_at = time.time()
-    links.restore()
+    figures = Figures("a: worker<->etcd cut, PostgreSQL held", extra={"zombie": index})
+    try:
+        gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
+        next_at = partition.next_holder_step(token, timeout=30)
+        assert not partition.refusals(token), "a write of the zombie landed during the cut"
+        healed_at = time.time()
+        links["postgres"].restore()  # etcd stays cut: the zombie's session stays lost
+        refused = until(lambda: partition.refusals(token), timeout=30, what="the zombie's refusal")
+        lost = partition.log_times(f"worker-{index}", "lease_session_lost", after=cut_at)
+    finally:
+        restored_at = time.time()
+        links.restore()
     figures.fenced_refusals = len(partition.refusals())
     figures.zombie_refusals = len(refused)
     figures.session_lost_s = lost[0] - cut_at if lost else None
@@ -70,6 +86,10 @@ def test_a_worker_cut_from_etcd_mid_import(partitioned: Make) -> None:
     figures.next_step_s = next_at - cut_at
     loss_at = lost[0] if lost else gone_at
     figures.zombie_calls_after_loss = len(_zombie_calls(partition, index, loss_at, restored_at))
+    figures.extra.update(
+        postgres_healed_s=round(healed_at - cut_at, 2),
+        refused_after_heal_s=round(min(r[4].timestamp() for r in refused) - healed_at, 2),
+    )
     figures.extra.update(partition.finish_and_check())
     print(figures.line())
     assert lost, "the cut-off worker never noticed its session was lost"
