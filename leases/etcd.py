@@ -454,6 +454,17 @@ class EtcdClient:
         reply = self._send_txn("delete", request)
         return reply.succeeded
 
+    def delete_if_ours(self, key: str, *, lease_id: int, value: bytes) -> int | None:
+        """Delete ``key`` if it is the one a create of ours wrote (on ``lease_id``, with
+        ``value``), though that create raised: its token (create_revision) when deleted,
+        None when the key is absent or not ours (a newer incarnation is never deleted)."""
+        current = self.get(key)
+        if current is None or current.lease_id != lease_id or current.value != value:
+            return None
+        if not self.delete_if_created_at(key, current.create_revision):
+            return None
+        return current.create_revision
+
     def put_if_created_at(
         self, guard_key: str, create_revision: int, key: str, value: bytes
     ) -> bool:

@@ -316,20 +316,19 @@ def undo_uncertain_create(
     until the process ends. Delete it if it is there and ours (on our lease, with the value
     we wrote); if etcd cannot say, the session tries again in the background."""
     try:
-        current = client.get(key)
-        if current is None or current.lease_id != lease_id or current.value != value:
-            return
-        client.delete_if_created_at(key, current.create_revision)
-        log.warning(
-            "lease_create_undone",
-            key=key,
-            token=current.create_revision,
-            why="etcd answered the create with an error, but it had landed",
-        )
+        token = client.delete_if_ours(key, lease_id=lease_id, value=value)
     except LeaseError as error:
         log.warning("lease_create_uncertain", key=key, error=str(error))
         if session is not None and not session.lost:
             session.release_later(key, value=value)
+        return
+    if token is not None:
+        log.warning(
+            "lease_create_undone",
+            key=key,
+            token=token,
+            why="etcd answered the create with an error, but it had landed",
+        )
 
 
 @contextmanager

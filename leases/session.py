@@ -60,9 +60,10 @@ class Session:
         self._last_refresh = time.monotonic()
         self._stream: KeepAliveStream | None = None
         self._lock = threading.Lock()  # guards _stream and the lost check-and-set
-        # Keys whose release failed, by key: their token. Deleted in the background (see
-        # release_later); while the session lives, nothing else would ever remove them.
+        # Keys whose release failed, or whose create raised but may have landed, as
         # (key, token or None, value): several per key when several creates of it failed.
+        # Deleted in the background (release_later); while the session lives, nothing else
+        # would ever remove them.
         self._unreleased: set[tuple[str, int | None, bytes]] = set()
         self._unreleased_changed = threading.Condition()
         self._releaser: threading.Thread | None = None
@@ -137,10 +138,7 @@ class Session:
     def _release_one(self, key: str, token: int | None, value: bytes) -> bool:
         """Delete ``key`` if it is ours; True when it was deleted (False: not ours)."""
         if token is None:
-            current = self.client.get(key)
-            if current is None or current.lease_id != self.lease_id or current.value != value:
-                return False
-            token = current.create_revision
+            return self.client.delete_if_ours(key, lease_id=self.lease_id, value=value) is not None
         return self.client.delete_if_created_at(key, token)
 
     def _release_unreleased(self) -> None:

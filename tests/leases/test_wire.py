@@ -6,6 +6,8 @@ to build, and the hand decoder must read what ``TxnResponse.FromString`` reads.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import etcd3.etcdrpc as rpc
 import pytest
 from etcd3.etcdrpc import kv_pb2
@@ -185,17 +187,22 @@ def expected_reply(message: rpc.TxnResponse) -> _wire.TxnReply:
     return _wire.TxnReply(
         succeeded=bool(message.succeeded),
         revision=message.header.revision,
-        range_kvs=[
-            _wire.WireKeyValue(
-                key=kv.key,
-                create_revision=kv.create_revision,
-                mod_revision=kv.mod_revision,
-                value=kv.value,
-                lease=kv.lease,
-            )
-            for kv in kvs
-        ],
+        range_kvs=wire_kvs(kvs),
     )
+
+
+def wire_kvs(kvs: Iterable[kv_pb2.KeyValue]) -> list[_wire.WireKeyValue]:
+    """What the hand decoder must read of protobuf's parsed key-values."""
+    return [
+        _wire.WireKeyValue(
+            key=kv.key,
+            create_revision=kv.create_revision,
+            mod_revision=kv.mod_revision,
+            value=kv.value,
+            lease=kv.lease,
+        )
+        for kv in kvs
+    ]
 
 
 @settings(max_examples=400)
@@ -310,13 +317,4 @@ def test_decode_range_response_equals_protobuf(
 ) -> None:
     data = message.SerializeToString() + b"".join(extra)
     parsed = rpc.RangeResponse.FromString(data)
-    assert _wire.decode_range_response(data) == [
-        _wire.WireKeyValue(
-            key=kv.key,
-            create_revision=kv.create_revision,
-            mod_revision=kv.mod_revision,
-            value=kv.value,
-            lease=kv.lease,
-        )
-        for kv in parsed.kvs
-    ]
+    assert _wire.decode_range_response(data) == wire_kvs(parsed.kvs)
