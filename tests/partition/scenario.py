@@ -25,7 +25,8 @@ import psycopg
 from devtools.launcher import LocalMigration
 from leases import EtcdClient, HolderInfo
 from migration.config import Config
-from migration.keys import repository_lease_key
+from migration.keys import leases_prefix, repository_lease_key
+from migration.registry import IMPORT_PATH
 from migration.states import State
 from migration.store import Store
 from tests.fixtures import seed_spread, wait_until
@@ -233,10 +234,32 @@ class PartitionRun:
     def log_times(self, name: str, event: str, *, after: float) -> list[float]:
         return [t for t in map(_ts, self.run.log_events(name, event)) if t >= after]
 
-    def registry_calls(self, index: int, *, between: tuple[float, float]) -> list[Any]:
-        """Registry requests worker ``index`` sent (seen by its proxy) within ``between``."""
+    def registry_calls(
+        self, index: int, *, between: tuple[float, float], paths: set[str] | None = None
+    ) -> list[Any]:
+        """Registry requests worker ``index`` sent (seen by its proxy) within ``between``;
+        with ``paths``, only those on these repositories' import resources."""
         low, high = between
-        return [r for r in self.links[index]["registry"].requests if low <= r.at <= high]
+        targets = None if paths is None else [f"{IMPORT_PATH}{path}/" for path in paths]
+        return [
+            r for r in self.links[index]["registry"].requests
+            if low <= r.at <= high
+            and (targets is None or any(r.target.startswith(t) for t in targets))
+        ]  # fmt: skip
+
+    def paths_held_by(self, index: int) -> set[str]:
+        """The paths of the repositories whose lease worker ``index`` holds now."""
+        paths = set()
+        for kv in self.etcd.get_prefix(leases_prefix(self.prefix)):
+            scope, _, repository_id = kv.key.rpartition("/")
+            if not scope.endswith("/container_repository"):
+                continue
+            if self.run.worker_index_of(HolderInfo.from_json(kv.value).pid) != index:
+                continue
+            repository = self.store.get(int(repository_id))
+            if repository is not None:
+                paths.add(repository.path)
+        return paths
 
     # -- the end ---------------------------------------------------------------------------
 

