@@ -3,7 +3,9 @@
 One run starts (or retries) at most one repository. Runs on different repositories go on
 in parallel: each takes only its repository's lease, and a busy lease makes the run try
 the next candidate instead of giving up. While capacity is free a run re-enqueues itself,
-through the dedup gate, so the migration keeps moving without a burst of messages.
+through the dedup gate, so the migration keeps moving without a burst of messages. A
+notification that frees a slot does its run in place (:func:`run_in_place`) rather than
+sending one.
 """
 
 from __future__ import annotations
@@ -238,9 +240,10 @@ class EnqueuerRun:
 
         Why no free slot is left without a run (invariant 6): capacity is freed only by a
         repository leaving the active states, and each such step (notification, guard)
-        triggers a run *after* its commit. That trigger either sends a message or collapses
-        into a pending one whose run has not yet left the gate, so either way a run reads
-        the in-flight count after the slot was freed. That holds for a completion between
+        starts a run *after* its commit: a notification does it in place
+        (:func:`run_in_place`), the others trigger one. A trigger either sends a message or
+        collapses into a pending one whose run has not yet left the gate, so either way a
+        run reads the in-flight count after the slot was freed. That holds for a completion between
         our in-flight read and our claim too: its run reads after it, whether or not we
         re-enqueue. Our own read being stale only errs the safe way (others' claims since
         then: our count is too low, we re-enqueue; the claim itself re-checks capacity
@@ -303,18 +306,45 @@ def enqueue_next_migration(
     :param ticket_token: the marker's token (only that marker is removed).
     :param source: what triggered it, for the log.
     """
-    started = time.monotonic()
-    status = "error"
-    fields: dict[str, Any] = {}
-    # Every attempt logs its one line, also when the runtime or the gate fails before the
-    # run (a server restarting): the attempt is retried, and the log shows each.
-    try:
+
+    def prepare() -> Runtime:
         runtime = get_runtime()
         if ticket_key is not None and ticket_token is not None:
             runtime.gate.leave(Ticket(str(ticket_key), int(ticket_token)))
         # A redelivery (the worker of the first delivery died): what that delivery claimed
         # is reconciled first, an aborted one then comes first among this run's candidates.
         recover_interrupted_delivery(runtime, CurrentMessage.get_current_message(), actor=ACTOR)
+        return runtime
+
+    _logged_run(prepare, source=source)
+
+
+def run_in_place(runtime: Runtime, *, source: str) -> None:
+    """Do an enqueuer run now, in the current message, instead of triggering one.
+
+    For a step that freed a slot of the capacity (a notification): the run it would
+    trigger, less the trigger's gate entry, publish, delivery and gate exit. It reads the
+    in-flight count after the step's commit, as a triggered run would (invariant 6). A
+    run that fails is replaced by a trigger, so a run still comes; a trigger that fails
+    too raises, and the caller's message is retried.
+
+    :param runtime: the process runtime.
+    :param source: what freed the slot, logged as the run's source.
+    """
+    try:
+        _logged_run(lambda: runtime, source=source)
+    except Exception:  # logged by the run's line; a triggered run tries again
+        trigger_enqueue(runtime, source=source)
+
+
+def _logged_run(prepare: Callable[[], Runtime], *, source: str) -> None:
+    """One run with its single log line (also when ``prepare`` or the run fails: the
+    attempt is retried, and the log shows each), then its re-enqueue."""
+    started = time.monotonic()
+    status = "error"
+    fields: dict[str, Any] = {}
+    try:
+        runtime = prepare()
         run = EnqueuerRun(runtime, message_id=_message_id())
         fields = run.fields
         status = run.execute()

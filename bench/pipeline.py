@@ -76,11 +76,13 @@ SETTINGS_MAX_AGE = 1.0  # actors.runtime.SETTINGS_MAX_AGE
 _CLAIM_TXN = 1
 _STEP_TXN = 1
 OPERATIONS: dict[str, dict[str, int]] = {
-    # enqueuer run that started a repository: gate leave, in_flight, candidates
-    # (aborted + default), lease acquire, get, claim, registry start, release.
-    "run_started": {"pg": 1 + 2 + 1 + _CLAIM_TXN, "etcd": 1 + 2, "rmq": 0},
-    "run_at_capacity": {"pg": 1, "etcd": 1, "rmq": 0},
-    "run_other": {"pg": 3, "etcd": 1, "rmq": 0},  # no candidate / every candidate busy
+    # enqueuer run that started a repository: in_flight, candidates (aborted + default),
+    # lease acquire, get, claim, registry start, release.
+    "run_started": {"pg": 1 + 2 + 1 + _CLAIM_TXN, "etcd": 2, "rmq": 0},
+    "run_at_capacity": {"pg": 1, "etcd": 0, "rmq": 0},
+    "run_other": {"pg": 3, "etcd": 0, "rmq": 0},  # no candidate / every candidate busy
+    # A run sent as a message leaves the gate first; one in place (a notification's) not.
+    "gate_leave": {"pg": 0, "etcd": 1, "rmq": 0},
     # API: get_by_path, publish. Actor: get_by_path, acquire, get, step(s), release.
     "notification_pre_import_complete": {"pg": 1 + 1 + 1 + 2 * _STEP_TXN, "etcd": 2, "rmq": 1},
     "notification_import_complete": {"pg": 1 + 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
@@ -227,6 +229,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="150 repositories")
     parser.add_argument("--repositories", type=int, help="default 600 (--quick 150)")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help=f"threads per worker (default {THREADS})"
+    )
     args = parser.parse_args(argv)
     args.repositories = args.repositories or (150 if args.quick else 600)
     return args
@@ -238,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _common.stack_env()
     machine = support.machine()
     began = time.monotonic()
-    threads = WORKERS * THREADS
+    threads = WORKERS * args.threads
     with (
         _common.fresh_database(env["MIGRATOR_DATABASE_URL"], label="pipeline") as url,
         Store(url, max_size=4) as store,
@@ -253,11 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         run = LocalMigration(
             env={**env, "MIGRATOR_DATABASE_URL": url, "MIGRATOR_LOG_LEVEL": "info"},
-            log_dir=Path(logs), workers=WORKERS, threads=THREADS, lease_ttl=10,
+            log_dir=Path(logs), workers=WORKERS, threads=args.threads, lease_ttl=10,
             simulator_args=["--pre-import-seconds", "0", "0", "--import-seconds", "0", "0",
                             "--log-level", "warning"],
         )  # fmt: skip
-        _common.note(f"starting {WORKERS} workers x {THREADS} threads...")
+        _common.note(f"starting {WORKERS} workers x {args.threads} threads...")
         run.start(timeout=120)
         # After the children are started: no gRPC threads of ours while the launcher forks.
         timer = OperationTimer(
@@ -332,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     for status, n in statuses.items():
         kind = {"started": "run_started", "at_capacity": "run_at_capacity"}.get(status)
         kinds[kind or "run_other"] += n
+    kinds["gate_leave"] = sum(r.get("actor") == "enqueue_next_migration" for r in runs)
     for line in notifications:
-        kinds[f"notification_{line.get('registry_status')}"] += 1
+        kinds[f"notification_{line.get('notified_status')}"] += 1
     kinds.update(triggers)
     # What sent the runs that found no free slot (or nothing to do): the trigger economy.
     by_source = Counter((str(r.get("source")), str(r.get("job_status"))) for r in runs)
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     headline = (
         f"{cpu_per_repository_ms:.0f} ms of CPU per migrated repository (our processes; "
         f"goal {CPU_GOAL_MS:g}), {per_s:.1f} repositories/s through the state machine "
-        f"({WORKERS} x {THREADS} threads, "
+        f"({WORKERS} x {args.threads} threads, "
         f"zero-latency registry) = {per_s / ceiling:.2f} of the operations ceiling "
         f"{ceiling:.0f}/s (goal {GOAL_SHARE:g}: {'met' if met else 'missed'}); "
         f"{per_s / cpu_ceiling:.2f} of the CPU ceiling {cpu_ceiling:.0f}/s"
@@ -409,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "repositories": count,
                 "workers": WORKERS,
-                "threads": THREADS,
+                "threads": args.threads,
                 "capacity": CAPACITY,
             },
             "machine": machine,

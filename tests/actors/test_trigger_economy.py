@@ -1,8 +1,9 @@
 """Triggers only where they can help, and still no stall (invariants 5 and 6), for real.
 
 A step that keeps its repository in flight (pre_import_complete -> final import started)
-frees no capacity and triggers no enqueuer run; a run that has just filled the last free
-slot does not re-enqueue itself. The scheduler publishes once at start and then not for
+frees no capacity and runs no enqueuer; a notification's step that frees a slot does one
+enqueuer run in place, with no trigger; a run that has just filled the last free slot does
+not re-enqueue itself. The scheduler publishes once at start and then not for
 ten minutes, so the migration finishing shows that no trigger was missing while capacity
 was free.
 """
@@ -51,18 +52,23 @@ def test_only_freed_capacity_triggers_and_the_migration_never_stalls(
     assert report["max_concurrent_imports"] <= capacity
     assert stale_accepted_writes(database_url) == []
 
-    # Notifications: one trigger per step out of the active states, none for the others.
+    # Notifications: one run in place per step out of the active states (no trigger, no
+    # message), none for the others.
     notifications = [line for line in lines if line["event"] == "registry_notification_handled"]
     after = [(n["step_outcome"], n["container_repository_migration_state"]) for n in notifications]
     freeing = [n for n in after if n[0] != "ignored" and n[1] not in _ACTIVE]
     kept_active = [n for n in after if n[1] in _ACTIVE]
     assert kept_active, "no pre_import_complete -> final import step was seen"
+    runs = [line for line in lines if line["event"] == "enqueue_next_migration"]
+    in_place = [r for r in runs if r["source"] == "notification"]
+    assert all(r["actor"] == "handle_registry_notification" for r in in_place)
+    assert len(in_place) == len(freeing), (len(in_place), len(freeing))
     notification_triggers = [
         line
         for line in lines
         if line["event"] in _TRIGGER_EVENTS and line.get("source") == "notification"
     ]
-    assert len(notification_triggers) == len(freeing), (len(notification_triggers), len(freeing))
+    assert notification_triggers == []  # only a run in place that failed triggers one
 
     # Runs: the one that filled the last free slot it saw sends no re-enqueue.
     self_triggered = {
@@ -70,7 +76,6 @@ def test_only_freed_capacity_triggers_and_the_migration_never_stalls(
         for line in lines
         if line["event"] in _TRIGGER_EVENTS and line.get("source") == "self"
     }
-    runs = [line for line in lines if line["event"] == "enqueue_next_migration"]
     filled = [
         r
         for r in runs
