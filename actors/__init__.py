@@ -27,8 +27,6 @@ if PROMETHEUS and multiprocessing.parent_process() is not None:
         )
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", _PROMETHEUS_DB)
 
-import logging  # noqa: E402
-
 import dramatiq  # noqa: E402
 
 from actors.broker import make_broker  # noqa: E402
@@ -38,12 +36,6 @@ from actors.validation import ArgumentCheck  # noqa: E402
 from migration.logging import configure as _configure_logging  # noqa: E402
 
 _configure_logging(CONFIG.log_level)
-if CONFIG.log_level != "debug":
-    # httpx logs every request at INFO: a line per registry call, which a worker relays
-    # through Dramatiq's log pipe to its parent process (bench/pipeline.py: ~4 lines and
-    # ~5 % of a worker's CPU per repository). The step's own line says what the call did;
-    # failures are logged by migration/registry.py; --log-level debug shows them all.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 broker = make_broker(CONFIG, prometheus=PROMETHEUS)
 broker.add_middleware(RuntimeMiddleware())
 broker.add_middleware(ArgumentCheck())

@@ -1,7 +1,9 @@
 """Client of the registry import API (``/gitlab/v1/import/<path>/``).
 
-The client is synchronous (httpx) because it is called from Dramatiq worker threads; one
-:class:`RegistryClient` holds one pooled ``httpx.Client`` and may be shared by threads.
+The client is synchronous (urllib3) because it is called from Dramatiq worker threads; one
+:class:`RegistryClient` holds one urllib3 pool manager and may be shared by threads. urllib3
+rather than httpx: a call costs about half the client CPU (bench/README.md, issue 16), and
+the registry API needs nothing httpx adds (no redirects, cookies or HTTP/2).
 
 Every call returns a typed, frozen result and never raises for what a registry can answer
 or a network can do. The mapping of HTTP statuses follows the reference (GitLab's
@@ -34,17 +36,20 @@ An invalid repository path (our data, not the registry's answer) is ``error`` of
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode, urlsplit
 
-import httpx
 import structlog
 import tenacity
+import urllib3
 
 from migration import metrics, retrying
 from migration.config import Config
@@ -295,7 +300,43 @@ def _kind_of_status(code: int) -> ErrorKind:
     return ErrorKind.SERVER if code >= 500 else ErrorKind.BAD_ANSWER
 
 
-def _api_answer(response: httpx.Response) -> bool:
+_NOT_JSON = object()
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer, read whole.
+
+    :param status_code: the HTTP status.
+    :param reason_phrase: the status line's text.
+    :param headers: the response headers (names in any case).
+    :param content: the body.
+    """
+
+    status_code: int
+    reason_phrase: str
+    headers: Mapping[str, str]
+    content: bytes
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
+
+    @cached_property
+    def _parsed(self) -> Any:
+        try:
+            return json.loads(self.content)
+        except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+            return _NOT_JSON
+
+    def json(self) -> Any:
+        """The body as JSON (parsed once); :class:`ValueError` when it is not JSON."""
+        if self._parsed is _NOT_JSON:
+            raise ValueError("the body is not JSON")
+        return self._parsed
+
+
+def _api_answer(response: _Answer) -> bool:
     """Whether a 2xx answer is the API's: JSON (or empty), not a proxy's HTML page."""
     if not response.content.strip():
         return True
@@ -333,7 +374,7 @@ def import_url_path(path: str) -> str:
     return f"{IMPORT_PATH}{quote_repository_path(path)}/"
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(response: _Answer) -> str:
     """The registry's explanation of an answer: a JSON detail/message/errors, else the text."""
     try:
         body = response.json()
@@ -357,12 +398,32 @@ def _transport_detail(error: Exception) -> str:
     return f"{type(error).__name__}: {message.strip().splitlines()[0] if message else ''}"
 
 
-def _transport_kind(error: httpx.HTTPError) -> ErrorKind:
-    if isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+def _transport_kind(error: urllib3.exceptions.HTTPError) -> ErrorKind:
+    # NewConnectionError and NameResolutionError are ConnectTimeoutErrors too; a TLS
+    # handshake that fails (SSLError) is before the request as well.
+    if isinstance(
+        error,
+        urllib3.exceptions.ConnectTimeoutError
+        | urllib3.exceptions.SSLError
+        | urllib3.exceptions.LocationValueError,
+    ):
         return ErrorKind.CONNECT  # nothing was sent: the start cannot have happened
-    if isinstance(error, httpx.TimeoutException):
+    if isinstance(error, urllib3.exceptions.TimeoutError):
         return ErrorKind.TIMEOUT
     return ErrorKind.RESET
+
+
+def _pool_manager(base_url: str, *, headers: dict[str, str]) -> urllib3.PoolManager:
+    """A pool manager for ``base_url``, through the proxy the environment names for it
+    (``HTTP(S)_PROXY``, ``NO_PROXY``), as httpx and requests do."""
+    parts = urlsplit(base_url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    # Connections kept per host: the worker threads of a process (Dramatiq's default 8)
+    # and a few more; a burst above it opens and closes extra ones.
+    options: dict[str, Any] = {"headers": headers, "maxsize": 16, "retries": False}
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
 
 
 @dataclass(frozen=True)
@@ -381,7 +442,6 @@ class RegistryClient:
     :param timeout: seconds for each of connect, read, write and pool wait of every call.
     :param too_many_retries: retries of a start call answered 429 before giving up.
     :param backoff: first wait (seconds) between 429 retries; doubles, with jitter.
-    :param transport: an httpx transport (tests, custom TLS); None for the default.
 
     Use as a context manager, or call :meth:`close`.
     """
@@ -394,7 +454,6 @@ class RegistryClient:
         timeout: float = 5.0,
         too_many_retries: int = 3,
         backoff: float = 0.2,
-        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -410,13 +469,7 @@ class RegistryClient:
         headers = {"Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(timeout),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._http = _pool_manager(self.base_url, headers=headers)
 
     @classmethod
     def from_config(cls, config: Config, **options: Any) -> RegistryClient:
@@ -441,7 +494,7 @@ class RegistryClient:
 
     def close(self) -> None:
         """Close the pooled connections."""
-        self._http.close()
+        self._http.clear()
 
     # -- start -----------------------------------------------------------------------------
 
@@ -505,7 +558,7 @@ class RegistryClient:
         self, call: str, url: str, fence: Fence | None, import_type: ImportType, attempts: int
     ) -> ImportResult:
         """One start call, its answer classified; ``attempts`` counts this one."""
-        response = self._request(call, "PUT", url, fence, params={"import_type": str(import_type)})
+        response = self._request(call, "PUT", url, fence, query={"import_type": str(import_type)})
         if isinstance(response, _TransportFailure):
             return ImportResult(
                 outcome=ImportOutcome.ERROR,
@@ -667,20 +720,35 @@ class RegistryClient:
     # -- transport -------------------------------------------------------------------------
 
     def _request(
-        self, call: str, method: str, url: str, fence: Fence | None, **kwargs: Any
-    ) -> httpx.Response | _TransportFailure:
+        self,
+        call: str,
+        method: str,
+        url: str,
+        fence: Fence | None,
+        *,
+        query: dict[str, str] | None = None,
+    ) -> _Answer | _TransportFailure:
         """Send one request; a transport failure comes back as a :class:`_TransportFailure`.
 
         The fence (if any) is asked before every request, 429 retries included: it may
         shorten the timeout, or raise, and then nothing is sent.
         """
-        if fence is not None:
-            kwargs["timeout"] = httpx.Timeout(fence(self.timeout))
+        seconds = self.timeout if fence is None else fence(self.timeout)
+        target = self.base_url + url + (f"?{urlencode(query)}" if query else "")
         began = time.monotonic()
         try:
-            response = self._http.request(method, url, **kwargs)
-            response.read()
-        except httpx.HTTPError as error:
+            # No retries, no redirects: a start is not idempotent, and its answer (or its
+            # loss) is classified here, once. The body is read whole within the timeout.
+            raw = self._http.urlopen(
+                method,
+                target,
+                timeout=urllib3.Timeout(connect=seconds, read=seconds),
+                retries=False,
+                redirect=False,
+                preload_content=True,
+            )
+            response = _Answer(raw.status, raw.reason or "", raw.headers, raw.data)
+        except urllib3.exceptions.HTTPError as error:
             detail = _transport_detail(error)
             kind = _transport_kind(error)
             log.warning(
@@ -705,7 +773,7 @@ class RegistryClient:
             self.observer(call, fault_class, kind, said)
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+def _json_object(response: _Answer) -> dict[str, Any] | None:
     try:
         body = response.json()
     except ValueError:

@@ -14,6 +14,7 @@ from devtools.simulator import SimulatorServer
 from migration.registry import (
     CancelOutcome,
     CancelResult,
+    ErrorKind,
     ImportOutcome,
     ImportResult,
     RegistryClient,
@@ -210,7 +211,8 @@ def test_connection_refused_is_an_error_within_the_timeout(closed_port_url: str)
         ]
         elapsed = time.monotonic() - began
     assert [r.outcome for r in results] == ["error", "error", "error"]
-    assert all("ConnectError" in r.detail for r in results)
+    assert all(r.error_kind is ErrorKind.CONNECT for r in results)
+    assert all("Connection refused" in r.detail for r in results), results
     assert elapsed < 3.0
 
 
