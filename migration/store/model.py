@@ -163,6 +163,28 @@ def _with_enums(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+#: Column names by the result's raw names (bytes): our queries have a handful of layouts.
+_NAMES_BY_RAW: dict[tuple[bytes, ...], tuple[str, ...]] = {}
+_NAMES_CACHED = 64
+
+
+def _column_names(cursor: Any) -> tuple[str, ...]:
+    """The result's column names. ``cursor.description`` builds a Column object per column
+    on every call (a fifth of a worker's psycopg time in bench/pipeline.py's profile), so
+    the names are kept by the raw names libpq gives, decoded once per layout."""
+    result = cursor.pgresult
+    if result is None:
+        return ()
+    raw = tuple(result.fname(i) or b"" for i in range(result.nfields))
+    names = _NAMES_BY_RAW.get(raw)
+    if names is None:
+        description = cursor.description
+        names = tuple(column.name for column in description) if description else ()
+        if len(_NAMES_BY_RAW) < _NAMES_CACHED:
+            _NAMES_BY_RAW[raw] = names
+    return names
+
+
 def repository_rows(cursor: Any) -> Callable[[Sequence[Any]], Repository]:
     """A psycopg row factory making :class:`Repository` objects, about twice as fast as
     ``kwargs_row(Repository.from_row)`` (~11 us a row here; the candidates of every run are
@@ -173,8 +195,7 @@ def repository_rows(cursor: Any) -> Callable[[Sequence[Any]], Repository]:
     :meth:`Repository.from_row`, which raises on a missing or unknown column as before.
     An unknown state text raises ValueError either way.
     """
-    description = cursor.description
-    names = tuple(column.name for column in description) if description else ()
+    names = _column_names(cursor)
     if frozenset(names) != _REPOSITORY_FIELDS or len(names) != len(_REPOSITORY_FIELDS):
 
         def checked(values: Sequence[Any]) -> Repository:
