@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pika
 
@@ -115,3 +116,57 @@ def test_scheduler_failover_within_ttl(
     # TTL + 1 s is the property; the extra half second is for observing it through RabbitMQ
     # on a shared machine.
     assert took <= ttl + 1 + 0.5, took
+
+
+def _run_in_place(env: dict[str, str], mode: str) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """One ``run_in_place`` in a fresh process (see run_in_place_probe): its result line and
+    its JSON log lines."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.actors.run_in_place_probe", mode],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return lines[-1], lines[:-1]
+
+
+def test_a_run_in_place_that_fails_is_replaced_by_a_trigger(
+    migration_env: dict[str, str], clean_store: Store
+) -> None:
+    """A notification's run in place (invariant 6): when it works, no message is sent; when
+    it fails, one trigger goes through the gate in its place, so a run still comes."""
+    queue = f"test_actors_{uuid.uuid4().hex[:10]}"
+    env = {
+        **os.environ,
+        **migration_env,
+        "MIGRATOR_QUEUE_NAME": queue,
+        "MIGRATOR_PROMETHEUS": "0",
+        "MIGRATOR_ETCD_PREFIX": f"/test-{uuid.uuid4().hex[:8]}",
+        "MIGRATOR_LOG_LEVEL": "info",
+    }
+    broker_url = env["MIGRATOR_BROKER_URL"]
+    try:
+        # Nothing to migrate: the run reads, finds no candidate and sends nothing.
+        result, lines = _run_in_place(env, "ok")
+        runs = [line for line in lines if line["event"] == "enqueue_next_migration"]
+        assert [(r["source"], r["job_status"]) for r in runs] == [("notification", "no_candidate")]
+        assert not [line for line in lines if line["event"] == "enqueue_triggered"]
+        assert result == {"pending": 0}
+        assert _queue_depth(broker_url, queue) == 0
+
+        result, lines = _run_in_place(env, "fail")
+        runs = [line for line in lines if line["event"] == "enqueue_next_migration"]
+        assert [(r["source"], r["job_status"]) for r in runs] == [("notification", "error")]
+        assert "StoreUnavailable" in runs[0]["error"]
+        triggered = [line for line in lines if line["event"] == "enqueue_triggered"]
+        assert [t["source"] for t in triggered] == ["notification"]
+        assert result == {"pending": 1}
+        assert _queue_depth(broker_url, queue) == 1
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
+        try:
+            channel = connection.channel()
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(queue=name)
+        finally:
+            connection.close()
