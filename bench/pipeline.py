@@ -3,8 +3,8 @@
 A local migration with a zero-latency simulator (start calls answered at once, imports of
 0 s), 2 ``dramatiq actors`` workers x 8 threads, capacity 64 (above the threads: never the
 bound), migrates N repositories: default -> pre_importing -> pre_import_done -> importing ->
-import_done, through an enqueuer run, two notifications (API -> RabbitMQ -> actor) and their
-triggers.
+import_done, through an enqueuer run and two notifications (API -> RabbitMQ -> actor), the
+second of which does the next enqueuer run in place.
 
 The ceiling: each repository costs a number of PostgreSQL round trips, etcd requests and
 RabbitMQ publishes (the model below, from the code: per enqueuer run by outcome, per
@@ -169,8 +169,8 @@ _LIBRARIES = (
     ("google/protobuf", "etcd client (protobuf)"),
     ("pika", "RabbitMQ client (pika)"),
     ("dramatiq", "Dramatiq"),
-    ("httpx", "HTTP client (httpx, httpcore)"),
-    ("httpcore", "HTTP client (httpx, httpcore)"),
+    ("urllib3", "HTTP client (urllib3, http.client)"),
+    ("http/client.py", "HTTP client (urllib3, http.client)"),
     ("structlog", "logging (structlog, json)"),
     ("json", "logging (structlog, json)"),
     ("/leases/", "ours: leases"),

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,11 @@ def _burst(env: dict[str, str], count: int, threads: int) -> dict[str, int]:
     return result
 
 
-def test_burst_of_1000_triggers_leaves_at_most_p_queued(
-    migration_env: dict[str, str], clean_store: Store
-) -> None:
+@contextmanager
+def _private_queue(migration_env: dict[str, str], log_level: str) -> Iterator[dict[str, str]]:
+    """The environment of a probe process with a queue and an etcd prefix of its own
+    (``MIGRATOR_QUEUE_NAME``); the queue and its delay and dead-letter queues are deleted
+    after."""
     queue = f"test_actors_{uuid.uuid4().hex[:10]}"
     env = {
         **os.environ,
@@ -51,12 +54,27 @@ def test_burst_of_1000_triggers_leaves_at_most_p_queued(
         "MIGRATOR_QUEUE_NAME": queue,
         "MIGRATOR_PROMETHEUS": "0",
         "MIGRATOR_ETCD_PREFIX": f"/test-{uuid.uuid4().hex[:8]}",
-        "MIGRATOR_LOG_LEVEL": "warning",
+        "MIGRATOR_LOG_LEVEL": log_level,
     }
-    clean_store.update_settings(capacity=5)  # P = capacity (pending_enqueues unset)
-    broker_url = env["MIGRATOR_BROKER_URL"]
-    assert _queue_depth(broker_url, queue) == 0
     try:
+        yield env
+    finally:
+        connection = pika.BlockingConnection(pika.URLParameters(env["MIGRATOR_BROKER_URL"]))
+        try:
+            channel = connection.channel()
+            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
+                channel.queue_delete(queue=name)
+        finally:
+            connection.close()
+
+
+def test_burst_of_1000_triggers_leaves_at_most_p_queued(
+    migration_env: dict[str, str], clean_store: Store
+) -> None:
+    clean_store.update_settings(capacity=5)  # P = capacity (pending_enqueues unset)
+    with _private_queue(migration_env, "warning") as env:
+        broker_url, queue = env["MIGRATOR_BROKER_URL"], env["MIGRATOR_QUEUE_NAME"]
+        assert _queue_depth(broker_url, queue) == 0
         burst = _burst(env, 1000, 20)
         assert burst["attempts"] == 1000
         # No worker consumes this queue: what was sent is still there.
@@ -69,14 +87,6 @@ def test_burst_of_1000_triggers_leaves_at_most_p_queued(
         again = _burst(env, 1, 1)
         assert again == {"attempts": 1, "sent": 0, "pending": 5}
         assert _queue_depth(broker_url, queue) == 5
-    finally:
-        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        try:
-            channel = connection.channel()
-            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-                channel.queue_delete(queue=name)
-        finally:
-            connection.close()
 
 
 def test_scheduler_failover_within_ttl(
@@ -135,17 +145,8 @@ def test_a_run_in_place_that_fails_is_replaced_by_a_trigger(
 ) -> None:
     """A notification's run in place (invariant 6): when it works, no message is sent; when
     it fails, one trigger goes through the gate in its place, so a run still comes."""
-    queue = f"test_actors_{uuid.uuid4().hex[:10]}"
-    env = {
-        **os.environ,
-        **migration_env,
-        "MIGRATOR_QUEUE_NAME": queue,
-        "MIGRATOR_PROMETHEUS": "0",
-        "MIGRATOR_ETCD_PREFIX": f"/test-{uuid.uuid4().hex[:8]}",
-        "MIGRATOR_LOG_LEVEL": "info",
-    }
-    broker_url = env["MIGRATOR_BROKER_URL"]
-    try:
+    with _private_queue(migration_env, "info") as env:
+        broker_url, queue = env["MIGRATOR_BROKER_URL"], env["MIGRATOR_QUEUE_NAME"]
         # Nothing to migrate: the run reads, finds no candidate and sends nothing.
         result, lines = _run_in_place(env, "ok")
         runs = [line for line in lines if line["event"] == "enqueue_next_migration"]
@@ -162,11 +163,3 @@ def test_a_run_in_place_that_fails_is_replaced_by_a_trigger(
         assert [t["source"] for t in triggered] == ["notification"]
         assert result == {"pending": 1}
         assert _queue_depth(broker_url, queue) == 1
-    finally:
-        connection = pika.BlockingConnection(pika.URLParameters(broker_url))
-        try:
-            channel = connection.channel()
-            for name in (queue, f"{queue}.DQ", f"{queue}.XQ"):
-                channel.queue_delete(queue=name)
-        finally:
-            connection.close()

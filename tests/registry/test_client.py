@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import ClassVar
 
 import pytest
 
@@ -263,3 +266,47 @@ def test_one_client_shared_by_threads_and_the_capacity_bound(make_simulator: Mak
     report = simulator.report()
     assert report["max_concurrent_imports"] == 3
     assert report["answers"] == {"start_202": 3, "start_429": 7}
+
+
+class _RecordingProxy(http.server.BaseHTTPRequestHandler):
+    """A forward proxy that answers every request itself (202, ``{}``) and keeps its target."""
+
+    protocol_version = "HTTP/1.1"
+    targets: ClassVar[list[str]] = []
+
+    def do_PUT(self) -> None:
+        self.targets.append(self.path)  # absolute-form: the URL as the client asked a proxy
+        body = b"{}"
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_the_environment_proxy_is_used_unless_no_proxy_covers_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for name in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        # A host no resolver knows: only the proxy can answer for it.
+        with RegistryClient("http://registry.invalid:5005", timeout=2.0) as client:
+            assert client.start_pre_import("g/app").started
+        assert _RecordingProxy.targets == [
+            "http://registry.invalid:5005/gitlab/v1/import/g/app/?import_type=pre"
+        ]
+        monkeypatch.setenv("NO_PROXY", "registry.invalid")
+        with RegistryClient("http://registry.invalid:5005", timeout=2.0) as client:
+            direct = client.start_pre_import("g/app")
+        assert direct.error_kind is ErrorKind.CONNECT, direct  # no such host, asked directly
+        assert len(_RecordingProxy.targets) == 1
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
