@@ -439,7 +439,8 @@ class RegistryClient:
 
     :param base_url: the registry's base URL, e.g. ``http://127.0.0.1:5005``.
     :param token: a bearer token sent with every call, when set.
-    :param timeout: seconds for each of connect, read, write and pool wait of every call.
+    :param timeout: seconds for each of connect and read (each wait for the socket, sends
+        included) of every call.
     :param too_many_retries: retries of a start call answered 429 before giving up.
     :param backoff: first wait (seconds) between 429 retries; doubles, with jitter.
 

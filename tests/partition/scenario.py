@@ -26,7 +26,7 @@ from devtools.launcher import LocalMigration
 from leases import EtcdClient, HolderInfo
 from migration.config import Config
 from migration.keys import leases_prefix, repository_lease_key
-from migration.registry import IMPORT_PATH
+from migration.registry import import_url_path
 from migration.states import State
 from migration.store import Store
 from tests.fixtures import seed_spread, wait_until
@@ -240,7 +240,7 @@ class PartitionRun:
         """Registry requests worker ``index`` sent (seen by its proxy) within ``between``;
         with ``paths``, only those on these repositories' import resources."""
         low, high = between
-        targets = None if paths is None else [f"{IMPORT_PATH}{path}/" for path in paths]
+        targets = None if paths is None else [import_url_path(path) for path in paths]
         return [
             r for r in self.links[index]["registry"].requests
             if low <= r.at <= high

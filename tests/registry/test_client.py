@@ -290,6 +290,7 @@ class _RecordingProxy(http.server.BaseHTTPRequestHandler):
 def test_the_environment_proxy_is_used_unless_no_proxy_covers_the_host(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _RecordingProxy.targets.clear()
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     try:
