@@ -48,11 +48,13 @@ def test_takes_the_key_soon_after_the_holder_lets_go_without_polling(
         hold = try_acquire(first, key, holder=HolderInfo(actor="first")).hold
         assert hold is not None
         transactions = count_calls(monkeypatch, waiter_client, "create")
+        # Dated when the release starts, not when its call returns: the waiter may see
+        # etcd's delete and take the key before the releasing thread runs again.
         released_at: list[float] = []
 
         def release() -> None:
-            assert hold.release()
             released_at.append(time.monotonic())
+            assert hold.release()
 
         threading.Timer(hold_for, release).start()
         began = time.monotonic()
@@ -145,11 +147,12 @@ def test_campaign_leads_soon_after_the_leader_resigns_without_polling(
         assert leader.is_leader()
         follower = Election(second, name)
         reads = count_calls(monkeypatch, waiter_client, "last_created_before")
+        # Dated when the resign starts (see the test above for why).
         resigned_at: list[float] = []
 
         def resign() -> None:
-            leader.resign()
             resigned_at.append(time.monotonic())
+            leader.resign()
 
         threading.Timer(2.0, resign).start()
         assert follower.campaign()
