@@ -89,8 +89,24 @@ OPERATIONS: dict[str, dict[str, int]] = {
     "trigger_sent": _TRIGGER_SENT,
     "trigger_collapsed": _TRIGGER_COLLAPSED,
     "gate_lease_grant": {"pg": 0, "etcd": 1, "rmq": 0},
+    # A run's try of a candidate whose lease another run holds: one create that fails.
+    "run_lease_busy": {"pg": 0, "etcd": 1, "rmq": 0},
+    # A run's try of a candidate another run has started since it read the list: acquire,
+    # get, release.
+    "run_candidate_moved_on": {"pg": 1, "etcd": 2, "rmq": 0},
     "settings_read": {"pg": 1, "etcd": 0, "rmq": 0},
 }  # fmt: skip
+
+
+def _busy_tries(run: dict[str, Any]) -> int:
+    """Candidates a run found leased by another: one failed create each."""
+    return int(run.get("candidates_busy") or 0)
+
+
+def _moved_on_tries(run: dict[str, Any]) -> int:
+    """Candidates a run took the lease of and found started by another since it read the
+    list: a create, a read and a release each."""
+    return int(run.get("candidates_moved_on") or 0)
 
 
 class OperationTimer:
@@ -338,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         kind = {"started": "run_started", "at_capacity": "run_at_capacity"}.get(status)
         kinds[kind or "run_other"] += n
     kinds["gate_leave"] = sum(r.get("actor") == "enqueue_next_migration" for r in runs)
+    kinds["run_lease_busy"] = sum(_busy_tries(r) for r in runs)
+    kinds["run_candidate_moved_on"] = sum(_moved_on_tries(r) for r in runs)
     for line in notifications:
         kinds[f"notification_{line.get('notified_status')}"] += 1
     kinds.update(triggers)
