@@ -98,17 +98,6 @@ OPERATIONS: dict[str, dict[str, int]] = {
 }  # fmt: skip
 
 
-def _busy_tries(run: dict[str, Any]) -> int:
-    """Candidates a run found leased by another: one failed create each."""
-    return int(run.get("candidates_busy") or 0)
-
-
-def _moved_on_tries(run: dict[str, Any]) -> int:
-    """Candidates a run took the lease of and found started by another since it read the
-    list: a create, a read and a release each."""
-    return int(run.get("candidates_moved_on") or 0)
-
-
 class OperationTimer:
     """Times one PostgreSQL round trip, one etcd request and one RabbitMQ publish.
 
@@ -354,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = {"started": "run_started", "at_capacity": "run_at_capacity"}.get(status)
         kinds[kind or "run_other"] += n
     kinds["gate_leave"] = sum(r.get("actor") == "enqueue_next_migration" for r in runs)
-    kinds["run_lease_busy"] = sum(_busy_tries(r) for r in runs)
-    kinds["run_candidate_moved_on"] = sum(_moved_on_tries(r) for r in runs)
+    # Each run's line counts its candidates found busy, and found started since it read them.
+    kinds["run_lease_busy"] = sum(int(r.get("candidates_busy") or 0) for r in runs)
+    kinds["run_candidate_moved_on"] = sum(int(r.get("candidates_moved_on") or 0) for r in runs)
     for line in notifications:
         kinds[f"notification_{line.get('notified_status')}"] += 1
     kinds.update(triggers)
