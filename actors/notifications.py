@@ -91,16 +91,21 @@ def _retry_when(retries: int, exception: BaseException) -> bool:
     # with 2 s).
     max_backoff=1_000,
 )
-def handle_registry_notification(path: str, status: str, detail: str = "") -> None:
+def handle_registry_notification(
+    path: str, status: str, detail: str = "", *, repository_id: int | None = None
+) -> None:
     """Step the repository at ``path`` by the registry's ``status``; when the step freed a
     slot of the capacity, do the enqueuer run that fills it.
 
     :param path: the repository path the registry reported on.
     :param status: pre_import_complete, import_complete, or a *_failed / *_canceled.
     :param detail: the registry's detail text, kept in the events log.
+    :param repository_id: the repository's id as the API found it for ``path`` (saves the
+        lookup here); checked against the row read under the lease, and looked up by
+        ``path`` when it names no row or another one. None: looked up by ``path``.
     """
     try:
-        _handle(path, status, detail)
+        _handle(path, status, detail, repository_id)
     except (LeaseError, StoreUnavailable) as error:
         # etcd or PostgreSQL is down: like a registry that cannot answer, no fault of the
         # notification's. Retry it as long (not 5 times, then a dead letter).
@@ -108,7 +113,7 @@ def handle_registry_notification(path: str, status: str, detail: str = "") -> No
         raise TryLater(f"{type(error).__name__}: {error}", after=2.0) from None
 
 
-def _handle(path: str, status: str, detail: str) -> None:
+def _handle(path: str, status: str, detail: str, repository_id: int | None) -> None:
     # ``notified_status``: what the notification says; a step's own fields may carry the
     # registry's current ``registry_status`` (a stale notification), a key of its own.
     fields: dict[str, Any] = {"container_repository_path": path, "notified_status": status}
@@ -121,10 +126,13 @@ def _handle(path: str, status: str, detail: str) -> None:
         log.error("notification_dropped", reason="unknown status", **fields)
         return
     runtime = get_runtime()
-    repository = runtime.store.get_by_path(path)
-    if repository is None:
-        log.error("notification_dropped", reason="unknown repository", **fields)
-        return
+    looked_up = repository_id is None
+    if repository_id is None:
+        found = runtime.store.get_by_path(path)
+        if found is None:
+            log.error("notification_dropped", reason="unknown repository", **fields)
+            return
+        repository_id = found.id
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message is not None else None
     recovered = recover_interrupted_delivery(runtime, message, actor=ACTOR)
@@ -135,7 +143,7 @@ def _handle(path: str, status: str, detail: str) -> None:
         raise TryLater(
             f"registry breaker open: {breaker.reason}", after=max(breaker.remaining, 2.0)
         )
-    key = repository_lease_key(runtime.config.etcd_prefix, repository.id)
+    key = repository_lease_key(runtime.config.etcd_prefix, repository_id)
     acquisition = try_acquire(
         runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
     )
@@ -145,27 +153,38 @@ def _handle(path: str, status: str, detail: str) -> None:
         log.info(
             "notification_lease_busy",
             holder=holder,
-            container_repository_id=repository.id,
+            container_repository_id=repository_id,
             **fields,
         )
         left = 1.0
         if acquisition.holder_lease_id:
             with contextlib.suppress(LeaseError):
                 left = float(runtime.etcd.time_to_live(acquisition.holder_lease_id))
-        raise LeaseBusy(f"lease of repository {repository.id} held by {holder}", after=left)
+        raise LeaseBusy(f"lease of repository {repository_id} held by {holder}", after=left)
     with acquisition.hold as hold:
-        current = runtime.store.get(repository.id)
-        assert current is not None
-        try:
-            report = runtime.migrator.on_registry_status(
-                current,
-                registry_status,
-                Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
-                detail=detail,
-            )
-        except RegistryUnavailable as error:
-            log.info("notification_deferred", why=str(error), **fields)
-            raise TryLater(str(error), after=2.0) from None
+        current = runtime.store.get(repository_id)
+        if current is None or current.path != path:
+            current = None  # handled below, out of the lease
+        else:
+            try:
+                report = runtime.migrator.on_registry_status(
+                    current,
+                    registry_status,
+                    Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
+                    detail=detail,
+                )
+            except RegistryUnavailable as error:
+                log.info("notification_deferred", why=str(error), **fields)
+                raise TryLater(str(error), after=2.0) from None
+    if current is None:
+        if looked_up:  # the row went between the lookup and the lease
+            log.error("notification_dropped", reason="unknown repository", **fields)
+            return
+        # The id the API sent names no row, or another path's: look the path up instead.
+        log.warning("notification_repository_id_stale", container_repository_id=repository_id,
+                    **fields)  # fmt: skip
+        _handle(path, status, detail, None)
+        return
     # Only a step out of the active states frees capacity; the run of a trigger after, say,
     # pre_import_complete -> final import started would find nothing more to do than before.
     # A second delivery of this message finds its step done (IGNORED) when the first one
@@ -181,7 +200,7 @@ def _handle(path: str, status: str, detail: str) -> None:
     )
     log.info(
         "registry_notification_handled",
-        container_repository_id=repository.id,
+        container_repository_id=repository_id,
         container_repository_migration_state=report.repository.migration_state.value,
         step_outcome=report.outcome.value,
         fencing_token=hold.token,

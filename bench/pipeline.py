@@ -83,9 +83,9 @@ OPERATIONS: dict[str, dict[str, int]] = {
     "run_other": {"pg": 3, "etcd": 0, "rmq": 0},  # no candidate / every candidate busy
     # A run sent as a message leaves the gate first; one in place (a notification's) not.
     "gate_leave": {"pg": 0, "etcd": 1, "rmq": 0},
-    # API: get_by_path, publish. Actor: get_by_path, acquire, get, step(s), release.
-    "notification_pre_import_complete": {"pg": 1 + 1 + 1 + 2 * _STEP_TXN, "etcd": 2, "rmq": 1},
-    "notification_import_complete": {"pg": 1 + 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
+    # API: get_by_path, publish (with the id). Actor: acquire, get, step(s), release.
+    "notification_pre_import_complete": {"pg": 1 + 1 + 2 * _STEP_TXN, "etcd": 2, "rmq": 1},
+    "notification_import_complete": {"pg": 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
     "trigger_sent": _TRIGGER_SENT,
     "trigger_collapsed": _TRIGGER_COLLAPSED,
     "gate_lease_grant": {"pg": 0, "etcd": 1, "rmq": 0},
@@ -235,6 +235,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repositories", type=int, help="default 600 (--quick 150)")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy")
     parser.add_argument(
+        "--profile-process",
+        choices=("worker", "api", "simulator"),
+        default="worker",
+        help="the process py-spy records (default: one worker's actor process)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=THREADS, help=f"threads per worker (default {THREADS})"
     )
     args = parser.parse_args(argv)
@@ -287,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             pids = [p for members in groups.values() for p in members]
             cpu_before = _common.cpu_seconds(pids)
             group_before = {name: _common.cpu_seconds(m) for name, m in groups.items()}
-            worker_child = max(run.worker_group(0))  # the forked process runs the actors
+            # A worker's forked process runs the actors; the others are one process each.
+            profiled = (
+                max(run.worker_group(0))
+                if args.profile_process == "worker"
+                else max(groups[args.profile_process])
+            )
             spy_out = Path(logs) / "profile.txt"
             expected_s = max(3.0, args.repositories / 40)
-            spy = None if args.no_profile else profile(worker_child, expected_s, spy_out)
+            spy = None if args.no_profile else profile(profiled, expected_s, spy_out)
             under_load: dict[str, float] = {}
 
             def measure_under_load() -> None:
@@ -334,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         if spy is not None and spy_out.exists():
             # The raw stacks, for a look below the libraries (py-spy's collapsed format).
             support.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            (support.RESULTS_DIR / "pipeline-profile.txt").write_bytes(spy_out.read_bytes())
+            suffix = "" if args.profile_process == "worker" else f"-{args.profile_process}"
+            saved = support.RESULTS_DIR / f"pipeline-profile{suffix}.txt"
+            saved.write_bytes(spy_out.read_bytes())
     count = len(ids)
     per_s = count / seconds
     statuses = Counter(str(r.get("job_status")) for r in runs)
@@ -399,7 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     ))  # fmt: skip
     if profile_summary:
         print()
-        print("worker profile (py-spy --gil: samples holding the GIL, one worker process):")
+        print(
+            f"{args.profile_process} profile (py-spy --gil: samples holding the GIL, one "
+            f"{args.profile_process} process):"
+        )
         print(_common.table(
             ["self time in", "share"],
             [[k, f"{v:.0%}"] for k, v in list(profile_summary["self_by_library"].items())[:10]],

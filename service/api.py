@@ -158,7 +158,7 @@ def create_app(
     config: Config,
     *,
     runtime: Callable[[], Runtime],
-    publish: Callable[[str, str, str], None],
+    publish: Callable[[str, str, str, int], None],
     broker_check: Callable[[], None] | None = None,
     queue_counts: Callable[[list[str]], dict[str, int]] | None = None,
 ) -> FastAPI:
@@ -167,7 +167,8 @@ def create_app(
     :param config: the process configuration (the notification secret is required).
     :param runtime: returns the process runtime (created lazily: PostgreSQL may be down
         at start; requests then fail with 503 until it is back).
-    :param publish: sends ``handle_registry_notification(path, status, detail)`` and
+    :param publish: sends ``handle_registry_notification(path, status, detail,
+        repository_id=...)`` (the id as found here, which saves the worker its lookup) and
         returns only once the broker confirmed it.
     :param broker_check: raises when RabbitMQ is unreachable (for ``/readyz``).
     :param queue_counts: the messages in each named RabbitMQ queue (see
@@ -268,7 +269,7 @@ def create_app(
                 ),
             )
         try:
-            publish(path, notification.status.value, notification.detail)
+            publish(path, notification.status.value, notification.detail, repository.id)
         except Exception as error:  # the broker refused or is down: the registry retries
             metrics.notifications.labels("broker_unavailable").inc()
             log.error("notification_not_queued", container_repository_path=path, error=str(error))

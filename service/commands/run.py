@@ -27,8 +27,8 @@ PUBLISH_THREADS = 8
 
 
 def deadline_publisher(
-    send: Callable[[str, str, str], object], *, deadline: float = PUBLISH_DEADLINE
-) -> Callable[[str, str, str], None]:
+    send: Callable[..., object], *, deadline: float = PUBLISH_DEADLINE
+) -> Callable[[str, str, str, int], None]:
     """``send`` run in a small pool of threads (each keeps its own broker connection) and
     waited for at most ``deadline`` seconds: :class:`TimeoutError` then, which the API
     answers 503 (the registry retries; a publish that lands late is a duplicate the worker
@@ -36,8 +36,8 @@ def deadline_publisher(
     """
     pool = ThreadPoolExecutor(max_workers=PUBLISH_THREADS, thread_name_prefix="publish")
 
-    def publish(path: str, status: str, detail: str) -> None:
-        future = pool.submit(send, path, status, detail)
+    def publish(path: str, status: str, detail: str, repository_id: int) -> None:
+        future = pool.submit(send, path, status, detail, repository_id=repository_id)
         try:
             future.result(timeout=deadline)
         except FutureTimeout:

@@ -88,13 +88,13 @@ def app(
     broker.declare_queue(fuzz_config.queue_name)
     sent: list[tuple[str, str, str]] = []
 
-    def publish(path: str, status: str, detail: str) -> None:
+    def publish(path: str, status: str, detail: str, repository_id: int) -> None:
         broker.enqueue(
             Message(
                 queue_name=fuzz_config.queue_name,
                 actor_name="handle_registry_notification",
                 args=(path, status, detail),
-                kwargs={},
+                kwargs={"repository_id": repository_id},
                 options={},
             )
         )

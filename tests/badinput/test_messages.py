@@ -31,7 +31,7 @@ def _enqueue(
     """Stands for enqueue_next_migration's signature in the unit tests below."""
 
 
-def _notify(path: str, status: str, detail: str = "") -> None:
+def _notify(path: str, status: str, detail: str = "", *, repository_id: int | None = None) -> None:
     """Stands for handle_registry_notification's signature."""
 
 
@@ -45,6 +45,9 @@ def _notify(path: str, status: str, detail: str = "") -> None:
         (_notify, (1, "import_complete"), {}, False),
         (_notify, ("a/b", None), {}, False),
         (_notify, ("a/b", "s"), {"nope": 1}, False),
+        (_notify, ("a/b", "s"), {"repository_id": 7}, True),
+        (_notify, ("a/b", "s"), {"repository_id": "7"}, False),
+        (_notify, ("a/b", "s", "d", 7), {}, False),  # the id is a keyword only
         (_enqueue, (), {}, True),
         (_enqueue, ("k", 5, "scheduler"), {}, True),
         (_enqueue, ("k", "5"), {}, False),
@@ -193,6 +196,12 @@ CASES: dict[str, tuple[Callable[[QueueClient], object], str]] = {
         ),
         DEAD,
     ),
+    "notification: repository id a string": (
+        lambda q: q.message(
+            "handle_registry_notification", ["a/b", "import_complete"], {"repository_id": "7"}
+        ),
+        DEAD,
+    ),
     "notification: args an object": (
         lambda q: q.message("handle_registry_notification", {"path": "a/b"}),
         DEAD,
@@ -212,6 +221,14 @@ CASES: dict[str, tuple[Callable[[QueueClient], object], str]] = {
     "guard: an argument": (lambda q: q.message("guard_stale_migrations", [1]), DEAD),
     "notification: unknown repository": (
         lambda q: q.message("handle_registry_notification", ["no/such/repo", "import_complete"]),
+        "notification_dropped",
+    ),
+    "notification: unknown repository, id and path": (
+        lambda q: q.message(
+            "handle_registry_notification",
+            ["no/such/repo", "import_complete"],
+            {"repository_id": 2_000_000_000},
+        ),
         "notification_dropped",
     ),
     "notification: unknown status": (
@@ -249,11 +266,8 @@ def test_a_bad_message_is_dead_lettered_or_dropped_once(
     assert worker.alive()["worker-0"], "the worker died"
 
 
-def test_a_nul_in_the_detail_does_not_stop_the_step(
-    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
-) -> None:
-    """The registry's free-text detail is kept in the events log; NUL cannot be stored."""
-    path = f"nul/detail-{uuid.uuid4().hex[:6]}"
+def _imported(worker: LocalMigration, store: Store, database_url: str, path: str) -> int:
+    """A repository the registry has imported, ``importing`` in the store: its id."""
     repository_id = store.add_repository(path)
     # The import really ends at the registry: the worker confirms a notification's status
     # with the registry before applying it.
@@ -273,6 +287,15 @@ def test_a_nul_in_the_detail_does_not_stop_the_step(
             "UPDATE container_repositories SET migration_state = 'importing' WHERE id = %s",
             (repository_id,),
         )
+    return repository_id
+
+
+def test_a_nul_in_the_detail_does_not_stop_the_step(
+    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
+) -> None:
+    """The registry's free-text detail is kept in the events log; NUL cannot be stored."""
+    path = f"nul/detail-{uuid.uuid4().hex[:6]}"
+    repository_id = _imported(worker, store, database_url, path)
     log_before = len(worker_log(worker))
     queue.message("handle_registry_notification", [path, "import_complete", "bad\x00detail"])
     wait_for(
@@ -284,6 +307,39 @@ def test_a_nul_in_the_detail_does_not_stop_the_step(
         what="the step to import_done",
     )
     assert "Retrying message" not in worker_log(worker)[log_before:]
+
+
+def test_a_repository_id_of_another_path_steps_the_path_s_repository(
+    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
+) -> None:
+    """The API sends the id it found for the path; an id that names another repository
+    (a message by hand, a row deleted and added again) must not step that one."""
+    path = f"stale-id/imported-{uuid.uuid4().hex[:6]}"
+    repository_id = _imported(worker, store, database_url, path)
+    other = store.add_repository(f"stale-id/other-{uuid.uuid4().hex[:6]}")
+    # Paused: the run the step's freed slot makes must not start ``other`` either.
+    store.update_settings(enabled=False)
+    time.sleep(1.2)  # the worker's settings are at most a second old
+    log_before = len(worker_log(worker))
+    try:
+        queue.message(
+            "handle_registry_notification", [path, "import_complete"], {"repository_id": other}
+        )
+        wait_for(
+            lambda: (
+                (found := store.get(repository_id)) is not None
+                and found.migration_state.value == "import_done"
+            ),
+            timeout=10,
+            what="the step to import_done",
+        )
+    finally:
+        store.update_settings(enabled=True)
+    untouched = store.get(other)
+    assert untouched is not None and untouched.migration_state.value == "default"
+    new_lines = worker_log(worker)[log_before:]
+    assert '"event": "notification_repository_id_stale"' in new_lines
+    assert "Retrying message" not in new_lines
 
 
 def test_the_worker_still_processes_a_valid_message(

@@ -106,6 +106,8 @@ def test_the_real_actors_signatures_are_what_the_check_enforces() -> None:
     assert argument_problem(notify, ("a/b", "import_complete"), {}) is None
     assert argument_problem(notify, ("a/b",), {}) is not None
     assert argument_problem(notify, ("a/b", 5), {}) is not None
+    assert argument_problem(notify, ("a/b", "import_complete"), {"repository_id": 3}) is None
+    assert argument_problem(notify, ("a/b", "import_complete", "", 3), {}) is not None
     enqueue = enqueue_next_migration.fn
     assert argument_problem(enqueue, (), {}) is None
     assert argument_problem(enqueue, ("/gate/0", 12, "scheduler"), {}) is None
