@@ -8,10 +8,12 @@ notification does not fit, a broker that is down) gets an error the registry can
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import pika
@@ -38,6 +40,14 @@ log = structlog.get_logger(__name__)
 
 #: The routes anyone may call (probes and the Prometheus scraper); all others need the secret.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+#: Seconds the API gives a notification (its lookup and RabbitMQ's confirm) before
+#: answering 503: a broker cut off in silence must not hold the registry's request until
+#: its own timeout (5 s); the registry retries.
+NOTIFY_DEADLINE = 3.0
+#: Notifications handled at once (each thread keeps its own broker connection); past them
+#: a notification waits for a thread, within the same deadline.
+NOTIFY_THREADS = 8
 
 #: The statuses a notification may carry: a phase that ended.
 NOTIFIED_STATUSES = tuple(s for s in RegistryImportStatus if s.ended)
@@ -161,6 +171,7 @@ def create_app(
     publish: Callable[[str, str, str, int], None],
     broker_check: Callable[[], None] | None = None,
     queue_counts: Callable[[list[str]], dict[str, int]] | None = None,
+    deadline: float = NOTIFY_DEADLINE,
 ) -> FastAPI:
     """Build the ASGI app.
 
@@ -173,6 +184,8 @@ def create_app(
     :param broker_check: raises when RabbitMQ is unreachable (for ``/readyz``).
     :param queue_counts: the messages in each named RabbitMQ queue (see
         :func:`rabbitmq_queue_counts`), for ``/metrics``; None: not exported.
+    :param deadline: seconds a notification may take (lookup, publish) before it is
+        answered 503; a publish that lands later is a duplicate the worker applies once.
     """
     secret = config.require_notification_secret().encode()
     metrics = Metrics()
@@ -210,13 +223,18 @@ def create_app(
         except (StoreError, LeaseError) as error:
             raise HTTPException(status_code=503, detail=f"not ready: {error}") from None
 
+    # The lookup and the publish block: one pool thread does both, while the event loop
+    # waits for at most the deadline (one thread hand-off each way per notification; a
+    # sync route would run in Starlette's pool and wait on a second one for the deadline).
+    handlers = ThreadPoolExecutor(max_workers=NOTIFY_THREADS, thread_name_prefix="notify")
+
     @app.put(
         "/notifications/registry/repositories/{path:path}/status",
         status_code=202,
         response_model=None,
         responses={200: {}, 401: {}, 404: {}, 409: {}, 422: {}, 503: {}},
     )
-    def notify(
+    async def notify(
         path: str,
         notification: Notification,
         authorization: Annotated[str | None, Header()] = None,
@@ -232,6 +250,22 @@ def create_app(
             raise HTTPException(
                 status_code=422, detail=f"status {notification.status} is not a final status"
             )
+        handled = asyncio.wrap_future(handlers.submit(accept, path, notification))
+        try:
+            return await asyncio.wait_for(handled, deadline)
+        except TimeoutError:
+            # Still queued for a thread, or under way (a publish RabbitMQ has not confirmed):
+            # either way not safely queued yet, so not accepted.
+            metrics.notifications.labels("timed_out").inc()
+            log.error(
+                "notification_not_queued", container_repository_path=path,
+                error=f"not queued within {deadline:g} s",
+            )  # fmt: skip
+            raise HTTPException(
+                status_code=503, detail="could not queue the notification in time"
+            ) from None
+
+    def accept(path: str, notification: Notification) -> dict[str, Any] | JSONResponse:
         store = get_runtime().store
         try:
             repository = store.get_by_path(path)

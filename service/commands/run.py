@@ -10,41 +10,11 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import click
 
 from migration.config import Config
-
-#: Seconds the API waits for RabbitMQ to confirm a notification before answering 503: a
-#: broker cut off in silence must not hold the registry's request until its own timeout.
-PUBLISH_DEADLINE = 3.0
-#: Publishes that may wait on a silent broker at once; past them, 503 at once too.
-PUBLISH_THREADS = 8
-
-
-def deadline_publisher(
-    send: Callable[..., object], *, deadline: float = PUBLISH_DEADLINE
-) -> Callable[[str, str, str, int], None]:
-    """``send`` run in a small pool of threads (each keeps its own broker connection) and
-    waited for at most ``deadline`` seconds: :class:`TimeoutError` then, which the API
-    answers 503 (the registry retries; a publish that lands late is a duplicate the worker
-    applies once).
-    """
-    pool = ThreadPoolExecutor(max_workers=PUBLISH_THREADS, thread_name_prefix="publish")
-
-    def publish(path: str, status: str, detail: str, repository_id: int) -> None:
-        future = pool.submit(send, path, status, detail, repository_id=repository_id)
-        try:
-            future.result(timeout=deadline)
-        except FutureTimeout:
-            future.cancel()
-            raise TimeoutError(f"RabbitMQ did not confirm within {deadline:g} s") from None
-
-    return publish
 
 
 def refuse_outdated_schema(config: Config) -> None:
@@ -109,7 +79,8 @@ def api(host: str, port: int, fd: int | None) -> None:
     configure_logging(config.log_level)
     runtime = LazyRuntime(lambda: Runtime(config))
 
-    publish = deadline_publisher(handle_registry_notification.send)
+    def publish(path: str, status: str, detail: str, repository_id: int) -> None:
+        handle_registry_notification.send(path, status, detail, repository_id=repository_id)
 
     app = create_app(
         config,

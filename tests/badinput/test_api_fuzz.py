@@ -16,6 +16,8 @@ The number of requests and their outcomes are printed at the end of the module.
 from __future__ import annotations
 
 import collections
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -244,3 +246,36 @@ def test_known_notifications(
         refused = client.put(url, json=body)
         OUTCOMES[("PUT (known)", "no secret", refused.status_code)] += 1
         assert refused.status_code == 401
+
+
+def test_a_notification_rabbitmq_does_not_confirm_is_answered_503_at_the_deadline(
+    fuzz_config: Config, seeded: list[str]
+) -> None:
+    """A broker that never confirms (cut off in silence) must not hold the registry's
+    request past the deadline: 503 then, counted, and nothing answered 202."""
+    entered, release = threading.Event(), threading.Event()
+
+    def silent_publish(path: str, status: str, detail: str, repository_id: int) -> None:
+        entered.set()
+        release.wait(30)
+
+    runtime = Runtime(fuzz_config)
+    app = create_app(fuzz_config, runtime=lambda: runtime, publish=silent_publish, deadline=0.5)
+    secret = {"Authorization": str(fuzz_config.notification_secret)}
+    body = {"name": "pre", "path": "group/pre", "status": "pre_import_complete"}
+    try:
+        with TestClient(app) as client:
+            began = time.monotonic()
+            answer = client.put(
+                "/notifications/registry/repositories/group/pre/status", json=body, headers=secret
+            )
+            waited = time.monotonic() - began
+            assert answer.status_code == 503, answer.text
+            assert entered.is_set(), "the lookup passed and the publish was under way"
+            assert 0.4 < waited < 5, waited  # the deadline, not the publish's 30 s
+            scraped = client.get("/metrics").text
+            assert 'registry_migrator_notifications_total{outcome="timed_out"} 1.0' in scraped
+            assert 'outcome="accepted"' not in scraped
+    finally:
+        release.set()
+        runtime.close()
