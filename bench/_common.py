@@ -7,6 +7,7 @@ Pieces:
 - :func:`add_repositories`: COPY plain repository rows (old enough to be eligible).
 - :class:`InFlightSampler`: samples the repositories in flight in a background thread.
 - :class:`LogWindow`: the JSON lines the workers logged since a mark.
+- :func:`reference_cpu_ms`: this machine's speed now, as the CPU time of a fixed workload.
 - :func:`wait_until`, :func:`table`: small helpers.
 """
 
@@ -207,3 +208,70 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / ticks
+
+
+def _reference_workload() -> int:
+    # What our processes do most, in miniature: calls, dicts, JSON, string formatting.
+    size = 0
+    for i in range(4_000):
+        record = {"event": "step", "repository_id": i, "path": f"group/repo-{i}", "ok": True}
+        text = json.dumps(record)
+        size += len(json.loads(text)["path"]) + len(f"{i}:{text[:20]}")
+    return size
+
+
+def reference_cpu_ms(*, repeat: int = 5) -> float:
+    """Milliseconds of CPU a fixed pure-Python workload takes now (the median of ``repeat``).
+
+    The machine's speed drifts, within seconds and by up to twice (other tenants, the
+    host's clock): this workload took 24 to 46 ms, tried 15 times in a row, and the same
+    tree measured minutes apart spent 20 and 31 ms of CPU per repository in
+    bench/pipeline.py. See :class:`ReferenceSampler` for a run's average.
+    """
+    times = []
+    for _ in range(repeat):
+        began = time.thread_time()
+        _reference_workload()
+        times.append((time.thread_time() - began) * 1e3)
+    return statistics.median(times)
+
+
+class ReferenceSampler:
+    """Times the reference workload (:func:`reference_cpu_ms`, once) every ``interval``
+    seconds in a thread, while a measurement runs: its mean says how fast the machine was
+    meanwhile, and CPU times divided by it compare across runs. It costs about 3 % of one core.
+
+    :param interval: seconds between samples.
+    """
+
+    #: The workload's CPU time on this machine at its fast end (the scale's unit).
+    NOMINAL_MS = 25.0
+
+    def __init__(self, *, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> ReferenceSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            self.samples.append(reference_cpu_ms(repeat=1))
+            if self._stop.wait(self.interval):
+                return
+
+    @property
+    def mean_ms(self) -> float:
+        """The workload's mean CPU time during the measurement."""
+        return statistics.fmean(self.samples) if self.samples else float("nan")
+
+    def at_nominal(self, cpu_ms: float) -> float:
+        """``cpu_ms`` as it would have been at the nominal speed (scaled by the samples)."""
+        return cpu_ms * self.NOMINAL_MS / self.mean_ms

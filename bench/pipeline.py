@@ -311,13 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             sampler = threading.Thread(target=measure_under_load, daemon=True)
             store.update_settings(enabled=True)
             sampler.start()
-            _common.wait_until(
-                lambda: _common.terminal_count(url, ids) == len(ids),
-                timeout=120 + args.repositories,
-                what="every repository terminal",
-                interval=0.2,
-            )
-            cpu_used = _common.cpu_seconds(pids) - cpu_before
+            with _common.ReferenceSampler() as speed:
+                _common.wait_until(
+                    lambda: _common.terminal_count(url, ids) == len(ids),
+                    timeout=120 + args.repositories,
+                    what="every repository terminal",
+                    interval=0.2,
+                )
+                cpu_used = _common.cpu_seconds(pids) - cpu_before
             cpu_by_process = {
                 name: _common.cpu_seconds(m) - group_before[name] for name, m in groups.items()
             }
@@ -376,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         repository_ms = sum(per_repository[op] * latency[op] for op in per_repository)
         ceilings[label] = {"repository_ms": repository_ms, "per_s": threads / repository_ms * 1e3}
     cpu_per_repository_ms = cpu_used / count * 1e3
+    # The machine's speed drifts by up to twice within minutes: CPU at a nominal speed too.
+    nominal_ms = speed.at_nominal(cpu_per_repository_ms)
     cpu_ceiling = (os.cpu_count() or 1) / (cpu_used / count)
     ceiling = ceilings["idle"]["per_s"]
     met = per_s >= GOAL_SHARE * ceiling
@@ -410,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         ["process", "CPU ms per repository"],
         [[name, cpu / count * 1e3] for name, cpu in cpu_by_process.items()],
     ))  # fmt: skip
+    print(
+        f"machine speed during the run: the reference workload took {speed.mean_ms:.1f} ms "
+        f"of CPU ({len(speed.samples)} samples; nominal {speed.NOMINAL_MS:g}): "
+        f"{nominal_ms:.1f} ms per repository at the nominal speed"
+    )
     if profile_summary:
         print()
         print(
@@ -426,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         ))  # fmt: skip
     headline = (
         f"{cpu_per_repository_ms:.0f} ms of CPU per migrated repository (our processes; "
-        f"goal {CPU_GOAL_MS:g}), {per_s:.1f} repositories/s through the state machine "
+        f"{nominal_ms:.0f} at the nominal speed; goal {CPU_GOAL_MS:g}), "
+        f"{per_s:.1f} repositories/s through the state machine "
         f"({WORKERS} x {args.threads} threads, "
         f"zero-latency registry) = {per_s / ceiling:.2f} of the operations ceiling "
         f"{ceiling:.0f}/s (goal {GOAL_SHARE:g}: {'met' if met else 'missed'}); "
@@ -455,6 +464,12 @@ def main(argv: list[str] | None = None) -> int:
             "ceilings": ceilings,
             "cpu_seconds": cpu_used,
             "cpu_ms_per_repository": cpu_per_repository_ms,
+            "reference_workload_ms": {
+                "mean": speed.mean_ms,
+                "samples": speed.samples,
+                "nominal": speed.NOMINAL_MS,
+            },
+            "cpu_ms_per_repository_at_nominal_speed": nominal_ms,
             "cpu_ms_per_repository_by_process": {
                 name: cpu / count * 1e3 for name, cpu in cpu_by_process.items()
             },
