@@ -197,7 +197,17 @@ class EnqueuerRun:
                 registry_breaker_window_s=breaker.window,
             )
             return "registry_unavailable"
-        in_flight = self.in_flight = store.in_flight()
+        # Per-repository leases: the candidates are read with the count, in one round trip
+        # (an at-capacity run reads them for nothing, a cheaper miss than a round trip
+        # more for every run that starts one). The global lease's run reads them under it.
+        candidates: list[Repository] | None = None
+        if settings.lease_scope == "global":
+            in_flight = store.in_flight()
+        else:
+            in_flight, candidates = store.in_flight_and_candidates(
+                settings, limit=CANDIDATES_PER_RUN
+            )
+        self.in_flight = in_flight
         below = in_flight < settings.capacity
         self.fields.update(
             below_capacity=below,
@@ -233,7 +243,7 @@ class EnqueuerRun:
             metrics.count_lease_acquisition(actor=ACTOR, taken=hold is not None)
             return hold
 
-        return self._work(settings, take, spread=True)
+        return self._work(settings, take, spread=True, candidates=candidates)
 
     def _work(
         self,
@@ -241,13 +251,16 @@ class EnqueuerRun:
         take: Callable[[Repository], AbstractContextManager[Hold] | None],
         *,
         spread: bool,
+        candidates: list[Repository] | None = None,
     ) -> str:
         """Step the first candidate whose lease ``take`` gets (None: busy).
 
         :param spread: try the candidates in :func:`try_order` (runs in parallel), not
             strictly in their order.
+        :param candidates: as read with the in-flight count; None: read them now.
         """
-        candidates = self.runtime.store.candidates(settings, limit=CANDIDATES_PER_RUN)
+        if candidates is None:
+            candidates = self.runtime.store.candidates(settings, limit=CANDIDATES_PER_RUN)
         if not candidates:
             self.fields["no_container_repository_found"] = True
             return "no_candidate"

@@ -17,6 +17,7 @@ from migration.store.model import (
     MigrationEvent,
     Repository,
     _value,
+    repository_rows,
     validate_path,
 )
 from migration.store.sql import (
@@ -209,24 +210,26 @@ class RepositoriesMixin(StoreBase):
         Both kinds skip root namespaces in the deny list. Each part reads a partial index;
         the id-only inner select lets the deny-list filter run on index entries.
         """
-        query = candidates_query(
-            deny=bool(settings.root_namespace_deny_list),
-            cutoff=settings.created_before is not None,
-            limit=limit,
-        )
-        found = self._many(
-            query,
-            {"deny": list(settings.root_namespace_deny_list), "cutoff": settings.created_before},
-        )
-        # UNION ALL promises no order: aborted ones first, each part in its own order.
-        found.sort(
-            key=lambda r: (
-                (0, r.migration_aborted_at, r.id)
-                if r.migration_state is State.IMPORT_ABORTED
-                else (1, r.created_at, r.id)
-            )
-        )
-        return found[:limit]
+        return _candidate_order(self._many(*_candidates_query(settings, limit)))[:limit]
+
+    def in_flight_and_candidates(
+        self, settings: Settings, *, limit: int
+    ) -> tuple[int, list[Repository]]:
+        """:meth:`in_flight` and :meth:`candidates` in one round trip (psycopg's pipeline
+        mode: both queries sent, then one wait), for an enqueuer run, which needs both
+        whenever it starts a repository.
+
+        :returns: the active repositories' count, and the candidates as
+            :meth:`candidates` orders them.
+        """
+        query, params = _candidates_query(settings, limit)
+        with self._connection() as conn:
+            with conn.pipeline():
+                counted = conn.execute(COUNT_ACTIVE)
+                listed = conn.cursor(row_factory=repository_rows).execute(query, params)
+            row = counted.fetchone()
+            found = listed.fetchall()
+        return (int(row[0]) if row else 0), _candidate_order(found)[:limit]
 
     def waiting_time_passed(self, settings: Settings) -> bool:
         """True when ``enqueue_waiting_time`` has passed since the last finished step.
@@ -354,3 +357,30 @@ class RepositoriesMixin(StoreBase):
             path_prefix=path_prefix or None,
         )  # fmt: skip
         return rows
+
+
+def _candidate_order(found: list[Repository]) -> list[Repository]:
+    """Aborted ones first (oldest abort), then ready ones by age: UNION ALL promises no
+    order, each part comes in its own."""
+    return sorted(
+        found,
+        key=lambda r: (
+            (0, r.migration_aborted_at, r.id)
+            if r.migration_state is State.IMPORT_ABORTED
+            else (1, r.created_at, r.id)
+        ),
+    )
+
+
+def _candidates_query(settings: Settings, limit: int) -> tuple[bytes, dict[str, object]]:
+    """The candidates' query for ``settings`` (each part limited to ``limit``), and its
+    parameters."""
+    query = candidates_query(
+        deny=bool(settings.root_namespace_deny_list),
+        cutoff=settings.created_before is not None,
+        limit=limit,
+    )
+    return query, {
+        "deny": list(settings.root_namespace_deny_list),
+        "cutoff": settings.created_before,
+    }

@@ -2,8 +2,9 @@
 
 Run by tests/actors/test_triggers.py as ``python -m tests.actors.run_in_place_probe fail|ok``
 with ``MIGRATOR_*`` set (a fresh interpreter reads the test's own queue name, as
-trigger_burst does). ``fail`` makes the run's in-flight read raise StoreUnavailable, as a
-PostgreSQL gone between the notification's step and its run would.
+trigger_burst does). ``fail`` makes the run's first read (the in-flight count and the
+candidates) raise StoreUnavailable, as a PostgreSQL gone between the notification's step
+and its run would.
 
 Prints one JSON line: {"pending": N} (the dedup gate's markers after the call).
 """
@@ -24,10 +25,11 @@ def main(mode: str) -> None:
     try:
         if mode == "fail":
 
-            def in_flight() -> int:
+            def gone(*_args: object, **_kwargs: object) -> object:
                 raise StoreUnavailable("PostgreSQL gone (injected by the probe)")
 
-            runtime.store.in_flight = in_flight  # type: ignore[method-assign]
+            runtime.store.in_flight = gone  # type: ignore[method-assign]
+            runtime.store.in_flight_and_candidates = gone  # type: ignore[method-assign]
         run_in_place(runtime, source="notification")
         pending = runtime.gate.pending()
     finally:

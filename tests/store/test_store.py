@@ -370,6 +370,10 @@ def test_candidates_aborted_first_then_ready_by_age_with_cutoff_and_deny_list(
     )
     got = [r.id for r in store.candidates(settings, limit=10)]
     assert got == [abort_first, abort_second, old, same_a, same_b, young]
+    # The enqueuer's one round trip reads the same, with the count of active ones (busy).
+    for limit in (10, 3):
+        in_flight, listed = store.in_flight_and_candidates(settings, limit=limit)
+        assert (in_flight, listed) == (1, store.candidates(settings, limit=limit))
     # The metrics' eligible gauge counts exactly the candidates, uncapped.
     assert store.count_eligible(settings) == len(got)
     assert [r.id for r in store.candidates(settings, limit=3)] == [abort_first, abort_second, old]
