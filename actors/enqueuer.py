@@ -128,25 +128,22 @@ def try_order(
     candidates: list[Repository],
     *,
     free: int,
-    shuffle: Callable[[list[Repository]], None] = random.shuffle,
+    pick: Callable[[int], int] = random.randrange,
 ) -> list[Repository]:
     """The order a run tries ``candidates`` in: the first ``free`` of the leading kind
-    (aborted, or ready) in a random order, then the rest in order.
+    (aborted, or ready) from a random one of them round, then the rest in order.
 
     Runs in parallel read the same list at about the same time. Tried in its order, every
     run would first meet the leases of the others and the repositories they have started
     since it read (bench/pipeline.py: 3 busy leases and 2.4 started repositories per
     repository migrated, each an etcd request or three). The first ``free`` are all to be
     started now, by one run or another, so which run takes which changes nothing but the
-    collisions. Shuffled rather than tried round from a random one: going round, a run that
-    meets a taken candidate tries the next one, which is the one most likely taken too (the
-    taken ones gather in runs, as in a hash table with linear probing). Beyond them, and
-    across kinds, the order stands: with one free slot a run takes the first candidate,
-    and aborted ones still come before ready ones.
+    collisions. Beyond them, and across kinds, the order stands: with one free slot a run
+    takes the first candidate, and aborted ones still come before ready ones.
 
     :param candidates: in the store's order (aborted first, then ready by age).
     :param free: the free slots of the capacity the run saw.
-    :param shuffle: puts a list in a random order, in place (``random.shuffle``).
+    :param pick: ``pick(n)`` is an index below ``n`` (``random.randrange``).
     """
     kind = candidates[0].migration_state if candidates else None
     leading = next(
@@ -155,9 +152,8 @@ def try_order(
     window = min(leading, free)
     if window <= 1:
         return candidates
-    first = candidates[:window]
-    shuffle(first)
-    return first + candidates[window:]
+    first = pick(window)
+    return candidates[first:window] + candidates[:first] + candidates[window:]
 
 
 class EnqueuerRun:
