@@ -290,14 +290,7 @@ def _imported(worker: LocalMigration, store: Store, database_url: str, path: str
     return repository_id
 
 
-def test_a_nul_in_the_detail_does_not_stop_the_step(
-    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
-) -> None:
-    """The registry's free-text detail is kept in the events log; NUL cannot be stored."""
-    path = f"nul/detail-{uuid.uuid4().hex[:6]}"
-    repository_id = _imported(worker, store, database_url, path)
-    log_before = len(worker_log(worker))
-    queue.message("handle_registry_notification", [path, "import_complete", "bad\x00detail"])
+def _wait_import_done(store: Store, repository_id: int) -> None:
     wait_for(
         lambda: (
             (found := store.get(repository_id)) is not None
@@ -306,6 +299,17 @@ def test_a_nul_in_the_detail_does_not_stop_the_step(
         timeout=10,
         what="the step to import_done",
     )
+
+
+def test_a_nul_in_the_detail_does_not_stop_the_step(
+    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
+) -> None:
+    """The registry's free-text detail is kept in the events log; NUL cannot be stored."""
+    path = f"nul/detail-{uuid.uuid4().hex[:6]}"
+    repository_id = _imported(worker, store, database_url, path)
+    log_before = len(worker_log(worker))
+    queue.message("handle_registry_notification", [path, "import_complete", "bad\x00detail"])
+    _wait_import_done(store, repository_id)
     assert "Retrying message" not in worker_log(worker)[log_before:]
 
 
@@ -325,14 +329,7 @@ def test_a_repository_id_of_another_path_steps_the_path_s_repository(
         queue.message(
             "handle_registry_notification", [path, "import_complete"], {"repository_id": other}
         )
-        wait_for(
-            lambda: (
-                (found := store.get(repository_id)) is not None
-                and found.migration_state.value == "import_done"
-            ),
-            timeout=10,
-            what="the step to import_done",
-        )
+        _wait_import_done(store, repository_id)
     finally:
         store.update_settings(enabled=True)
     untouched = store.get(other)
