@@ -13,11 +13,11 @@ from dramatiq.middleware import CurrentMessage
 from actors.config import CONFIG
 from actors.enqueuer import run_in_place
 from actors.reconcile import recover_interrupted_delivery, redelivered
-from actors.runtime import get_runtime
+from actors.runtime import Runtime, get_runtime
 from leases import HolderInfo, LeaseError, try_acquire
 from migration import metrics
 from migration.keys import repository_lease_key
-from migration.migrator import RegistryUnavailable, StepOutcome, Writer
+from migration.migrator import RegistryUnavailable, StepOutcome, StepReport, Writer
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES
 from migration.store import StoreUnavailable
@@ -143,6 +143,80 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
         raise TryLater(
             f"registry breaker open: {breaker.reason}", after=max(breaker.remaining, 2.0)
         )
+
+    def step(repository_id: int) -> tuple[StepReport, int] | None:
+        return _step_under_lease(
+            runtime, repository_id, path=path, registry_status=registry_status,
+            detail=detail, message_id=message_id, fields=fields,
+        )  # fmt: skip
+
+    stepped = step(repository_id)
+    if stepped is None and not looked_up:
+        # The id the API sent names no row, or another path's: look the path up instead.
+        log.warning("notification_repository_id_stale", container_repository_id=repository_id,
+                    **fields)  # fmt: skip
+        found = runtime.store.get_by_path(path)
+        if found is not None:
+            repository_id = found.id
+            stepped = step(repository_id)
+    if stepped is None:  # no row for the path, or it went between the lookup and the lease
+        log.error("notification_dropped", reason="unknown repository", **fields)
+        return
+    report, token = stepped
+    # Only a step out of the active states frees capacity; the run of a trigger after, say,
+    # pre_import_complete -> final import started would find nothing more to do than before.
+    # A second delivery of this message finds its step done (IGNORED) when the first one
+    # committed it and then failed to trigger (RabbitMQ down): it triggers in its place.
+    freed = (
+        report.frees_capacity
+        or recovered > 0
+        or (
+            _delivered_before(message)
+            and report.outcome is StepOutcome.IGNORED
+            and report.repository.migration_state not in ACTIVE_STATES
+        )
+    )
+    log.info(
+        "registry_notification_handled",
+        container_repository_id=repository_id,
+        container_repository_migration_state=report.repository.migration_state.value,
+        step_outcome=report.outcome.value,
+        fencing_token=token,
+        freed_capacity=freed,
+        **{**report.fields, **fields},
+    )
+    if freed:
+        # The run this step makes room for, done here rather than sent: one message per
+        # repository fewer (bench/pipeline.py); it reads the in-flight count after our commit.
+        run_in_place(runtime, source="notification")
+    if report.outcome is StepOutcome.LEASE_AT_RISK:
+        raise TryLater(f"not applied: {report.fields.get('why', '')}", after=1.0)
+    if report.outcome is StepOutcome.REGISTRY_FAULT:
+        # pre_import_complete applied, but the registry failed the final import's start:
+        # the claim is undone (pre_import_done); this notification, retried, starts it.
+        raise TryLater(
+            f"final import of {path} not started: {report.fields.get('registry_error', '')}",
+            after=2.0,
+        )
+
+
+def _step_under_lease(
+    runtime: Runtime,
+    repository_id: int,
+    *,
+    path: str,
+    registry_status: RegistryImportStatus,
+    detail: str,
+    message_id: str | None,
+    fields: dict[str, Any],
+) -> tuple[StepReport, int] | None:
+    """Under the repository's lease, apply ``registry_status`` to its row.
+
+    :returns: the step's report and the lease's token; None when ``repository_id`` names no
+        row, or the row of another path than ``path``.
+    :raises LeaseBusy: the lease is held.
+    :raises TryLater: the registry could not confirm the status.
+    """
     key = repository_lease_key(runtime.config.etcd_prefix, repository_id)
     acquisition = try_acquire(
         runtime.session(), key, holder=HolderInfo(actor=ACTOR, message_id=message_id)
@@ -164,59 +238,15 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
     with acquisition.hold as hold:
         current = runtime.store.get(repository_id)
         if current is None or current.path != path:
-            current = None  # handled below, out of the lease
-        else:
-            try:
-                report = runtime.migrator.on_registry_status(
-                    current,
-                    registry_status,
-                    Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
-                    detail=detail,
-                )
-            except RegistryUnavailable as error:
-                log.info("notification_deferred", why=str(error), **fields)
-                raise TryLater(str(error), after=2.0) from None
-    if current is None:
-        if looked_up:  # the row went between the lookup and the lease
-            log.error("notification_dropped", reason="unknown repository", **fields)
-            return
-        # The id the API sent names no row, or another path's: look the path up instead.
-        log.warning("notification_repository_id_stale", container_repository_id=repository_id,
-                    **fields)  # fmt: skip
-        _handle(path, status, detail, None)
-        return
-    # Only a step out of the active states frees capacity; the run of a trigger after, say,
-    # pre_import_complete -> final import started would find nothing more to do than before.
-    # A second delivery of this message finds its step done (IGNORED) when the first one
-    # committed it and then failed to trigger (RabbitMQ down): it triggers in its place.
-    freed = (
-        report.frees_capacity
-        or recovered > 0
-        or (
-            _delivered_before(message)
-            and report.outcome is StepOutcome.IGNORED
-            and report.repository.migration_state not in ACTIVE_STATES
-        )
-    )
-    log.info(
-        "registry_notification_handled",
-        container_repository_id=repository_id,
-        container_repository_migration_state=report.repository.migration_state.value,
-        step_outcome=report.outcome.value,
-        fencing_token=hold.token,
-        freed_capacity=freed,
-        **{**report.fields, **fields},
-    )
-    if freed:
-        # The run this step makes room for, done here rather than sent: one message per
-        # repository fewer (bench/pipeline.py); it reads the in-flight count after our commit.
-        run_in_place(runtime, source="notification")
-    if report.outcome is StepOutcome.LEASE_AT_RISK:
-        raise TryLater(f"not applied: {report.fields.get('why', '')}", after=1.0)
-    if report.outcome is StepOutcome.REGISTRY_FAULT:
-        # pre_import_complete applied, but the registry failed the final import's start:
-        # the claim is undone (pre_import_done); this notification, retried, starts it.
-        raise TryLater(
-            f"final import of {path} not started: {report.fields.get('registry_error', '')}",
-            after=2.0,
-        )
+            return None
+        try:
+            report = runtime.migrator.on_registry_status(
+                current,
+                registry_status,
+                Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
+                detail=detail,
+            )
+        except RegistryUnavailable as error:
+            log.info("notification_deferred", why=str(error), **fields)
+            raise TryLater(str(error), after=2.0) from None
+    return report, hold.token
