@@ -99,6 +99,37 @@ def already_applied(status: RegistryImportStatus, repository: Repository) -> boo
     )
 
 
+# The phase a notification reports on, and the state a repository is in while that phase runs.
+_PHASE_OF: dict[RegistryImportStatus, State] = {
+    RegistryImportStatus.PRE_IMPORT_COMPLETE: State.PRE_IMPORTING,
+    RegistryImportStatus.PRE_IMPORT_FAILED: State.PRE_IMPORTING,
+    RegistryImportStatus.PRE_IMPORT_CANCELED: State.PRE_IMPORTING,
+    RegistryImportStatus.IMPORT_COMPLETE: State.IMPORTING,
+    RegistryImportStatus.IMPORT_FAILED: State.IMPORTING,
+    RegistryImportStatus.IMPORT_CANCELED: State.IMPORTING,
+}
+
+
+def started_once(status: RegistryImportStatus, repository: Repository) -> bool:
+    """Whether a notification of ``status`` can only be about the attempt now running.
+
+    True when the repository is in the phase ``status`` reports on and that phase has been
+    started exactly once (schema 0006's counts, never reset): no earlier attempt exists
+    whose late notification this could be. False otherwise, including a count of 0 (a row
+    written outside the fenced write: not known) and a status reported in another state
+    (``import_complete`` in pre_import_done, after a start whose answer was lost).
+    """
+    phase = _PHASE_OF.get(status)
+    if phase is None or repository.migration_state is not phase:
+        return False
+    starts = (
+        repository.migration_pre_import_starts
+        if phase is State.PRE_IMPORTING
+        else repository.migration_import_starts
+    )
+    return starts == 1
+
+
 class RegistryUnavailable(Exception):
     """The registry could not confirm a status before acting on it; try again later."""
 
@@ -615,13 +646,14 @@ class Migrator:
         ``import_complete`` → import_done; ``*_failed`` / ``*_canceled`` → abort. A status
         that does not fit the repository's state changes nothing (IGNORED).
 
-        :param verify: ask the registry first whether ``status`` is still its current one.
-            A notification may arrive late or twice (the registry retries until one is
-            accepted), after a retry has already started the next attempt: acting on an old
+        :param verify: ask the registry first whether ``status`` is still its current one,
+            unless the phase was started only once (:func:`started_once`). A notification
+            may arrive late or twice (the registry retries until one is accepted), after a
+            retry has already started the next attempt: acting on an old
             ``pre_import_failed`` would abort the running attempt and start a second import
             of the same repository. A notification whose status the registry no longer
             reports is IGNORED. The guard, which has just read the status, passes False.
-        :raises RegistryUnavailable: ``verify`` and the registry's status could not be read
+        :raises RegistryUnavailable: the status had to be checked and could not be read
             (the caller retries the notification later rather than act on it unchecked).
         """
         state = repository.migration_state
@@ -631,7 +663,7 @@ class Migrator:
                 repository,
                 {"ignored_status": status.value, "state": state.value},
             )
-        if verify:
+        if verify and not started_once(status, repository):
             current = self.registry.status(repository.path, fence=writer.fence)
             if current.fault_class is FaultClass.REGISTRY:
                 raise RegistryUnavailable(

@@ -82,6 +82,10 @@ class Repository:
     registry_failures: int = 0
     registry_not_before: datetime | None = None
     registry_last_error: str | None = None
+    # How many times the row arrived in pre_importing / importing (claims, alignments);
+    # never reset (schema 0006, migration.migrator.started_once).
+    migration_pre_import_starts: int = 0
+    migration_import_starts: int = 0
 
     @classmethod
     def from_row(cls, **row: Any) -> Repository:

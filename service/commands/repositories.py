@@ -200,6 +200,8 @@ def show(ident: str, as_json: bool, event_limit: int) -> None:
     click.echo(f"  retries          {repo.migration_retries_count}"
                + (f" (aborted in {repo.migration_aborted_in_state})"
                   if repo.migration_aborted_in_state else ""))  # fmt: skip
+    click.echo(f"  starts           pre-import {repo.migration_pre_import_starts},"
+               f" final import {repo.migration_import_starts}")  # fmt: skip
     click.echo(f"  tags             {repo.tags_count}")
     if repo.registry_failures:
         due = repo.registry_not_before.isoformat() if repo.registry_not_before else "now"

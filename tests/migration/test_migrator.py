@@ -360,26 +360,74 @@ def test_a_stale_holder_is_refused_after_a_newer_one_wrote(
 def test_a_stale_notification_does_not_abort_the_running_attempt(
     migrator: Migrator, tokens: Tokens, simulator: SimulatorServer
 ) -> None:
-    """A late or repeated ``pre_import_failed`` of an earlier attempt arrives while the next
-    attempt runs: applying it would abort that attempt and start a second import."""
+    """A late or repeated ``pre_import_failed`` of the first attempt arrives while the retry
+    runs: applying it would abort that attempt and start a second import."""
     store = migrator.store
-    repo_id = add(store, "group/retried/image")
+    path = "group/retried/fail-once"
+    simulator.configure(pre_import_seconds=[0.05, 0.05])
+    repo_id = add(store, path)
     migrator.start(current(store, repo_id), store.settings(), tokens.writer())
+    wait_for_status(migrator.registry, path, RegistryImportStatus.PRE_IMPORT_FAILED)
+    failed = migrator.on_registry_status(
+        current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, tokens.writer()
+    )
+    assert failed.outcome is StepOutcome.ABORTED
+    simulator.configure(pre_import_seconds=[30, 30])
+    assert migrator.retry(current(store, repo_id), tokens.writer()).outcome is StepOutcome.STARTED
+    assert current(store, repo_id).migration_pre_import_starts == 2
     report = migrator.on_registry_status(
         current(store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, tokens.writer()
     )
     assert report.outcome is StepOutcome.IGNORED
     assert report.fields["registry_status"] == "pre_import_in_progress"
-    assert current(store, repo_id).migration_state is State.PRE_IMPORTING
+    row = current(store, repo_id)
+    assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 1)
 
 
-def test_a_notification_is_not_applied_unchecked_when_the_registry_is_down(
+def test_a_first_attempts_notification_is_applied_without_asking_the_registry(
     clean_store: Store, tokens: Tokens
 ) -> None:
+    """The phase was started once: no earlier attempt can have sent it, so the registry is
+    not asked (it is down here, and the notification is applied all the same)."""
+    with unreachable_registry() as registry:
+        migrator = Migrator(clean_store, registry)
+        repo_id = add(clean_store, "group/first-attempt/image")
+        claim_without_registry(clean_store, repo_id, tokens)
+        assert current(clean_store, repo_id).migration_pre_import_starts == 1
+        report = migrator.on_registry_status(
+            current(clean_store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, tokens.writer()
+        )
+    assert report.outcome is StepOutcome.ABORTED
+    row = current(clean_store, repo_id)
+    assert (row.migration_state, row.migration_aborted_in_state, row.migration_retries_count) == (
+        State.IMPORT_ABORTED, State.PRE_IMPORTING, 1,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("second_start", ["retry", "requeue"])
+def test_a_retried_attempts_notification_is_not_applied_unchecked_when_the_registry_is_down(
+    clean_store: Store, tokens: Tokens, second_start: str
+) -> None:
+    """The phase was started before (a retry, or a requeue, which resets the retries count
+    but not the starts): the notification may be an earlier attempt's, and the registry
+    cannot say. Nothing is applied; the caller tries again later."""
     with unreachable_registry() as registry:
         migrator = Migrator(clean_store, registry)
         repo_id = add(clean_store, "group/unverified/image")
         claim_without_registry(clean_store, repo_id, tokens)
+        aborted = migrator.on_registry_status(
+            current(clean_store, repo_id), RegistryImportStatus.PRE_IMPORT_FAILED, tokens.writer()
+        )
+        assert aborted.outcome is StepOutcome.ABORTED
+        if second_start == "requeue":
+            assert len(clean_store.requeue(state=State.IMPORT_ABORTED)) == 1
+            event, from_state = "start_pre_import", State.DEFAULT
+        else:
+            event, from_state = "retry_pre_import", State.IMPORT_ABORTED
+        assert clean_store.claim(repo_id, expected_state=from_state, event=event,
+                                 token=tokens.writer().token, actor="test",
+                                 message_id=None).ok  # fmt: skip
+        assert current(clean_store, repo_id).migration_pre_import_starts == 2
         with pytest.raises(RegistryUnavailable):
             migrator.on_registry_status(
                 current(clean_store, repo_id),

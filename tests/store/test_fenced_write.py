@@ -1,4 +1,4 @@
-"""The one fenced write (schema 0005's ``migration_fenced_write``) against a real PostgreSQL.
+"""The one fenced write (``migration_fenced_write``, schemas 0005-0006) on a real PostgreSQL.
 
 A scripted history of claims, steps, undos and refusals gives the answers and leaves the
 events the state machine says, the function recording each refusal itself; a row the caller
@@ -171,6 +171,14 @@ def test_a_scripted_history_answers_and_records_as_the_state_machine_says(
     assert final is not None
     assert final.migration_state is State.IMPORT_SKIPPED
     assert final.migration_retries_count == 2
+    # Each phase's arrivals (schema 0006): accepted claims only; the undo takes none back,
+    # refusals and the at-capacity claim add none.
+    starts = {}
+    for rid in ids:
+        row = clean_store.get(rid)
+        assert row is not None
+        starts[rid] = (row.migration_pre_import_starts, row.migration_import_starts)
+    assert [starts[rid] for rid in ids] == [(1, 3), (0, 0), (1, 0)]
 
 
 def test_a_seen_row_saves_the_read_and_a_moved_one_is_read_again(
@@ -239,13 +247,15 @@ def test_the_function_refuses_and_records_or_writes_nothing(
 
 
 def test_the_function_counts_the_same_active_states() -> None:
-    text = dict(schema_files())["0005_one_fenced_write"]
+    # The newest version of the function (each schema file that changes it replaces it).
+    [*_, text] = (t for _, t in schema_files() if "FUNCTION migration_fenced_write(" in t)
+    text = text[text.index("FUNCTION migration_fenced_write(") :]
     counted = re.search(r"count\(\*\).*?IN \(([^)]*)\)", text, re.DOTALL)
     assert counted is not None
     assert set(re.findall(r"'(\w+)'", counted.group(1))) == {s.value for s in ACTIVE_STATES}
 
 
-@pytest.mark.parametrize("old", ["0001_initial", "0004_reference_parity"])
+@pytest.mark.parametrize("old", ["0001_initial", "0004_reference_parity", "0005_one_fenced_write"])
 def test_upgrade_keeps_the_rows_and_the_one_path_works(database_url: str, old: str) -> None:
     # A database an older release made, with a claimed repository and its event.
     name = f"test_old_{uuid.uuid4().hex[:8]}"
@@ -281,6 +291,9 @@ def test_upgrade_keeps_the_rows_and_the_one_path_works(database_url: str, old: s
             claimed, waiting = store.get_by_path("old/claimed"), store.get_by_path("old/waiting")
             assert claimed is not None and waiting is not None
             assert (claimed.migration_state, claimed.fencing_token) == (State.PRE_IMPORTING, 4)
+            # Schema 0006 counted the claim the events log holds; none for the waiting row.
+            assert (claimed.migration_pre_import_starts, claimed.migration_import_starts) == (1, 0)
+            assert (waiting.migration_pre_import_starts, waiting.migration_import_starts) == (0, 0)
             assert [e.actor for e in store.events(claimed.id)] == ["old-release"]
             kw: dict[str, Any] = {"actor": ACTOR, "message_id": None}
             assert store.step(claimed.id, expected_state=State.PRE_IMPORTING,
@@ -291,6 +304,8 @@ def test_upgrade_keeps_the_rows_and_the_one_path_works(database_url: str, old: s
             assert store.claim(waiting.id, expected_state=State.DEFAULT,
                                event=Event.START_PRE_IMPORT, token=1, **kw).ok  # fmt: skip
             assert [e.accepted for e in store.events(claimed.id)] == [True, False, True]
+            waiting = store.get(waiting.id)
+            assert waiting is not None and waiting.migration_pre_import_starts == 1
     finally:
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(
