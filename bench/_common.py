@@ -210,6 +210,40 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+#: The local stack's servers by process name (``comm``): PostgreSQL's postmaster and
+#: backends, etcd, RabbitMQ's Erlang VM.
+SERVER_PROCESSES = {"postgres": "PostgreSQL", "etcd": "etcd", "beam.smp": "RabbitMQ"}
+
+
+def server_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (server, utime + stime in clock ticks) of every running server process."""
+    found: dict[int, tuple[str, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                head, tail = stat.read().rsplit(b")", 1)
+        except OSError:
+            continue
+        server = SERVER_PROCESSES.get(head.split(b"(", 1)[1].decode(errors="replace"))
+        if server is not None:
+            fields = tail.split()
+            found[int(entry.name)] = (server, int(fields[11]) + int(fields[12]))
+    return found
+
+
+def server_seconds_since(before: dict[int, tuple[str, int]]) -> dict[str, float]:
+    """CPU seconds each server spent since :func:`server_ticks` returned ``before``
+    (a process that started since counts whole; one that exited since is not counted)."""
+    spent: dict[str, float] = dict.fromkeys(SERVER_PROCESSES.values(), 0.0)
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid, (server, now) in server_ticks().items():
+        then = before.get(pid)
+        spent[server] += (now - (then[1] if then and then[0] == server else 0)) / ticks
+    return spent
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine has spent busy since boot (/proc/stat: every state but
     idle and iowait, summed over the cores): servers, benchmarks and anything else."""
