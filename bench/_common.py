@@ -90,6 +90,22 @@ def event_span(database_url: str, ids: Sequence[int]) -> tuple[datetime, datetim
     return row[0], row[1]
 
 
+def step_gaps(database_url: str, ids: Sequence[int]) -> dict[str, float]:
+    """Mean seconds from each accepted state change of ``ids`` to the next one, by the state
+    it led to (database clock): where a repository's time in flight goes."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT to_state, avg(gap), count(*) FROM ("
+            " SELECT to_state, extract(epoch FROM at - lag(at) OVER ("
+            "  PARTITION BY repository_id ORDER BY id)) AS gap"
+            " FROM migration_events WHERE accepted AND to_state IS NOT NULL"
+            " AND repository_id = ANY(%s)) AS steps"
+            " WHERE gap IS NOT NULL GROUP BY to_state",
+            (list(ids),),
+        ).fetchall()
+    return {str(state): float(gap) for state, gap, _ in rows}
+
+
 class InFlightSampler:
     """Counts the repositories in flight every ``interval`` seconds, in a thread.
 

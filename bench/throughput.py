@@ -141,6 +141,7 @@ class Bench:
         statuses = Counter(str(r.get("job_status")) for r in runs)
         holds = [float(r["duration_s"]) for r in runs if r.get("job_status") == "started"]
         report = self.run.report()
+        gaps = _common.step_gaps(self.database_url, ids)
         in_flight = sampler.mean_between(*span)
         return {
             "round": number,
@@ -155,6 +156,8 @@ class Bench:
             "max_in_flight_sampled": max((n for _, n in sampler.samples), default=0),
             "enqueuer_runs": len(runs),
             "busy_lease_runs": sum(1 for r in runs if r.get("lease_already_taken") is True),
+            "notification_lease_busy": len(window.lines("notification_lease_busy")),
+            "step_gaps_s": gaps,
             "job_statuses": dict(statuses),
             "mean_started_run_s": statistics.fmean(holds) if holds else None,
             "registry_max_concurrent_imports": report["max_concurrent_imports"],
@@ -292,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{workload.name} {scope}: {row['repositories']} in "
                         f"{row['seconds']:.1f} s, {row['per_minute']:.0f}/min, "
                         f"utilisation {row['utilisation']:.2f}, busy-lease runs "
-                        f"{row['busy_lease_runs']}/{row['enqueuer_runs']}"
+                        f"{row['busy_lease_runs']}/{row['enqueuer_runs']}, notifications"
+                        f" on a busy lease {row['notification_lease_busy']}, mean s to "
+                        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(row["step_gaps_s"].items()))
                     )
         finally:
             run.stop(timeout=30)
