@@ -27,20 +27,31 @@ log = structlog.get_logger(__name__)
 ACTOR = "handle_registry_notification"
 
 
+#: Seconds before a notification that met a busy lease is tried again the first time;
+#: doubled for each retry it has had, up to a second.
+BUSY_FIRST_WAIT = 0.1
+
+
 class LeaseBusy(dramatiq.Retry):
     """The repository's lease is held (the enqueuer is still finishing it): retry soon, with
     no traceback (a busy lease is normal).
 
     :param why: one line, logged by Dramatiq's retry message.
     :param after: seconds the holder's lease has left (etcd's time-to-live).
+    :param retries: the retries the notification has had (Dramatiq's count, any cause).
     """
 
-    def __init__(self, why: str, *, after: float) -> None:
-        # A live holder (the usual case) keeps its lease full and finishes within a second
-        # or so; a dead one is indistinguishable until its lease runs out. So: try again
-        # within a second (the recovery bound is TTL + 1 s), sooner when the lease ends
-        # sooner. Jittered, so retries of many notifications do not come back together.
-        wait = min(max(after, 0.2), 1.0) * (0.75 + random.random() / 2)
+    def __init__(self, why: str, *, after: float, retries: int = 0) -> None:
+        # The usual holder is the run that started this very phase, still between the
+        # registry's answer and its release when the registry, done, notifies: it lets go
+        # within a fraction of a second. So the first retry comes after 0.1 s, then 0.2,
+        # 0.4, 0.8, then every second. A flat second cost a fast migration a second in
+        # flight per busy meeting (bench/throughput.py, start-bound). A dead holder is
+        # indistinguishable until its lease runs out: the recovery bound (TTL + 1 s) holds,
+        # at most a second between tries, sooner when the lease ends sooner. Jittered, so
+        # retries of many notifications do not come back together.
+        backoff = BUSY_FIRST_WAIT * 2 ** min(max(retries, 0), 10)
+        wait = min(max(after, 0.05), backoff, 1.0) * (0.75 + random.random() / 2)
         super().__init__(why, delay=int(wait * 1000))
 
 
@@ -72,9 +83,10 @@ class TryLater(dramatiq.Retry):
 
 def _retry_when(retries: int, exception: BaseException) -> bool:
     # A busy lease is normal and short: retry it for a long while (a crashed holder's
-    # lease takes up to the TTL to expire; 240 retries of 0.5-1 s cover two minutes at
-    # least). A registry that cannot answer is not the notification's fault either: retry
-    # it as long as an outage may last (invariant 7). Anything else: a few times.
+    # lease takes up to the TTL to expire; 240 retries, all but the first four 0.75-1.25 s
+    # apart, cover two minutes at least). A registry that cannot answer is not the
+    # notification's fault either: retry it as long as an outage may last (invariant 7).
+    # Anything else: a few times.
     if isinstance(exception, TryLater):
         return retries < REGISTRY_RETRIES
     return retries < (240 if isinstance(exception, LeaseBusy) else 5)
@@ -234,7 +246,11 @@ def _step_under_lease(
         if acquisition.holder_lease_id:
             with contextlib.suppress(LeaseError):
                 left = float(runtime.etcd.time_to_live(acquisition.holder_lease_id))
-        raise LeaseBusy(f"lease of repository {repository_id} held by {holder}", after=left)
+        message = CurrentMessage.get_current_message()
+        retries = int(message.options.get("retries", 0)) if message is not None else 0
+        raise LeaseBusy(
+            f"lease of repository {repository_id} held by {holder}", after=left, retries=retries
+        )
     with acquisition.hold as hold:
         current = runtime.store.get(repository_id)
         if current is None or current.path != path:

@@ -117,10 +117,15 @@ def test_the_real_actors_signatures_are_what_the_check_enforces() -> None:
 
 
 def test_a_busy_lease_is_retried_far_longer_than_other_errors() -> None:
-    busy = LeaseBusy("held", after=9.0)
-    # A Retry: no traceback; within a second (jittered), sooner when the lease ends sooner.
-    assert busy.delay is not None and 750 <= busy.delay <= 1250
-    soon = LeaseBusy("held", after=0.4)
+    # A Retry: no traceback. A live holder (its lease full) lets go soon: 0.1 s first,
+    # doubling with each retry, then every second (jittered by a quarter either way).
+    waits = [LeaseBusy("held", after=9.0, retries=n).delay for n in (0, 1, 2, 3, 4, 50)]
+    bounds = [(75, 125), (150, 250), (300, 500), (600, 1000), (750, 1250), (750, 1250)]
+    for wait, (low, high) in zip(waits, bounds, strict=True):
+        assert wait is not None and low <= wait <= high, (waits, bounds)
+    busy = LeaseBusy("held", after=9.0, retries=239)
+    # Sooner when the holder's lease ends sooner (a dead holder's, about to expire).
+    soon = LeaseBusy("held", after=0.4, retries=6)
     assert soon.delay is not None and 300 <= soon.delay <= 500
     other = RuntimeError("database gone")
     assert _retry_when(0, busy) and _retry_when(239, busy)
