@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog
 
 from actors.enqueuer import REREADS_PER_RUN, EnqueuerRun
 from actors.runtime import Runtime
@@ -27,11 +28,17 @@ from migration.store import Repository, Store
 def runtime(migration_env: dict[str, str], clean_store: Store) -> Iterator[Runtime]:
     clean_store.update_settings(enabled=True, capacity=10, enqueue_waiting_time=0, max_tags_count=1)
     env = {**migration_env, "MIGRATOR_ETCD_PREFIX": f"/test-stale-{uuid.uuid4().hex[:12]}"}
+    # The run logs in this process. A module logger cached here would keep this moment's
+    # processors, which a later configure() replaces: a later test's
+    # structlog.testing.capture_logs would then not see that module's lines.
+    caching = structlog.get_config()["cache_logger_on_first_use"]
+    structlog.configure(cache_logger_on_first_use=False)
     made = Runtime(Config.from_env(env), pool_size=2)
     try:
         yield made
     finally:
         made.close()
+        structlog.configure(cache_logger_on_first_use=caching)
 
 
 def _started_elsewhere(database_url: str, ids: list[int]) -> None:
