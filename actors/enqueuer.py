@@ -196,16 +196,18 @@ class EnqueuerRun:
                 registry_breaker_window_s=breaker.window,
             )
             return "registry_unavailable"
+
         # Per-repository leases: the candidates are read with the count, in one round trip
         # (an at-capacity run reads them for nothing, a cheaper miss than a round trip
         # more for every run that starts one). The global lease's run reads them under it.
+        def reread() -> tuple[int, list[Repository]]:
+            return store.in_flight_and_candidates(settings, limit=CANDIDATES_PER_RUN)
+
         candidates: list[Repository] | None = None
         if settings.lease_scope == "global":
             in_flight = store.in_flight()
         else:
-            in_flight, candidates = store.in_flight_and_candidates(
-                settings, limit=CANDIDATES_PER_RUN
-            )
+            in_flight, candidates = reread()
         self.in_flight = in_flight
         below = in_flight < settings.capacity
         self.fields.update(
@@ -241,9 +243,6 @@ class EnqueuerRun:
             hold = try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
             metrics.count_lease_acquisition(actor=ACTOR, taken=hold is not None)
             return hold
-
-        def reread() -> tuple[int, list[Repository]]:
-            return store.in_flight_and_candidates(settings, limit=CANDIDATES_PER_RUN)
 
         return self._work(settings, take, spread=True, candidates=candidates, reread=reread)
 

@@ -147,6 +147,7 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
         repository_id = found.id
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message is not None else None
+    retries = int(message.options.get("retries", 0)) if message is not None else 0
     recovered = recover_interrupted_delivery(runtime, message, actor=ACTOR)
     breaker = runtime.registry_health.admit(runtime.live_settings.get())
     if breaker is not None:
@@ -160,6 +161,7 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
         return _step_under_lease(
             runtime, repository_id, path=path, registry_status=registry_status,
             detail=detail, message_id=message_id, fields=fields,
+            retries=retries,
         )  # fmt: skip
 
     stepped = step(repository_id)
@@ -221,9 +223,11 @@ def _step_under_lease(
     detail: str,
     message_id: str | None,
     fields: dict[str, Any],
+    retries: int,
 ) -> tuple[StepReport, int] | None:
     """Under the repository's lease, apply ``registry_status`` to its row.
 
+    :param retries: the notification's retries so far (a busy lease's wait grows with them).
     :returns: the step's report and the lease's token; None when ``repository_id`` names no
         row, or the row of another path than ``path``.
     :raises LeaseBusy: the lease is held.
@@ -246,8 +250,6 @@ def _step_under_lease(
         if acquisition.holder_lease_id:
             with contextlib.suppress(LeaseError):
                 left = float(runtime.etcd.time_to_live(acquisition.holder_lease_id))
-        message = CurrentMessage.get_current_message()
-        retries = int(message.options.get("retries", 0)) if message is not None else 0
         raise LeaseBusy(
             f"lease of repository {repository_id} held by {holder}", after=left, retries=retries
         )
