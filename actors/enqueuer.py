@@ -239,10 +239,17 @@ class EnqueuerRun:
                     settings, lambda _repo: contextlib.nullcontext(hold), spread=False
                 )
 
+        busy_here = 0
+
         def take(repo: Repository) -> Hold | None:
-            hold = try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder).hold
-            metrics.count_lease_acquisition(actor=ACTOR, taken=hold is not None)
-            return hold
+            nonlocal busy_here
+            acquisition = try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder)
+            metrics.count_lease_acquisition(actor=ACTOR, taken=acquisition.hold is not None)
+            if acquisition.held_here:
+                # Another run of this process holds it: known busy without asking etcd.
+                busy_here += 1
+                self.fields["candidates_busy_here"] = busy_here
+            return acquisition.hold
 
         return self._work(settings, take, spread=True, candidates=candidates, reread=reread)
 

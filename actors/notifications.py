@@ -247,7 +247,8 @@ def _step_under_lease(
             **fields,
         )
         left = 1.0
-        if acquisition.holder_lease_id:
+        # A holder in this process lives as long as we do: no need to ask how long it may block.
+        if acquisition.holder_lease_id and not acquisition.held_here:
             with contextlib.suppress(LeaseError):
                 left = float(runtime.etcd.time_to_live(acquisition.holder_lease_id))
         raise LeaseBusy(

@@ -91,8 +91,10 @@ OPERATIONS: dict[str, dict[str, int]] = {
     "trigger_sent": _TRIGGER_SENT,
     "trigger_collapsed": _TRIGGER_COLLAPSED,
     "gate_lease_grant": {"pg": 0, "etcd": 1, "rmq": 0},
-    # A run's try of a candidate whose lease another run holds: one create that fails.
+    # A run's try of a candidate whose lease a run of another process holds: one create
+    # that fails. Held by a run of its own process: known from the session, no request.
     "run_lease_busy": {"pg": 0, "etcd": 1, "rmq": 0},
+    "run_lease_busy_here": {"pg": 0, "etcd": 0, "rmq": 0},
     # A run's try of a candidate another run has started since it read the list: acquire,
     # get, release.
     "run_candidate_moved_on": {"pg": 1, "etcd": 2, "rmq": 0},
@@ -364,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         kinds[kind or "run_other"] += n
     kinds["gate_leave"] = sum(r.get("actor") == "enqueue_next_migration" for r in runs)
     # Each run's line counts its candidates found busy, and found started since it read them.
-    kinds["run_lease_busy"] = sum(int(r.get("candidates_busy") or 0) for r in runs)
+    here = sum(int(r.get("candidates_busy_here") or 0) for r in runs)
+    kinds["run_lease_busy"] = sum(int(r.get("candidates_busy") or 0) for r in runs) - here
+    kinds["run_lease_busy_here"] = here
     kinds["run_candidate_moved_on"] = sum(int(r.get("candidates_moved_on") or 0) for r in runs)
     for line in notifications:
         kinds[f"notification_{line.get('notified_status')}"] += 1

@@ -168,13 +168,16 @@ class Hold:
             return False
         self.released = True
         try:
-            return self.client.delete_if_created_at(self.key, self.token)
+            deleted = self.client.delete_if_created_at(self.key, self.token)
         except LeaseError:
             # The key lives on a lease kept alive: the session deletes it in the background
             # (it would otherwise stay as long as the process lives).
             if self.session is not None and not self.session.lost:
                 self.session.release_later(self.key, self.token)
             raise
+        if self.session is not None:
+            self.session.note_deleted(self.key, self.token)
+        return deleted
 
     def __enter__(self) -> Hold:
         return self
@@ -206,8 +209,10 @@ class Acquisition:
     #: :meth:`EtcdClient.time_to_live`: how long a holder that died may still block.
     holder_lease_id: int = 0
     #: The store's revision the answer was read at: a wait for the holder's delete watches
-    #: from the next one.
+    #: from the next one (0 when etcd was not asked).
     revision: int = 0
+    #: True when the holder is this session, which answered without asking etcd.
+    held_here: bool = False
 
     def __bool__(self) -> bool:
         return self.hold is not None
@@ -219,7 +224,8 @@ def try_acquire(
     *,
     holder: HolderInfo | None = None,
 ) -> Acquisition:
-    """Take ``key`` on the session's lease if nobody holds it: one etcd transaction.
+    """Take ``key`` on the session's lease if nobody holds it: one etcd transaction, or
+    none when this session holds the key already (another thread's hold: busy).
 
     :param session: a live session; its lease carries the key.
     :param key: the etcd key to hold.
@@ -229,7 +235,20 @@ def try_acquire(
     :raises EtcdUnavailable: etcd could not be reached within the client's timeout.
     """
     session.check()
-    return _create(session.client, session, session.lease_id, key, holder or HolderInfo())
+    mine = session.holding(key)
+    if mine is not None:
+        # Another thread of this process holds it (runs in parallel read the same
+        # candidates): busy, and etcd would only say so at the cost of a write's round.
+        return Acquisition(None, mine.holder, mine.token, session.lease_id, held_here=True)
+    return _acquire(session, key, holder or HolderInfo())
+
+
+def _acquire(session: Session, key: str, holder: HolderInfo) -> Acquisition:
+    """One create of ``key`` on the session's lease, recorded on the session if taken."""
+    acquisition = _create(session.client, session, session.lease_id, key, holder)
+    if acquisition.hold is not None:
+        session.note_held(acquisition.hold)
+    return acquisition
 
 
 def acquire_within(
@@ -252,7 +271,9 @@ def acquire_within(
     """
     deadline = time.monotonic() + timeout
     while True:
-        acquisition = try_acquire(session, key, holder=holder)
+        # Always etcd's answer: the wait watches from the revision it was read at.
+        session.check()
+        acquisition = _acquire(session, key, holder or HolderInfo())
         remaining = deadline - time.monotonic()
         if acquisition or remaining <= 0:
             return acquisition

@@ -12,10 +12,14 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from leases import _log
 from leases.errors import EtcdUnavailable, LeaseError, SessionLost
 from leases.etcd import EtcdClient, KeepAliveStream
+
+if TYPE_CHECKING:
+    from leases.hold import Hold
 
 log = _log.get_logger(__name__)
 
@@ -37,6 +41,10 @@ class Session:
         key someone else may already have.
     :param on_lost: called once with the reason when the session finds itself lost (not on
         close), from the keep-alive thread; e.g. to count losses. Must not block.
+    :param trust_own_holds_for: seconds after taking a key during which the session itself
+        answers "busy" for it (:meth:`holding`), without asking etcd. Bounded because an
+        operator may delete a key a live process holds (a stuck holder): after this long,
+        this process's other threads ask etcd like everyone else. 0: always ask etcd.
     """
 
     def __init__(
@@ -46,6 +54,7 @@ class Session:
         ttl: float = 10,
         margin: float | None = None,
         on_lost: Callable[[str], None] | None = None,
+        trust_own_holds_for: float = 2.0,
     ) -> None:
         if ttl < MIN_TTL:
             raise ValueError(f"session TTL must be at least {MIN_TTL} s, got {ttl}")
@@ -67,6 +76,12 @@ class Session:
         self._unreleased: set[tuple[str, int | None, bytes]] = set()
         self._unreleased_changed = threading.Condition()
         self._releaser: threading.Thread | None = None
+        # The keys this session holds, by key, with when each was taken: not yet deleted
+        # (a hold whose release failed stays until release_later deletes it). A key here is
+        # on our lease in etcd, so busy for anyone else, unless an operator deleted it.
+        self.trust_own_holds_for = trust_own_holds_for
+        self._holds: dict[str, tuple[Hold, float]] = {}
+        self._holds_lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._keep_alive, name=f"lease-keepalive-{self.lease_id:x}", daemon=True
         )
@@ -104,6 +119,27 @@ class Session:
             raise SessionLost(f"lease {self.lease_id:x} lost: {self._lost_reason}")
         if self._closed.is_set():
             raise SessionLost(f"lease {self.lease_id:x} closed")
+
+    def holding(self, key: str) -> Hold | None:
+        """This session's hold of ``key``, taken less than ``trust_own_holds_for`` seconds
+        ago and not released: the key is busy, for this process's other threads too, and
+        etcd need not be asked. None: ask etcd."""
+        held = self._holds.get(key)
+        if held is None or time.monotonic() - held[1] >= self.trust_own_holds_for:
+            return None
+        return held[0]
+
+    def note_held(self, hold: Hold) -> None:
+        """Record ``hold`` (just created on this session's lease) until it is deleted."""
+        with self._holds_lock:
+            self._holds[hold.key] = (hold, time.monotonic())
+
+    def note_deleted(self, key: str, token: int | None) -> None:
+        """Forget the hold of ``key`` created at ``token`` (deleted, or found not ours)."""
+        with self._holds_lock:
+            held = self._holds.get(key)
+            if held is not None and held[0].token == token:
+                del self._holds[key]
 
     def release_later(self, key: str, token: int | None = None, *, value: bytes = b"") -> None:
         """Delete ``key`` in the background if it is still ours: a hold's release failed
@@ -158,6 +194,7 @@ class Session:
                     continue
                 with self._unreleased_changed:
                     self._unreleased.discard((key, token, value))
+                self.note_deleted(key, token)
                 if deleted:
                     log.info("lease_released_late", key=key, token=token)
                 else:
