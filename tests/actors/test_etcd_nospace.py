@@ -101,9 +101,13 @@ def test_a_full_etcd_stops_the_migration_uncharged_until_recovered(
     ) as etcd:
         host, port = etcd.endpoints[0].rsplit(":", 1)
         with EtcdClient([(host, int(port))], timeout=5) as client, Session(client) as filler:
+            # Sampled often and stopped short of the quota: the filler outruns the samples
+            # (about 100 KB per 0.2 s here), and a prefill that ended past the quota left
+            # the migration unable to start at all (CI: NOSPACE at the first lease grant).
             prefill = lease_cycles(
-                filler, "/filler", count=None, sample_every=0.2, until_db_size=int(0.95 * QUOTA)
+                filler, "/filler", count=None, sample_every=0.05, until_db_size=int(0.9 * QUOTA)
             )
+            assert client.alarms() == [], f"the prefill filled etcd ({prefill.max_db_size} B)"
         assert prefill.error is None, prefill.error
         run = make_migration(
             env={"MIGRATOR_ETCD_ENDPOINTS": etcd.endpoints[0]},
