@@ -323,7 +323,11 @@ def test_prometheus_scrapes_a_real_migration(
         values = wait_until(finished_series, timeout=30, interval=1, what="the range at COUNT")
         print(f"finished repositories, one value a second: {values}")
         assert values == sorted(values), "the finished count went down"
-        assert max(values) == COUNT and len(set(values)) >= 5
+        # At least three values: one before the pause, the one held through it, and COUNT. Not
+        # more: the run now finishes 60 repositories in a few scrapes (CI saw 19, 36, 50, 60;
+        # no 0, as the API's first scrape came after 19 had finished).
+        assert max(values) == COUNT and len(set(values)) >= 3
+        assert any(0 < value < COUNT for value in values), "no count seen mid-run"
         peak = prometheus.scalar("max_over_time(registry_migrator:in_flight:max[1h])")
         assert peak is not None and 0 < peak <= CAPACITY, peak
 
