@@ -30,7 +30,7 @@ from migration.keys import global_lease_key, repository_lease_key
 from migration.migrator import StepOutcome, StepReport, Writer
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES, STARTABLE_STATES, State
-from migration.store import Repository
+from migration.store import Candidate, Repository
 
 log = structlog.get_logger(__name__)
 
@@ -128,11 +128,11 @@ def _message_id() -> str | None:
 
 
 def try_order(
-    candidates: list[Repository],
+    candidates: list[Candidate],
     *,
     free: int,
     pick: Callable[[int], int] = random.randrange,
-) -> list[Repository]:
+) -> list[Candidate]:
     """The order a run tries ``candidates`` in: the first ``free`` of the leading kind
     (aborted, or ready) from a random one of them round, then the rest in order.
 
@@ -200,10 +200,10 @@ class EnqueuerRun:
         # Per-repository leases: the candidates are read with the count, in one round trip
         # (an at-capacity run reads them for nothing, a cheaper miss than a round trip
         # more for every run that starts one). The global lease's run reads them under it.
-        def reread() -> tuple[int, list[Repository]]:
+        def reread() -> tuple[int, list[Candidate]]:
             return store.in_flight_and_candidates(settings, limit=CANDIDATES_PER_RUN)
 
-        candidates: list[Repository] | None = None
+        candidates: list[Candidate] | None = None
         if settings.lease_scope == "global":
             in_flight = store.in_flight()
         else:
@@ -241,9 +241,10 @@ class EnqueuerRun:
 
         busy_here = 0
 
-        def take(repo: Repository) -> Hold | None:
+        def take(candidate: Candidate) -> Hold | None:
             nonlocal busy_here
-            acquisition = try_acquire(session, repository_lease_key(prefix, repo.id), holder=holder)
+            key = repository_lease_key(prefix, candidate.id)
+            acquisition = try_acquire(session, key, holder=holder)
             metrics.count_lease_acquisition(actor=ACTOR, taken=acquisition.hold is not None)
             if acquisition.held_here:
                 # Another run of this process holds it: known busy without asking etcd.
@@ -256,11 +257,11 @@ class EnqueuerRun:
     def _work(
         self,
         settings: Settings,
-        take: Callable[[Repository], AbstractContextManager[Hold] | None],
+        take: Callable[[Candidate], AbstractContextManager[Hold] | None],
         *,
         spread: bool,
-        candidates: list[Repository] | None = None,
-        reread: Callable[[], tuple[int, list[Repository]]] | None = None,
+        candidates: list[Candidate] | None = None,
+        reread: Callable[[], tuple[int, list[Candidate]]] | None = None,
     ) -> str:
         """Step the first candidate whose lease ``take`` gets (None: busy).
 

@@ -165,17 +165,17 @@ def _operation(
     began = time.perf_counter_ns()
     found = store.candidates(settings, limit=CANDIDATES)
     picked = time.perf_counter_ns()
-    repository = found[index % len(found)]
+    candidate = found[index % len(found)]
     result = store.claim(
-        repository.id,
-        expected_state=repository.migration_state,
+        candidate.id,
+        expected_state=candidate.migration_state,
         event=Event.START_PRE_IMPORT
-        if repository.migration_state is State.DEFAULT
+        if candidate.migration_state is State.DEFAULT
         else Event.RETRY_PRE_IMPORT,
         token=1,
         actor="bench-claim",
         message_id=None,
-        seen=repository,  # as the migrator does: the row the candidates read
+        seen=candidate,  # the fields the candidates' read gave (schema 0005's check)
     )
     done = time.perf_counter_ns()
     into.total.append(done - began)
@@ -185,7 +185,7 @@ def _operation(
         side.execute(
             "UPDATE container_repositories SET migration_state = 'import_done',"
             " migration_import_done_at = now() WHERE id = %s",
-            (repository.id,),
+            (candidate.id,),
         )
     else:
         into.refused += 1

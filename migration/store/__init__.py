@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from migration.store.core import Store
     from migration.store.model import (
+        Candidate,
         InvalidRepository,
         MigrationEvent,
         Outcome,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 _WHERE = {
     "Store": "core",
+    "Candidate": "model",
     "InvalidRepository": "model",
     "MigrationEvent": "model",
     "Outcome": "model",
@@ -55,6 +57,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "Candidate",
     "InvalidRepository",
     "MigrationEvent",
     "Outcome",

@@ -13,11 +13,12 @@ from migration.settings import Settings
 from migration.states import ARRIVAL_COLUMN, REQUEUE, REQUEUE_STATES, SkipReason, State
 from migration.store.base import StoreBase, log
 from migration.store.model import (
+    Candidate,
     InvalidRepository,
     MigrationEvent,
     Repository,
     _value,
-    repository_rows,
+    candidate_rows,
     validate_path,
 )
 from migration.store.sql import (
@@ -203,18 +204,22 @@ class RepositoriesMixin(StoreBase):
             row = conn.execute(query, params).fetchone()
         return int(row[0]) if row else 0
 
-    def candidates(self, settings: Settings, *, limit: int = 5) -> list[Repository]:
+    def candidates(self, settings: Settings, *, limit: int = 5) -> list[Candidate]:
         """The next repositories to work on: aborted ones first (oldest abort), then ready ones.
 
         Ready = state ``default``, created before the cut-off (when set), by created_at, id.
         Both kinds skip root namespaces in the deny list. Each part reads a partial index;
-        the id-only inner select lets the deny-list filter run on index entries.
+        the id-only inner select lets the deny-list filter run on index entries. Each is a
+        :class:`Candidate` (the fields to order, lease and claim it), not the whole row.
         """
-        return _candidate_order(self._many(*_candidates_query(settings, limit)))[:limit]
+        query, params = _candidates_query(settings, limit)
+        with self._connection() as conn:
+            found = conn.cursor(row_factory=candidate_rows).execute(query, params).fetchall()
+        return _candidate_order(found)[:limit]
 
     def in_flight_and_candidates(
         self, settings: Settings, *, limit: int
-    ) -> tuple[int, list[Repository]]:
+    ) -> tuple[int, list[Candidate]]:
         """:meth:`in_flight` and :meth:`candidates` in one round trip (psycopg's pipeline
         mode: both queries sent, then one wait), for an enqueuer run, which needs both
         whenever it starts a repository.
@@ -226,7 +231,7 @@ class RepositoriesMixin(StoreBase):
         with self._connection() as conn:
             with conn.pipeline():
                 counted = conn.execute(COUNT_ACTIVE)
-                listed = conn.cursor(row_factory=repository_rows).execute(query, params)
+                listed = conn.cursor(row_factory=candidate_rows).execute(query, params)
             row = counted.fetchone()
             found = listed.fetchall()
         return (int(row[0]) if row else 0), _candidate_order(found)[:limit]
@@ -359,16 +364,11 @@ class RepositoriesMixin(StoreBase):
         return rows
 
 
-def _candidate_order(found: list[Repository]) -> list[Repository]:
+def _candidate_order(found: list[Candidate]) -> list[Candidate]:
     """Aborted ones first (oldest abort), then ready ones by age: UNION ALL promises no
     order, each part comes in its own."""
     return sorted(
-        found,
-        key=lambda r: (
-            (0, r.migration_aborted_at, r.id)
-            if r.migration_state is State.IMPORT_ABORTED
-            else (1, r.created_at, r.id)
-        ),
+        found, key=lambda c: (c.migration_state is not State.IMPORT_ABORTED, c.order_at, c.id)
     )
 
 

@@ -95,6 +95,14 @@ TO_FRONT = (
 )
 
 
+#: The candidates' columns, in :class:`migration.store.model.Candidate`'s order (its last,
+#: ``order_at``, is the part's first order column).
+CANDIDATE_COLUMNS = (
+    "id", "migration_state", "migration_retries_count", "migration_aborted_in_state",
+    "fencing_token",
+)  # fmt: skip
+
+
 def select_ordered(
     *, state: str, order: tuple[str, str], deny: bool, cutoff: bool, limit: int
 ) -> sql.Composed:
@@ -112,10 +120,14 @@ def select_ordered(
     filters.append(sql.SQL("(registry_not_before IS NULL OR registry_not_before <= now())"))
     order_by = sql.SQL(", ").join(sql.Identifier(c) for c in order)
     return sql.SQL(
-        "SELECT * FROM container_repositories WHERE id IN ("
+        "SELECT {columns}, {order_at} AS order_at FROM container_repositories WHERE id IN ("
         " SELECT id FROM container_repositories WHERE {filters} ORDER BY {order} LIMIT {limit})"
         " ORDER BY {order}"
-    ).format(filters=sql.SQL(" AND ").join(filters), order=order_by, limit=sql.Literal(int(limit)))
+    ).format(
+        columns=sql.SQL(", ").join(sql.Identifier(c) for c in CANDIDATE_COLUMNS),
+        order_at=sql.Identifier(order[0]),
+        filters=sql.SQL(" AND ").join(filters), order=order_by, limit=sql.Literal(int(limit)),
+    )  # fmt: skip
 
 
 @lru_cache(maxsize=64)

@@ -46,6 +46,7 @@ from migration.store.model import (
     RepositoryNotFound,
     StepResult,
     StoreError,
+    WriteBasis,
     _value,
 )
 from migration.store.sql import FENCED_WRITE, READ_FOR_WRITE
@@ -82,10 +83,10 @@ class _Author:
 
 def _transition_by(
     event: Event, *, skip_reason: SkipReason | None = None
-) -> Callable[[Repository, int], Transition]:
+) -> Callable[[WriteBasis, int], Transition]:
     """How ``event`` moves a repository row, given the ``max_retries`` setting."""
 
-    def transition_of(repo: Repository, max_retries: int) -> Transition:
+    def transition_of(repo: WriteBasis, max_retries: int) -> Transition:
         return apply(
             repo.migration_state, event, retries_count=repo.migration_retries_count,
             max_retries=max_retries, aborted_in_state=repo.migration_aborted_in_state,
@@ -117,7 +118,7 @@ class WritesMixin(StoreBase):
         actor: str,
         message_id: str | None,
         detail: dict[str, Any] | None = None,
-        seen: Repository | None = None,
+        seen: WriteBasis | None = None,
     ) -> StepResult:
         """Move a repository into an active state, within the capacity.
 
@@ -133,9 +134,10 @@ class WritesMixin(StoreBase):
         :param actor: who writes (actor name), for the events log.
         :param message_id: the message being processed, for the events log.
         :param detail: extra JSON for the events log.
-        :param seen: the row as the caller read it, if it has it: the transition is
-            computed from it, which saves a read (the function checks it under the lock;
-            when it no longer holds, the row is read again).
+        :param seen: the row as the caller read it, if it has it (a :class:`Repository`
+            or a :class:`Candidate`): the transition is computed from it, which saves a
+            read (the function checks it under the lock; when it no longer holds, the row
+            is read again).
         :raises RepositoryNotFound: no such repository.
         :raises InvalidTransition: the event is not allowed from ``expected_state``.
         """
@@ -159,7 +161,7 @@ class WritesMixin(StoreBase):
         message_id: str | None,
         detail: dict[str, Any] | None = None,
         skip_reason: SkipReason | None = None,
-        seen: Repository | None = None,
+        seen: WriteBasis | None = None,
     ) -> StepResult:
         """Write one fenced transition that does not enter an active state from outside.
 
@@ -197,7 +199,7 @@ class WritesMixin(StoreBase):
         actor: str,
         message_id: str | None,
         detail: dict[str, Any] | None = None,
-        seen: Repository | None = None,
+        seen: WriteBasis | None = None,
     ) -> StepResult:
         """Put a claimed repository back (the registry said 429), counting no retry. Fenced.
 
@@ -227,8 +229,8 @@ class WritesMixin(StoreBase):
         event: str,
         claim: bool,
         author: _Author,
-        transition_of: Callable[[Repository, int], Transition],
-        seen: Repository | None,
+        transition_of: Callable[[WriteBasis, int], Transition],
+        seen: WriteBasis | None,
     ) -> StepResult:
         """A fenced write: one ``migration_fenced_write`` call (schema 0005), after a read.
 
@@ -245,7 +247,9 @@ class WritesMixin(StoreBase):
         """
         with self._connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            repo = seen if seen is not None and seen.migration_state is expected_state else None
+            repo: WriteBasis | None = (
+                seen if seen is not None and seen.migration_state is expected_state else None
+            )
             max_retries = 1  # only an abort needs the setting, and an abort reads the row
             for _attempt in range(_MISMATCH_RETRIES):
                 if repo is None:

@@ -21,7 +21,7 @@ from actors.enqueuer import REREADS_PER_RUN, EnqueuerRun
 from actors.runtime import Runtime
 from migration.config import Config
 from migration.settings import Settings
-from migration.store import Repository, Store
+from migration.store import Candidate, Store
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def _stale_reads(
     real = runtime.store.in_flight_and_candidates
     reads: list[list[int]] = []
 
-    def read(settings: Settings, *, limit: int) -> tuple[int, list[Repository]]:
+    def read(settings: Settings, *, limit: int) -> tuple[int, list[Candidate]]:
         in_flight, listed = real(settings, limit=limit)
         reads.append([r.id for r in listed])
         if len(reads) <= stale_reads:
@@ -145,7 +145,8 @@ def test_reads_again_are_bounded_then_the_run_goes_on_down_its_list(
     assert fields["candidates_moved_on"] == tried
     # Only the repository that arrived after the last read is left to start.
     left = clean_store.candidates(runtime.live_settings.get(), limit=20)
-    assert [r.path for r in left] == [f"stale/arrived-{REREADS_PER_RUN + 1}"]
+    arrived = clean_store.get_by_path(f"stale/arrived-{REREADS_PER_RUN + 1}")
+    assert arrived is not None and [c.id for c in left] == [arrived.id]
 
 
 def test_without_a_read_again_a_run_goes_on_down_its_list(
@@ -155,9 +156,9 @@ def test_without_a_read_again_a_run_goes_on_down_its_list(
     has no re-read and tries a stale list to its end."""
     clean_store.update_settings(lease_scope="global")
     listed = [clean_store.add_repository(f"stale/global-{i}", tags_count=5) for i in range(3)]
-    real: Callable[..., list[Repository]] = runtime.store.candidates
+    real: Callable[..., list[Candidate]] = runtime.store.candidates
 
-    def stale(settings: Settings, *, limit: int) -> list[Repository]:
+    def stale(settings: Settings, *, limit: int) -> list[Candidate]:
         found = real(settings, limit=limit)
         _started_elsewhere(database_url, [r.id for r in found])
         return found

@@ -21,7 +21,7 @@ from migration.store import (
     StoreUnavailable,
     schema_files,
 )
-from migration.store.model import Repository, repository_rows
+from migration.store.model import Candidate, Repository, repository_rows
 
 ACTOR = "test"
 
@@ -384,6 +384,32 @@ def test_candidates_aborted_first_then_ready_by_age_with_cutoff_and_deny_list(
     assert store.count_eligible(no_rules) == len(got)
     only_cutoff = store.update_settings(created_before=(base + timedelta(days=100)).isoformat())
     assert store.count_eligible(only_cutoff) == len(store.candidates(only_cutoff, limit=10)) == 7
+
+    # Each candidate carries its row's values: what a run orders, leases and claims by.
+    listed = store.candidates(no_rules, limit=10)
+    for candidate in listed:
+        row = store.get(candidate.id)
+        assert row is not None
+        aborted = row.migration_state is State.IMPORT_ABORTED
+        assert candidate == Candidate(
+            id=row.id,
+            migration_state=row.migration_state,
+            migration_retries_count=row.migration_retries_count,
+            migration_aborted_in_state=row.migration_aborted_in_state,
+            fencing_token=row.fencing_token,
+            order_at=row.migration_aborted_at if aborted else row.created_at,
+        )
+    first = listed[0]
+    assert (first.id, first.migration_aborted_in_state) == (abort_first, State.PRE_IMPORTING)
+    # ... and a claim computed from it, with no read of its own, writes the right row.
+    claimed = store.claim(first.id, expected_state=first.migration_state,
+                          event=Event.RETRY_PRE_IMPORT, token=2, actor=ACTOR,
+                          message_id="m-seen", seen=first)  # fmt: skip
+    assert claimed.ok and claimed.repository.migration_state is State.PRE_IMPORTING
+    # A retry keeps the count its abort raised; the start is counted, the new token written.
+    assert claimed.repository.migration_retries_count == first.migration_retries_count == 1
+    assert claimed.repository.migration_pre_import_starts == 2
+    assert claimed.repository.fencing_token == 2
 
 
 def test_waiting_time_and_stale(clean_store: Store) -> None:
