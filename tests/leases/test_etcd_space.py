@@ -130,6 +130,7 @@ def _private_etcd(data_root: Path, quota: int, *, compaction: bool) -> EtcdClust
 
 def test_a_holder_value_stays_small() -> None:
     assert len(HOLDER.to_json()) <= 200
+    assert HolderInfo.from_json(HOLDER.to_json()) == HOLDER  # every field, as written
     huge = HolderInfo(host="h" * 5000, actor="\x00" * 5000, message_id="é" * 5000)
     value = huge.to_json()
     assert len(value) <= MAX_HOLDER_BYTES
