@@ -121,8 +121,6 @@ class WriteBasis(Protocol):
     :class:`Repository` or a :class:`Candidate`."""
 
     @property
-    def id(self) -> int: ...
-    @property
     def migration_state(self) -> State: ...
     @property
     def migration_retries_count(self) -> int: ...
@@ -187,15 +185,19 @@ _STATES = State._value2member_map_
 _SKIP_REASONS = SkipReason._value2member_map_
 
 
+def _state_of(text: str) -> State:
+    """A state column's text as its enum: a lookup in the value map first (calling the enum
+    is several times slower); an unknown text still raises ValueError."""
+    return _STATES.get(text) or State(text)  # type: ignore[return-value]
+
+
 def _with_enums(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with its text columns turned into their enums, in place (a lookup in the
-    enum's value map first: calling the enum is several times slower; an unknown text
-    still raises ValueError)."""
-    state = row["migration_state"]
-    row["migration_state"] = _STATES.get(state) or State(state)
+    """``row`` with its text columns turned into their enums, in place (see
+    :func:`_state_of`)."""
+    row["migration_state"] = _state_of(row["migration_state"])
     aborted_in = row["migration_aborted_in_state"]
     if aborted_in is not None:
-        row["migration_aborted_in_state"] = _STATES.get(aborted_in) or State(aborted_in)
+        row["migration_aborted_in_state"] = _state_of(aborted_in)
     reason = row["migration_skipped_reason"]
     if reason is not None:
         row["migration_skipped_reason"] = _SKIP_REASONS.get(reason) or SkipReason(reason)
@@ -254,16 +256,14 @@ def repository_rows(cursor: Any) -> Callable[[Sequence[Any]], Repository]:
 
 def candidate_rows(cursor: Any) -> Callable[[Sequence[Any]], Candidate]:
     """A psycopg row factory making :class:`Candidate` tuples from the candidates' query
-    (its columns in the tuple's order; :data:`migration.store.sql.CANDIDATE_COLUMNS`)."""
+    (its columns in the tuple's order: :data:`migration.store.sql.CANDIDATE_COLUMNS`)."""
     new = tuple.__new__
-    states = _STATES
 
     def make(values: Sequence[Any]) -> Candidate:
-        state, aborted_in = values[1], values[3]
+        aborted_in = values[3]
         return new(Candidate, (
-            values[0], states.get(state) or State(state), values[2],
-            None if aborted_in is None else states.get(aborted_in) or State(aborted_in),
-            values[4], values[5],
+            values[0], _state_of(values[1]), values[2],
+            None if aborted_in is None else _state_of(aborted_in), values[4], values[5],
         ))  # fmt: skip
 
     return make

@@ -13,6 +13,7 @@ from functools import lru_cache
 from psycopg import sql
 
 from migration.states import ACTIVE_STATES, FINISHED_STATES, State
+from migration.store.model import Candidate
 
 
 def sql_list(states: frozenset[State]) -> str:
@@ -95,12 +96,9 @@ TO_FRONT = (
 )
 
 
-#: The candidates' columns, in :class:`migration.store.model.Candidate`'s order (its last,
-#: ``order_at``, is the part's first order column).
-CANDIDATE_COLUMNS = (
-    "id", "migration_state", "migration_retries_count", "migration_aborted_in_state",
-    "fencing_token",
-)  # fmt: skip
+#: The candidates' columns, in :class:`Candidate`'s order: its fields but the last,
+#: ``order_at``, which is each part's first order column.
+CANDIDATE_COLUMNS = Candidate._fields[:-1]
 
 
 def select_ordered(

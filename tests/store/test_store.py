@@ -401,7 +401,7 @@ def test_candidates_aborted_first_then_ready_by_age_with_cutoff_and_deny_list(
         )
     first = listed[0]
     assert (first.id, first.migration_aborted_in_state) == (abort_first, State.PRE_IMPORTING)
-    # ... and a claim computed from it, with no read of its own, writes the right row.
+    # ... and a claim given it (its transition computed from the candidate) writes the right row.
     claimed = store.claim(first.id, expected_state=first.migration_state,
                           event=Event.RETRY_PRE_IMPORT, token=2, actor=ACTOR,
                           message_id="m-seen", seen=first)  # fmt: skip
