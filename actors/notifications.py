@@ -148,7 +148,14 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
     message = CurrentMessage.get_current_message()
     message_id = message.message_id if message is not None else None
     retries = int(message.options.get("retries", 0)) if message is not None else 0
-    recovered = recover_interrupted_delivery(runtime, message, actor=ACTOR)
+    recovery = recover_interrupted_delivery(runtime, message, actor=ACTOR)
+    if recovery.unfinished:
+        # What our earlier delivery claimed is not reconciled yet: our status is of the
+        # attempt before that claim, and must not be applied to it (invariant 7).
+        log.info("notification_deferred", why="interrupted delivery not reconciled", **fields)
+        if recovery.freed:
+            run_in_place(runtime, source="notification")
+        raise TryLater("the earlier delivery's claims are not reconciled yet", after=2.0)
     breaker = runtime.registry_health.admit(runtime.live_settings.get())
     if breaker is not None:
         # Nothing to confirm the notification with: wait out the window (invariant 7).
@@ -183,7 +190,7 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
     # committed it and then failed to trigger (RabbitMQ down): it triggers in its place.
     freed = (
         report.frees_capacity
-        or recovered > 0
+        or recovery.freed > 0
         or (
             _delivered_before(message)
             and report.outcome is StepOutcome.IGNORED

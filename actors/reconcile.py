@@ -13,6 +13,7 @@ moves again within TTL + a poll, as invariant 4 asks.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -21,7 +22,7 @@ from actors.runtime import Runtime
 from leases import HolderInfo, acquire_within, try_acquire
 from migration import metrics
 from migration.keys import repository_lease_key
-from migration.migrator import AbortCause, StepReport, Writer
+from migration.migrator import AbortCause, StepOutcome, StepReport, Writer
 from migration.settings import Settings
 from migration.states import ACTIVE_STATES
 from migration.store import Repository
@@ -88,28 +89,54 @@ def redelivered(message: Any) -> bool:
     return bool(getattr(message, "redelivered", False))
 
 
-def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) -> int:
+#: The message option that carries a recovery the registry did not let finish over to the
+#: message's retry: a Dramatiq retry is a new delivery, which RabbitMQ does not mark
+#: redelivered, and the options are what a retry keeps (as it keeps ``retries``).
+RECOVERY_PENDING = "recovery_pending"
+#: Reconcile outcomes that left the repository as it was, for a reason that passes.
+_NOT_RECONCILED = {StepOutcome.REGISTRY_FAULT, StepOutcome.LEASE_AT_RISK}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What :func:`recover_interrupted_delivery` did.
+
+    :param freed: slots of the capacity it freed (worth a trigger).
+    :param unfinished: repositories left as they were because the registry could not
+        answer (or our lease was at risk); the message's retry recovers them first.
+    """
+
+    freed: int = 0
+    unfinished: int = 0
+
+
+def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) -> Recovery:
     """After a redelivery, reconcile what this message's earlier delivery left active.
 
     Does nothing (no query) for a message delivered the first time. A redelivery whose
     earlier delivery is still running (a connection lost, not a worker) finds the lease
-    held and gives up after the wait: that delivery finishes its own step.
+    held and gives up after the wait: that delivery finishes its own step. Until every
+    repository is reconciled, the message carries :data:`RECOVERY_PENDING`, so its retries
+    recover again (a notification must not be applied to the attempt its own earlier
+    delivery claimed: its status is of the attempt before, invariant 7).
 
     :param message: Dramatiq's current message (RabbitMQ's carries ``redelivered``).
     :param actor: the actor processing it.
-    :returns: how many slots of the capacity the recovery freed (worth a trigger).
     """
-    if not redelivered(message):
-        return 0
+    if message is None or not (redelivered(message) or message.options.get(RECOVERY_PENDING)):
+        return Recovery()
+    # Set before the work: an error raised in it (PostgreSQL, etcd) retries the message too.
+    message.options[RECOVERY_PENDING] = True
     message_id = str(message.message_id)
     left = runtime.store.active_last_written_by(message_id)
     if not left:
-        return 0
+        message.options.pop(RECOVERY_PENDING, None)
+        return Recovery()
     settings = runtime.live_settings.get()
     # A killed holder's key is gone within the TTL of its last keep-alive; one more second
     # covers etcd's expiry sweep.
     wait = runtime.config.lease_ttl + 1.0
-    freed = 0
+    freed = unfinished = 0
     for repository in left:
         result = reconcile_under_lease(
             runtime, repository, settings, actor=actor, message_id=message_id, wait=wait,
@@ -124,5 +151,10 @@ def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) 
             step_outcome=outcome_of(result),
             **fields,
         )
-        freed += not isinstance(result, str) and result.frees_capacity
-    return freed
+        if isinstance(result, str):
+            continue
+        freed += result.frees_capacity
+        unfinished += result.outcome in _NOT_RECONCILED
+    if not unfinished:
+        message.options.pop(RECOVERY_PENDING, None)
+    return Recovery(freed=freed, unfinished=unfinished)

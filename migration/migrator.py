@@ -196,7 +196,7 @@ class StepOutcome(StrEnum):
     REFUSED = "refused"  # fenced write refused (stale token or state changed)
     IGNORED = "ignored"  # nothing to do in this state
     ALIGNED = "aligned"  # the registry already runs the phase: taken over, no start sent
-    REGISTRY_FAULT = "registry_fault"  # the registry failed: claim undone, nothing charged
+    REGISTRY_FAULT = "registry_fault"  # the registry failed: nothing (more) done or charged
     LEASE_AT_RISK = "lease_at_risk"  # our lease might end first: no registry call made
 
 
@@ -711,8 +711,8 @@ class Migrator:
         phase still running past its timeout is canceled, then aborted (or skipped as
         ``migration_canceled`` when this abort would use the last retry); a registry state
         that does not match ours (or one outside the API's list) is canceled and aborted. A
-        registry that cannot be read or cancelled changes nothing: the guard looks again on
-        its next pass (invariant 7).
+        registry that cannot be read or cancelled changes nothing (``registry_fault``): the
+        guard looks again on its next pass (invariant 7).
         """
         state = repository.migration_state
         status = self.registry.status(repository.path, fence=writer.fence)
@@ -721,7 +721,7 @@ class Migrator:
         }
         if status.fault_class is FaultClass.REGISTRY:
             return StepReport(
-                StepOutcome.IGNORED,
+                StepOutcome.REGISTRY_FAULT,
                 repository,
                 {**fields, "why": "registry unreachable", "registry_error": status.detail},
             )
@@ -800,7 +800,7 @@ class Migrator:
             fields.update(canceled=cancel.outcome.value, running_s=round(age, 1))
             if cancel.fault_class is FaultClass.REGISTRY:
                 return StepReport(
-                    StepOutcome.IGNORED,
+                    StepOutcome.REGISTRY_FAULT,
                     repository,
                     {**fields, "why": "cancel failed: registry unreachable",
                      "registry_error": cancel.detail},
@@ -841,7 +841,7 @@ class Migrator:
             fields["canceled"] = cancel.outcome.value
             if cancel.fault_class is FaultClass.REGISTRY:
                 return StepReport(
-                    StepOutcome.IGNORED,
+                    StepOutcome.REGISTRY_FAULT,
                     repository,
                     {**fields, "why": "cancel failed: registry unreachable",
                      "registry_error": cancel.detail},

@@ -155,6 +155,84 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
     print(f"victim {victim_id}: stepped {recovered_after:.1f} s after the kill (TTL {ttl})")
 
 
+def test_a_notification_is_not_applied_to_the_retry_its_killed_delivery_claimed(
+    clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
+) -> None:
+    """The chaos run's race (invariant 7). A pre_import_failed notification aborts its
+    repository (one retry charged) and its run claims the retry; the worker dies inside the
+    retry's start, which never reaches the registry. The redelivered notification's
+    recovery meets a registry that cannot answer, so the claim stays. Its Dramatiq retry is
+    no RabbitMQ redelivery: it must still reconcile first (the claim undone, nothing
+    charged), not apply its pre_import_failed, which is the first attempt's, to the retry
+    and charge the same failure twice."""
+    ttl = 3
+    clean_store.update_settings(
+        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300,
+        registry_breaker_max_window=2, registry_backoff_max=2,
+    )  # fmt: skip
+    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
+    run.start()
+    config = f"{run.simulator_url}/simulator/config"
+    # Every start waits 1.5 s before it is decided (within the client's timeout, so the
+    # first one starts), and decides nothing for a caller gone by then.
+    httpx.post(config, json={"slow_start_seconds": 1.5}).raise_for_status()
+    victim_id = clean_store.add_repository("crash/fail-once-slow-decide-victim")
+    prefix = run.env["MIGRATOR_ETCD_PREFIX"]
+    with Config.from_env(run.env).etcd_client() as client:
+
+        def retry_in_its_start_call() -> tuple[int] | None:
+            repository = clean_store.get(victim_id)
+            if repository is None or (
+                repository.migration_state,
+                repository.migration_retries_count,
+            ) != (State.PRE_IMPORTING, 1):
+                return None
+            holder = dict(_held_by_enqueuer(client, prefix)).get(victim_id)
+            index = None if holder is None else run.worker_index_of(holder.pid)
+            return None if index is None else (index,)
+
+        (index,) = wait_until(
+            retry_in_its_start_call, timeout=60, interval=0.02, what="the retry's claim"
+        )
+        time.sleep(0.3)  # well inside the 1.5 s start call
+        # Status calls fail from the kill until after the redelivery's recovery (at most
+        # TTL + 1 s later); the registry keeps reporting the first attempt's failure.
+        httpx.post(
+            config, json={"fault": "status:503", "fault_calls": "status",
+                          "fault_seconds": ttl + 4},
+        ).raise_for_status()  # fmt: skip
+        run.kill_worker(index, signal.SIGKILL)
+
+    wait_until(
+        lambda: (r := clean_store.get(victim_id)) is not None and r.migration_state in TERMINAL,
+        timeout=90,
+        interval=0.2,
+        what="the victim terminal",
+    )
+    victim = clean_store.get(victim_id)
+    events = [e for e in clean_store.events(victim_id, limit=100) if e.accepted]
+    steps = [(e.event, e.actor) for e in events]
+    # fail-once: one failure of its own, charged once; the retry's interrupted claim undone.
+    assert victim is not None, victim_id
+    assert (victim.migration_state, victim.migration_retries_count) == (
+        State.IMPORT_DONE, 1,
+    ), steps  # fmt: skip
+    assert [e.event for e in events].count("abort_import") == 1, steps
+    undone = [e for e in events if e.event == "undo_claim"]
+    assert undone and undone[0].detail.get("fault_class") == "interrupted", steps
+    # Undone by the notification's retry, once the registry answered again: the
+    # redelivery's recovery met the fault first (else this test proves nothing).
+    assert undone[0].actor == "handle_registry_notification", steps
+    survivor = f"worker-{1 - index}"
+    recoveries = [
+        line["step_outcome"]
+        for line in run.log_events(survivor, "interrupted_step_reconciled")
+        if line.get("container_repository_id") == victim_id
+    ]
+    assert recoveries[0] == "registry_fault" and recoveries[-1] == "undone", recoveries
+    assert stale_accepted_writes(database_url) == []
+
+
 def _run_intervals(lines: list[dict[str, object]]) -> list[tuple[float, float]]:
     """(start, end) of the runs that stepped a repository, from their log lines."""
     intervals = []

@@ -517,7 +517,7 @@ def test_guard_leaves_things_alone_when_the_registry_is_unreachable(
         report = migrator.reconcile_stale(
             current(clean_store, repo_id), clean_store.settings(), tokens.writer()
         )
-    assert report.outcome is StepOutcome.IGNORED
+    assert report.outcome is StepOutcome.REGISTRY_FAULT
     assert current(clean_store, repo_id).migration_state is State.PRE_IMPORTING
 
 
@@ -549,7 +549,7 @@ def test_guard_postpones_when_the_registry_answers_5xx(
     claim_without_registry(store, repo_id, tokens)
     _age_step(database_url, repo_id, 600)
     report = migrator.reconcile_stale(current(store, repo_id), store.settings(), tokens.writer())
-    assert report.outcome is StepOutcome.IGNORED
+    assert report.outcome is StepOutcome.REGISTRY_FAULT
     row = current(store, repo_id)
     assert (row.migration_state, row.migration_retries_count) == (State.PRE_IMPORTING, 0)
 
