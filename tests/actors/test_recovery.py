@@ -15,7 +15,7 @@ from leases import EtcdClient, HolderInfo
 from migration.config import Config
 from migration.keys import leases_prefix
 from migration.states import State
-from migration.store import MigrationEvent, Store
+from migration.store import MigrationEvent, Repository, Store
 from tests.actors.conftest import (
     TERMINAL,
     all_terminal,
@@ -32,6 +32,38 @@ def _held_by_enqueuer(client: EtcdClient, prefix: str) -> list[tuple[int, Holder
         if holder.actor == "enqueue_next_migration" and "container_repository/" in kv.key:
             held.append((int(kv.key.rsplit("/", 1)[1]), holder))
     return held
+
+
+def _worker_in_its_start_call(
+    run: LocalMigration,
+    client: EtcdClient,
+    store: Store,
+    repository_id: int,
+    *,
+    retries: int = 0,
+) -> tuple[int] | None:
+    """(index,) of the worker whose enqueuer run holds ``repository_id``'s lease with the
+    repository pre_importing after ``retries`` charged retries (in its start call), or None.
+    A tuple, so that worker 0 counts as found."""
+    repository = store.get(repository_id)
+    if repository is None or (repository.migration_state, repository.migration_retries_count) != (
+        State.PRE_IMPORTING,
+        retries,
+    ):
+        return None
+    holder = dict(_held_by_enqueuer(client, run.env["MIGRATOR_ETCD_PREFIX"])).get(repository_id)
+    index = None if holder is None else run.worker_index_of(holder.pid)
+    return None if index is None else (index,)
+
+
+def _terminal(store: Store, repository_id: int, *, timeout: float) -> Repository:
+    """The repository once it is terminal (AssertionError after ``timeout`` seconds)."""
+    return wait_until(
+        lambda: (r := store.get(repository_id)) is not None and r.migration_state in TERMINAL and r,
+        timeout=timeout,
+        interval=0.2,
+        what=f"repository {repository_id} terminal",
+    )
 
 
 def test_sigkill_worker_mid_run_delays_only_its_repository(
@@ -108,18 +140,11 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
         f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": 3}
     ).raise_for_status()
     victim_id = clean_store.add_repository("crash/slow-decide-victim")
-    prefix = run.env["MIGRATOR_ETCD_PREFIX"]
     with Config.from_env(run.env).etcd_client() as client:
-
-        def victim_in_its_start_call() -> tuple[int] | None:
-            repository = clean_store.get(victim_id)
-            if repository is None or repository.migration_state is not State.PRE_IMPORTING:
-                return None
-            holder = dict(_held_by_enqueuer(client, prefix)).get(victim_id)
-            index = None if holder is None else run.worker_index_of(holder.pid)
-            return None if index is None else (index,)  # worker 0 must count as found
-
-        (index,) = wait_until(victim_in_its_start_call, timeout=60, interval=0.02, what="the claim")
+        (index,) = wait_until(
+            lambda: _worker_in_its_start_call(run, client, clean_store, victim_id),
+            timeout=60, interval=0.02, what="the claim",
+        )  # fmt: skip
         time.sleep(0.5)  # well inside the 3 s start call
         run.kill_worker(index, signal.SIGKILL)
         killed_at = time.time()
@@ -141,14 +166,8 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
     httpx.post(
         f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": 0}
     ).raise_for_status()
-    wait_until(
-        lambda: (r := clean_store.get(victim_id)) is not None and r.migration_state in TERMINAL,
-        timeout=60,
-        interval=0.2,
-        what="the victim terminal",
-    )
-    victim = clean_store.get(victim_id)
-    assert victim is not None and victim.migration_retries_count == 0, victim
+    victim = _terminal(clean_store, victim_id, timeout=60)
+    assert victim.migration_retries_count == 0, victim
     report = run.report()
     assert report["overlapping_repositories"] == []
     assert stale_accepted_writes(database_url) == []
@@ -177,23 +196,11 @@ def test_a_notification_is_not_applied_to_the_retry_its_killed_delivery_claimed(
     # first one starts), and decides nothing for a caller gone by then.
     httpx.post(config, json={"slow_start_seconds": 1.5}).raise_for_status()
     victim_id = clean_store.add_repository("crash/fail-once-slow-decide-victim")
-    prefix = run.env["MIGRATOR_ETCD_PREFIX"]
     with Config.from_env(run.env).etcd_client() as client:
-
-        def retry_in_its_start_call() -> tuple[int] | None:
-            repository = clean_store.get(victim_id)
-            if repository is None or (
-                repository.migration_state,
-                repository.migration_retries_count,
-            ) != (State.PRE_IMPORTING, 1):
-                return None
-            holder = dict(_held_by_enqueuer(client, prefix)).get(victim_id)
-            index = None if holder is None else run.worker_index_of(holder.pid)
-            return None if index is None else (index,)
-
         (index,) = wait_until(
-            retry_in_its_start_call, timeout=60, interval=0.02, what="the retry's claim"
-        )
+            lambda: _worker_in_its_start_call(run, client, clean_store, victim_id, retries=1),
+            timeout=60, interval=0.02, what="the retry's claim",
+        )  # fmt: skip
         time.sleep(0.3)  # well inside the 1.5 s start call
         # Status calls fail from the kill until after the redelivery's recovery (at most
         # TTL + 1 s later); the registry keeps reporting the first attempt's failure.
@@ -203,17 +210,10 @@ def test_a_notification_is_not_applied_to_the_retry_its_killed_delivery_claimed(
         ).raise_for_status()  # fmt: skip
         run.kill_worker(index, signal.SIGKILL)
 
-    wait_until(
-        lambda: (r := clean_store.get(victim_id)) is not None and r.migration_state in TERMINAL,
-        timeout=90,
-        interval=0.2,
-        what="the victim terminal",
-    )
-    victim = clean_store.get(victim_id)
+    victim = _terminal(clean_store, victim_id, timeout=90)
     events = [e for e in clean_store.events(victim_id, limit=100) if e.accepted]
     steps = [(e.event, e.actor) for e in events]
     # fail-once: one failure of its own, charged once; the retry's interrupted claim undone.
-    assert victim is not None, victim_id
     assert (victim.migration_state, victim.migration_retries_count) == (
         State.IMPORT_DONE, 1,
     ), steps  # fmt: skip
