@@ -127,10 +127,16 @@ def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) 
         return Recovery()
     # Set before the work: an error raised in it (PostgreSQL, etcd) retries the message too.
     message.options[RECOVERY_PENDING] = True
-    message_id = str(message.message_id)
+    recovery = _reconcile_left_by(runtime, str(message.message_id), actor=actor)
+    if not recovery.unfinished:
+        message.options.pop(RECOVERY_PENDING, None)
+    return recovery
+
+
+def _reconcile_left_by(runtime: Runtime, message_id: str, *, actor: str) -> Recovery:
+    """Reconcile each active repository whose latest write was ``message_id``'s."""
     left = runtime.store.active_last_written_by(message_id)
     if not left:
-        message.options.pop(RECOVERY_PENDING, None)
         return Recovery()
     settings = runtime.live_settings.get()
     # A killed holder's key is gone within the TTL of its last keep-alive; one more second
@@ -155,6 +161,4 @@ def recover_interrupted_delivery(runtime: Runtime, message: Any, *, actor: str) 
             continue
         freed += result.frees_capacity
         unfinished += result.outcome in _NOT_RECONCILED
-    if not unfinished:
-        message.options.pop(RECOVERY_PENDING, None)
     return Recovery(freed=freed, unfinished=unfinished)

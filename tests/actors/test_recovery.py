@@ -46,10 +46,11 @@ def _worker_in_its_start_call(
     repository pre_importing after ``retries`` charged retries (in its start call), or None.
     A tuple, so that worker 0 counts as found."""
     repository = store.get(repository_id)
-    if repository is None or (repository.migration_state, repository.migration_retries_count) != (
-        State.PRE_IMPORTING,
-        retries,
-    ):
+    if repository is None:
+        return None
+    if (repository.migration_state, repository.migration_retries_count) != (
+        State.PRE_IMPORTING, retries,
+    ):  # fmt: skip
         return None
     holder = dict(_held_by_enqueuer(client, run.env["MIGRATOR_ETCD_PREFIX"])).get(repository_id)
     index = None if holder is None else run.worker_index_of(holder.pid)
