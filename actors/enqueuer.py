@@ -22,7 +22,8 @@ import structlog
 from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
-from actors.reconcile import recover_interrupted_delivery
+from actors.later import REGISTRY_RETRIES, TryLater
+from actors.reconcile import Recovery, recover_interrupted_delivery
 from actors.runtime import Runtime, get_runtime, note_etcd_failure
 from leases import Hold, HolderInfo, LeaseError, Ticket, try_acquire
 from migration import metrics
@@ -389,10 +390,18 @@ class EnqueuerRun:
         )
 
 
+def _retry_when(retries: int, exception: BaseException) -> bool:
+    # A recovery the registry did not let finish: tried again as long as an outage may last
+    # (invariant 7), as a notification's is. Anything else: three times.
+    if isinstance(exception, TryLater):
+        return retries < REGISTRY_RETRIES
+    return retries < 3
+
+
 @dramatiq.actor(
     actor_name=ACTOR,
     queue_name=CONFIG.queue_name,
-    max_retries=3,
+    retry_when=_retry_when,
     min_backoff=1000,
     max_backoff=10_000,
 )
@@ -406,16 +415,32 @@ def enqueue_next_migration(
     :param source: what triggered it, for the log.
     """
 
+    recovery = Recovery()
+
     def prepare() -> Runtime:
+        nonlocal recovery
         runtime = get_runtime()
         if ticket_key is not None and ticket_token is not None:
+            # Idempotent: a retry of this message leaves a marker that is gone already.
             runtime.gate.leave(Ticket(str(ticket_key), int(ticket_token)))
         # A redelivery (the worker of the first delivery died): what that delivery claimed
         # is reconciled first, an aborted one then comes first among this run's candidates.
-        recover_interrupted_delivery(runtime, CurrentMessage.get_current_message(), actor=ACTOR)
+        recovery = recover_interrupted_delivery(
+            runtime, CurrentMessage.get_current_message(), actor=ACTOR
+        )
         return runtime
 
     _logged_run(prepare, source=source)
+    if recovery.unfinished:
+        # The registry could not say what became of a claim the dead delivery left (the
+        # repository stays claimed, nothing runs for it): try again soon rather than leave
+        # it to the guard, max_step_duration later. The retry recovers first, then runs.
+        log.info(
+            "enqueue_retry_pending",
+            why="interrupted delivery not reconciled",
+            unreconciled=recovery.unfinished,
+        )
+        raise TryLater("the earlier delivery's claims are not reconciled yet", after=2.0)
 
 
 def run_in_place(runtime: Runtime, *, source: str) -> None:

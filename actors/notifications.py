@@ -12,6 +12,7 @@ from dramatiq.middleware import CurrentMessage
 
 from actors.config import CONFIG
 from actors.enqueuer import run_in_place
+from actors.later import REGISTRY_RETRIES, TryLater
 from actors.reconcile import recover_interrupted_delivery, redelivered
 from actors.runtime import Runtime, get_runtime
 from leases import HolderInfo, LeaseError, try_acquire
@@ -61,24 +62,6 @@ def _delivered_before(message: Any) -> bool:
     if message is None:
         return False
     return redelivered(message) or bool(message.options.get("retries", 0))
-
-
-#: Retries of a notification the registry cannot confirm (or whose next start it failed):
-#: at 2-30 s apiece, hours of registry outage before a dead letter.
-REGISTRY_RETRIES = 1_000
-
-
-class TryLater(dramatiq.Retry):
-    """The notification cannot be applied now (the registry's breaker is open, its status
-    unreadable, the next start failed; or our lease is at risk): retry it later, without a
-    traceback in the log (it is no error of ours).
-
-    :param why: one line, logged.
-    :param after: seconds to wait (jittered up to half again).
-    """
-
-    def __init__(self, why: str, *, after: float) -> None:
-        super().__init__(why, delay=int(after * (1 + random.random() / 2) * 1000))
 
 
 def _retry_when(retries: int, exception: BaseException) -> bool:

@@ -175,6 +175,66 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
     print(f"victim {victim_id}: stepped {recovered_after:.1f} s after the kill (TTL {ttl})")
 
 
+def test_an_enqueuer_recovery_the_registry_kept_from_finishing_is_retried(
+    clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
+) -> None:
+    """Killed between its claim and the registry's start, as above, but the registry cannot
+    answer the redelivered message's recovery: the claim stays. The message is retried and
+    its retry reconciles once the registry answers again (seconds, not the guard's
+    max_step_duration of 300 s)."""
+    ttl = 3
+    fault_seconds = ttl + 4
+    clean_store.update_settings(
+        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300,
+        registry_breaker_max_window=2, registry_backoff_max=2,
+    )  # fmt: skip
+    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
+    run.start()
+    config = f"{run.simulator_url}/simulator/config"
+    httpx.post(config, json={"slow_start_seconds": 3}).raise_for_status()
+    victim_id = clean_store.add_repository("crash/slow-decide-unreconciled-victim")
+    with Config.from_env(run.env).etcd_client() as client:
+        (index,) = wait_until(
+            lambda: _worker_in_its_start_call(run, client, clean_store, victim_id),
+            timeout=60, interval=0.02, what="the claim",
+        )  # fmt: skip
+        time.sleep(0.5)  # well inside the 3 s start call
+        # Status calls fail from the kill until after the redelivery's recovery (at most
+        # TTL + 1 s later).
+        httpx.post(
+            config, json={"fault": "status:503", "fault_calls": "status",
+                          "fault_seconds": fault_seconds},
+        ).raise_for_status()  # fmt: skip
+        run.kill_worker(index, signal.SIGKILL)
+        killed_at = time.time()
+
+    def undone() -> MigrationEvent | None:
+        events = [e for e in clean_store.events(victim_id) if e.event == "undo_claim"]
+        return events[0] if events else None
+
+    # The registry answers again fault_seconds after the kill; the retries come every 2-3 s.
+    step = wait_until(undone, timeout=fault_seconds + 15, interval=0.1, what="the undo")
+    assert (step.actor, step.detail.get("fault_class")) == (
+        "enqueue_next_migration", "interrupted",
+    ), step  # fmt: skip
+    assert fault_seconds - 1 <= step.at.timestamp() - killed_at <= fault_seconds + 10
+    survivor = f"worker-{1 - index}"
+    recoveries = [
+        line["step_outcome"]
+        for line in run.log_events(survivor, "interrupted_step_reconciled")
+        if line.get("container_repository_id") == victim_id
+    ]
+    # The redelivery's recovery met the fault (else this test proves nothing), a retry
+    # undid the claim.
+    assert recoveries[0] == "registry_fault" and recoveries[-1] == "undone", recoveries
+    assert run.log_events(survivor, "enqueue_retry_pending")
+    httpx.post(config, json={"slow_start_seconds": 0}).raise_for_status()
+    victim = _terminal(clean_store, victim_id, timeout=60)
+    assert (victim.migration_state, victim.migration_retries_count) == (State.IMPORT_DONE, 0)
+    assert run.report()["overlapping_repositories"] == []
+    assert stale_accepted_writes(database_url) == []
+
+
 def test_a_notification_is_not_applied_to_the_retry_its_killed_delivery_claimed(
     clean_store: Store, database_url: str, make_migration: Callable[..., LocalMigration]
 ) -> None:

@@ -16,14 +16,10 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import Retries
 
+from actors import enqueuer
 from actors.enqueuer import enqueue_next_migration
-from actors.notifications import (
-    REGISTRY_RETRIES,
-    LeaseBusy,
-    TryLater,
-    _retry_when,
-    handle_registry_notification,
-)
+from actors.later import REGISTRY_RETRIES, TryLater
+from actors.notifications import LeaseBusy, _retry_when, handle_registry_notification
 from actors.validation import ArgumentCheck, argument_problem
 
 QUEUE = "argument-check"
@@ -137,3 +133,9 @@ def test_a_busy_lease_is_retried_far_longer_than_other_errors() -> None:
     assert later.delay is not None and 2000 <= later.delay <= 3000
     assert _retry_when(REGISTRY_RETRIES - 1, later)
     assert not _retry_when(REGISTRY_RETRIES, later)
+    # The enqueuer: a recovery the registry kept from finishing, as long; anything else,
+    # three times.
+    assert enqueuer._retry_when(REGISTRY_RETRIES - 1, later)
+    assert not enqueuer._retry_when(REGISTRY_RETRIES, later)
+    assert enqueuer._retry_when(2, other)
+    assert not enqueuer._retry_when(3, other)
