@@ -7,8 +7,9 @@ import random
 import dramatiq
 
 #: Retries of a message the registry keeps from finishing (a status it cannot confirm, a
-#: recovery it cannot answer for): at 2-30 s apiece, hours of registry outage before a
-#: dead letter (invariant 7: the registry's failures are not the message's).
+#: recovery it cannot answer for): at 2-30 s apiece (the breaker's window), 40 minutes to
+#: hours of registry outage before a dead letter (invariant 7: the registry's failures are
+#: not the message's). The guard is the net after that.
 REGISTRY_RETRIES = 1_000
 
 
