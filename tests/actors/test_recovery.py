@@ -57,6 +57,30 @@ def _worker_in_its_start_call(
     return None if index is None else (index,)
 
 
+def _kill_inside_its_start_call(
+    run: LocalMigration,
+    store: Store,
+    repository_id: int,
+    *,
+    after: float,
+    retries: int = 0,
+    then_fault: dict[str, object] | None = None,
+) -> int:
+    """SIGKILL the worker whose enqueuer run is in ``repository_id``'s start call (after
+    ``retries`` charged retries), ``after`` seconds into it; with ``then_fault`` set on the
+    registry simulator just before the kill. Returns the worker's index."""
+    with Config.from_env(run.env).etcd_client() as client:
+        (index,) = wait_until(
+            lambda: _worker_in_its_start_call(run, client, store, repository_id, retries=retries),
+            timeout=60, interval=0.02, what="the claim",
+        )  # fmt: skip
+    time.sleep(after)
+    if then_fault is not None:
+        httpx.post(f"{run.simulator_url}/simulator/config", json=then_fault).raise_for_status()
+    run.kill_worker(index, signal.SIGKILL)
+    return index
+
+
 def _terminal(store: Store, repository_id: int, *, timeout: float) -> Repository:
     """The repository once it is terminal (AssertionError after ``timeout`` seconds)."""
     return wait_until(
@@ -65,6 +89,38 @@ def _terminal(store: Store, repository_id: int, *, timeout: float) -> Repository
         interval=0.2,
         what=f"repository {repository_id} terminal",
     )
+
+
+def _started_for_a_kill(
+    store: Store,
+    make_migration: Callable[..., LocalMigration],
+    *,
+    ttl: int,
+    slow_start_seconds: float,
+) -> LocalMigration:
+    """A running migration (2 workers x 2 threads, lease TTL ``ttl``) for a kill inside a
+    start call: its guard waits 300 s (only a recovery can be quick), its registry breaker
+    and backoff are short (for a registry fault during the recovery), and its registry
+    decides a ``slow-decide`` start ``slow_start_seconds`` late."""
+    store.update_settings(
+        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300,
+        registry_breaker_max_window=2, registry_backoff_max=2,
+    )  # fmt: skip
+    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
+    run.start()
+    httpx.post(
+        f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": slow_start_seconds}
+    ).raise_for_status()
+    return run
+
+
+def _recovery_outcomes(run: LocalMigration, worker: str, repository_id: int) -> list[object]:
+    """The step outcomes of ``worker``'s recoveries of ``repository_id``, in order."""
+    return [
+        line["step_outcome"]
+        for line in run.log_events(worker, "interrupted_step_reconciled")
+        if line.get("container_repository_id") == repository_id
+    ]
 
 
 def test_sigkill_worker_mid_run_delays_only_its_repository(
@@ -130,25 +186,13 @@ def test_sigkill_before_the_registry_call_is_recovered_within_the_ttl(
     notification will come. The redelivered message reconciles the repository as soon as the
     dead worker's lease expires (TTL + a poll), not when the guard finds it stale."""
     ttl = 3
-    clean_store.update_settings(
-        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300
-    )
-    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
-    run.start()
     # The registry waits 3 s before deciding a slow-decide start, and starts nothing when
     # its caller is gone by then.
-    httpx.post(
-        f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": 3}
-    ).raise_for_status()
+    run = _started_for_a_kill(clean_store, make_migration, ttl=ttl, slow_start_seconds=3)
     victim_id = clean_store.add_repository("crash/slow-decide-victim")
-    with Config.from_env(run.env).etcd_client() as client:
-        (index,) = wait_until(
-            lambda: _worker_in_its_start_call(run, client, clean_store, victim_id),
-            timeout=60, interval=0.02, what="the claim",
-        )  # fmt: skip
-        time.sleep(0.5)  # well inside the 3 s start call
-        run.kill_worker(index, signal.SIGKILL)
-        killed_at = time.time()
+    # 0.5 s into the 3 s start call.
+    _kill_inside_its_start_call(run, clean_store, victim_id, after=0.5)
+    killed_at = time.time()
 
     def accepted_events() -> list[MigrationEvent]:
         return [e for e in clean_store.events(victim_id) if e.accepted]
@@ -184,29 +228,16 @@ def test_an_enqueuer_recovery_the_registry_kept_from_finishing_is_retried(
     max_step_duration of 300 s)."""
     ttl = 3
     fault_seconds = ttl + 4
-    clean_store.update_settings(
-        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300,
-        registry_breaker_max_window=2, registry_backoff_max=2,
-    )  # fmt: skip
-    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
-    run.start()
-    config = f"{run.simulator_url}/simulator/config"
-    httpx.post(config, json={"slow_start_seconds": 3}).raise_for_status()
+    run = _started_for_a_kill(clean_store, make_migration, ttl=ttl, slow_start_seconds=3)
     victim_id = clean_store.add_repository("crash/slow-decide-unreconciled-victim")
-    with Config.from_env(run.env).etcd_client() as client:
-        (index,) = wait_until(
-            lambda: _worker_in_its_start_call(run, client, clean_store, victim_id),
-            timeout=60, interval=0.02, what="the claim",
-        )  # fmt: skip
-        time.sleep(0.5)  # well inside the 3 s start call
-        # Status calls fail from the kill until after the redelivery's recovery (at most
-        # TTL + 1 s later).
-        httpx.post(
-            config, json={"fault": "status:503", "fault_calls": "status",
-                          "fault_seconds": fault_seconds},
-        ).raise_for_status()  # fmt: skip
-        run.kill_worker(index, signal.SIGKILL)
-        killed_at = time.time()
+    # 0.5 s into the 3 s start call; status calls fail from the kill until after the
+    # redelivery's recovery (at most TTL + 1 s later).
+    index = _kill_inside_its_start_call(
+        run, clean_store, victim_id, after=0.5,
+        then_fault={"fault": "status:503", "fault_calls": "status",
+                    "fault_seconds": fault_seconds},
+    )  # fmt: skip
+    killed_at = time.time()
 
     def undone() -> MigrationEvent | None:
         events = [e for e in clean_store.events(victim_id) if e.event == "undo_claim"]
@@ -219,16 +250,14 @@ def test_an_enqueuer_recovery_the_registry_kept_from_finishing_is_retried(
     ), step  # fmt: skip
     assert fault_seconds - 1 <= step.at.timestamp() - killed_at <= fault_seconds + 10
     survivor = f"worker-{1 - index}"
-    recoveries = [
-        line["step_outcome"]
-        for line in run.log_events(survivor, "interrupted_step_reconciled")
-        if line.get("container_repository_id") == victim_id
-    ]
+    recoveries = _recovery_outcomes(run, survivor, victim_id)
     # The redelivery's recovery met the fault (else this test proves nothing), a retry
     # undid the claim.
     assert recoveries[0] == "registry_fault" and recoveries[-1] == "undone", recoveries
     assert run.log_events(survivor, "enqueue_retry_pending")
-    httpx.post(config, json={"slow_start_seconds": 0}).raise_for_status()
+    httpx.post(
+        f"{run.simulator_url}/simulator/config", json={"slow_start_seconds": 0}
+    ).raise_for_status()
     victim = _terminal(clean_store, victim_id, timeout=60)
     assert (victim.migration_state, victim.migration_retries_count) == (State.IMPORT_DONE, 0)
     assert run.report()["overlapping_repositories"] == []
@@ -246,30 +275,17 @@ def test_a_notification_is_not_applied_to_the_retry_its_killed_delivery_claimed(
     charged), not apply its pre_import_failed, which is the first attempt's, to the retry
     and charge the same failure twice."""
     ttl = 3
-    clean_store.update_settings(
-        capacity=4, enqueue_interval=0.5, guard_interval=1, max_step_duration=300,
-        registry_breaker_max_window=2, registry_backoff_max=2,
-    )  # fmt: skip
-    run = make_migration(workers=2, threads=2, lease_ttl=ttl)
-    run.start()
-    config = f"{run.simulator_url}/simulator/config"
     # Every start waits 1.5 s before it is decided (within the client's timeout, so the
     # first one starts), and decides nothing for a caller gone by then.
-    httpx.post(config, json={"slow_start_seconds": 1.5}).raise_for_status()
+    run = _started_for_a_kill(clean_store, make_migration, ttl=ttl, slow_start_seconds=1.5)
     victim_id = clean_store.add_repository("crash/fail-once-slow-decide-victim")
-    with Config.from_env(run.env).etcd_client() as client:
-        (index,) = wait_until(
-            lambda: _worker_in_its_start_call(run, client, clean_store, victim_id, retries=1),
-            timeout=60, interval=0.02, what="the retry's claim",
-        )  # fmt: skip
-        time.sleep(0.3)  # well inside the 1.5 s start call
-        # Status calls fail from the kill until after the redelivery's recovery (at most
-        # TTL + 1 s later); the registry keeps reporting the first attempt's failure.
-        httpx.post(
-            config, json={"fault": "status:503", "fault_calls": "status",
-                          "fault_seconds": ttl + 4},
-        ).raise_for_status()  # fmt: skip
-        run.kill_worker(index, signal.SIGKILL)
+    # 0.3 s into the retry's 1.5 s start call; status calls fail from the kill until after
+    # the redelivery's recovery (at most TTL + 1 s later); the registry keeps reporting the
+    # first attempt's failure.
+    index = _kill_inside_its_start_call(
+        run, clean_store, victim_id, after=0.3, retries=1,
+        then_fault={"fault": "status:503", "fault_calls": "status", "fault_seconds": ttl + 4},
+    )  # fmt: skip
 
     victim = _terminal(clean_store, victim_id, timeout=90)
     events = [e for e in clean_store.events(victim_id, limit=100) if e.accepted]
@@ -285,11 +301,7 @@ def test_a_notification_is_not_applied_to_the_retry_its_killed_delivery_claimed(
     # redelivery's recovery met the fault first (else this test proves nothing).
     assert undone[0].actor == "handle_registry_notification", steps
     survivor = f"worker-{1 - index}"
-    recoveries = [
-        line["step_outcome"]
-        for line in run.log_events(survivor, "interrupted_step_reconciled")
-        if line.get("container_repository_id") == victim_id
-    ]
+    recoveries = _recovery_outcomes(run, survivor, victim_id)
     assert recoveries[0] == "registry_fault" and recoveries[-1] == "undone", recoveries
     assert stale_accepted_writes(database_url) == []
 
