@@ -6,6 +6,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import etcd3
 import pika
@@ -101,6 +102,29 @@ def test_up_again_restarts_nothing(stack: dict[str, str]) -> None:
         [str(STACK_SCRIPT), "status"], capture_output=True, text=True, timeout=60, check=False
     )
     assert status.returncode == 0, status.stdout
+
+
+def _reserved(text: str) -> set[int]:
+    ports: set[int] = set()
+    for item in filter(None, text.strip().split(",")):
+        low, _, high = item.partition("-")
+        ports.update(range(int(low), int(high or low) + 1))
+    return ports
+
+
+def test_up_reserves_the_ports_in_the_ephemeral_range(stack: dict[str, str]) -> None:
+    """A client socket given a server's port as its source port keeps the server from
+    binding it (RabbitMQ's 56720 failed so at 'up'): as root, 'up' reserves them."""
+    reserved_file = Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
+    if os.geteuid() != 0 or not os.access(reserved_file, os.W_OK):
+        pytest.skip("'up' reserves ports only as root")
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    servers = {
+        urlsplit(stack[name]).port or 0 for name in ("MIGRATOR_DATABASE_URL", "MIGRATOR_BROKER_URL")
+    }
+    in_range = {port for port in servers if low <= port <= high}
+    assert in_range, f"no server port in {low}-{high}: nothing to check"
+    assert in_range <= _reserved(reserved_file.read_text())
 
 
 @pytest.mark.timeout(120)
