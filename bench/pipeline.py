@@ -98,6 +98,10 @@ OPERATIONS: dict[str, dict[str, int]] = {
     # A run's try of a candidate another run has started since it read the list: acquire,
     # get, release.
     "run_candidate_moved_on": {"pg": 1, "etcd": 2, "rmq": 0},
+    # A notification that met its repository's lease held: one create that fails (and the
+    # holder's time-to-live when another process holds it), then Dramatiq's retry: the
+    # message through the delay queue and back (two publishes).
+    "notification_lease_busy": {"pg": 0, "etcd": 1, "rmq": 2},
     "settings_read": {"pg": 1, "etcd": 0, "rmq": 0},
 }  # fmt: skip
 
@@ -340,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = window.lines("enqueue_next_migration")
             notifications = window.lines("registry_notification_handled")
             triggers = {
+                "notification_lease_busy": len(window.lines("notification_lease_busy")),
                 "trigger_sent": len(window.lines("enqueue_triggered")),
                 "trigger_collapsed": len(window.lines("enqueue_collapsed")),
             }
