@@ -602,10 +602,17 @@ class Notifier:
                     )
             except NotifyError as error:
                 last = f"{error.kind}: {error}"
+                log.info("simulator_notification_attempt_failed", path=path,
+                         status=str(status), attempt=attempts, answer=error.kind)  # fmt: skip
                 return None
             last = str(code)
             if _refused(code):
                 refusals += 1
+            if not _sent(code):
+                # One line per attempt the API did not take (none when all goes well): what
+                # the registry saw during an outage, attempt by attempt.
+                log.info("simulator_notification_attempt_failed", path=path,
+                         status=str(status), attempt=attempts, answer=str(code))  # fmt: skip
             return code
 
         def out_of_attempts(state: tenacity.RetryCallState) -> bool:
