@@ -75,3 +75,8 @@ def test_outage_quick(stack: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_etcd_growth_quick(stack: dict[str, str]) -> None:
     _run("etcd_growth", stack, timeout=240)
+
+
+@pytest.mark.slow
+def test_etcd_batch_quick(stack: dict[str, str]) -> None:
+    _run("etcd_batch", stack, timeout=120)
