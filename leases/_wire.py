@@ -83,6 +83,7 @@ _COMPARE_CREATE_REVISION = _tag(5, _VARINT)  # Compare.create_revision (oneof ta
 _OP_RANGE = _tag(1, _LENGTH_DELIMITED)  # RequestOp.request_range (oneof request)
 _OP_PUT = _tag(2, _LENGTH_DELIMITED)  # RequestOp.request_put (oneof request)
 _OP_DELETE_RANGE = _tag(3, _LENGTH_DELIMITED)  # RequestOp.request_delete_range (oneof)
+_OP_TXN = _tag(4, _LENGTH_DELIMITED)  # RequestOp.request_txn (oneof; etcd 3.3+)
 _KEY = _tag(1, _LENGTH_DELIMITED)  # PutRequest / RangeRequest / DeleteRangeRequest .key
 _PUT_VALUE = _tag(2, _LENGTH_DELIMITED)  # PutRequest.value
 _PUT_LEASE = _tag(3, _VARINT)  # PutRequest.lease
@@ -129,6 +130,16 @@ def delete_if_created_at_txn(key: bytes, create_revision: int) -> bytes:
         _TXN_COMPARE, _compare_created_at(key, create_revision)
     ) + _length_delimited(
         _TXN_SUCCESS, _length_delimited(_OP_DELETE_RANGE, _optional_bytes(_KEY, key))
+    )
+
+
+def nested_txn(requests: list[bytes]) -> bytes:
+    """The ``TxnRequest`` with no compare whose success branch is ``requests`` (each an
+    encoded ``TxnRequest``), as ``RequestOp(request_txn=...)``: etcd evaluates every one's
+    compare against the store as it was before the whole, and applies them at one revision.
+    """
+    return b"".join(
+        _length_delimited(_TXN_SUCCESS, _length_delimited(_OP_TXN, r)) for r in requests
     )
 
 
@@ -321,6 +332,28 @@ def decode_txn_response(buf: bytes) -> TxnReply:
             last_response = (a, b)
     kvs = _response_op_range_kvs(buf[last_response[0] : last_response[1]]) if last_response else []
     return TxnReply(succeeded, revision, kvs)
+
+
+def decode_nested_txn_response(buf: bytes) -> list[TxnReply]:
+    """Read the ``TxnResponse`` of a :func:`nested_txn`: one :class:`TxnReply` per nested
+    transaction, in their order, each with the outer header's revision (the one their
+    writes were made at).
+
+    Raises ValueError on bytes that are not a well-formed message.
+    """
+    revision = 0
+    inner: list[TxnReply] = []
+    for field, wire_type, a, b in _fields(buf):
+        if field == 1 and wire_type == _LENGTH_DELIMITED:
+            for h_field, h_wire_type, h_value, _ in _fields(buf[a:b]):
+                if h_field == 3 and h_wire_type == _VARINT:
+                    revision = _int64(h_value)
+        elif field == 3 and wire_type == _LENGTH_DELIMITED:
+            op = buf[a:b]
+            for o_field, o_wire_type, c, d in _fields(op):
+                if o_field == 4 and o_wire_type == _LENGTH_DELIMITED:  # response_txn
+                    inner.append(decode_txn_response(op[c:d]))
+    return [reply._replace(revision=revision) for reply in inner]
 
 
 def decode_range_response(buf: bytes) -> list[WireKeyValue]:

@@ -30,6 +30,7 @@ import grpc
 from etcd3.etcdrpc import kv_pb2
 
 from leases import _wire
+from leases._batch import TxnBatcher
 from leases.errors import EtcdNoSpace, EtcdUnavailable
 
 T = TypeVar("T")
@@ -184,6 +185,23 @@ class EtcdClient:
             request_serializer=None,  # the request is already bytes
             response_deserializer=_wire.decode_txn_response,
         )
+        # The same method for a batch of them nested in one (leases._batch).
+        self._txn_nested = self._client.channel.unary_unary(
+            "/etcdserverpb.KV/Txn",
+            request_serializer=None,
+            response_deserializer=_wire.decode_nested_txn_response,
+        )
+        # Creates and deletes of a hold, the transactions every step sends twice, go
+        # together with those the process's other threads send meanwhile.
+        self._batcher = TxnBatcher(
+            send_one=lambda request: self._with_fresh_token(
+                lambda: self._txn(request, self.timeout, **self._auth)
+            ),
+            send_many=lambda requests: self._with_fresh_token(
+                lambda: self._txn_nested(_wire.nested_txn(requests), self.timeout, **self._auth)
+            ),
+            alone_after=_refused_by_etcd,
+        )
         # A prefix range (the gate's markers, a breaker's state: read on every trigger and
         # notification) the same way: its RangeRequest/RangeResponse in protobuf cost ~0.1 ms.
         self._range = self._client.channel.unary_unary(
@@ -244,6 +262,16 @@ class EtcdClient:
             what, lambda: self._txn(request, self.timeout, **self._auth)
         )
         return reply
+
+    def _send_batched(self, what: str, key: bytes, request: bytes) -> _wire.TxnReply:
+        """Send a ``TxnRequest`` on ``key`` through the batcher; its decoded answer.
+
+        :param what: the operation, for the error message.
+        """
+        try:
+            return self._batcher.send(key, request)
+        except grpc.RpcError as error:
+            raise _unavailable(f"etcd {what} failed", error) from error
 
     def _with_fresh_token(self, call: Callable[[], T]) -> T:
         """``call()``; once more with a new token when etcd says the token expired.
@@ -428,8 +456,8 @@ class EtcdClient:
         its fresh create revision, or the current holder's.
         """
         # compare create_revision(key) == 0; success: put on the lease; failure: read the key.
-        request = _wire.create_txn(key.encode(), value, lease_id)
-        reply = self._send_txn("create", request)
+        raw = key.encode()
+        reply = self._send_batched("create", raw, _wire.create_txn(raw, value, lease_id))
         if reply.succeeded:
             # The put is the transaction's only write, so the revision the transaction made is
             # the key's create revision (etcd's Go Mutex reads its token the same way): no
@@ -450,8 +478,10 @@ class EtcdClient:
 
     def delete_if_created_at(self, key: str, create_revision: int) -> bool:
         """Delete ``key`` only while it is still the incarnation created at ``create_revision``."""
-        request = _wire.delete_if_created_at_txn(key.encode(), create_revision)
-        reply = self._send_txn("delete", request)
+        raw = key.encode()
+        reply = self._send_batched(
+            "delete", raw, _wire.delete_if_created_at_txn(raw, create_revision)
+        )
         return reply.succeeded
 
     def delete_if_ours(self, key: str, *, lease_id: int, value: bytes) -> int | None:
@@ -639,6 +669,21 @@ def _token_refused(error: grpc.RpcError) -> bool:
     return (callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED) or (
         "invalid auth token" in text or "revision of auth store is old" in text
     )
+
+
+def _refused_by_etcd(error: BaseException) -> bool:
+    """etcd answered the call with an error (not: the call did not get through in time):
+    a batch it refused is tried again one transaction at a time."""
+    if not isinstance(error, grpc.RpcError):
+        return False
+    code = getattr(error, "code", None)
+    return callable(code) and code() not in _CALL_FAILED
+
+
+#: Codes of a call that did not get an answer from etcd (the connection, the deadline).
+_CALL_FAILED = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 
 def _is_nospace(error: grpc.RpcError) -> bool:

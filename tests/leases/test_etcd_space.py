@@ -158,7 +158,9 @@ def test_with_auto_compaction_the_database_stays_bounded(quota: int, tmp_path: P
     )
     assert cycles.error is None, cycles.error
     assert cycles.done == count
-    assert revisions >= 2 * count  # every cycle wrote its history
+    # Every cycle wrote its history: two key changes, in two revisions, or in fewer when
+    # the client sent the threads' transactions nested in one (leases._batch; 8 threads).
+    assert revisions >= 2 * count / 8
     assert cycles.max_db_size < quota / 2
     assert 0 < last.db_size_in_use <= last.db_size  # etcd 3.4 reports it (leases._wire)
 

@@ -318,3 +318,32 @@ def test_decode_range_response_equals_protobuf(
     data = message.SerializeToString() + b"".join(extra)
     parsed = rpc.RangeResponse.FromString(data)
     assert _wire.decode_range_response(data) == wire_kvs(parsed.kvs)
+
+
+@given(requests=st.lists(st.tuples(keys, values, int64s), min_size=1, max_size=5))
+@settings(max_examples=50)
+def test_nested_txn_bytes_equal_protobuf(requests: list[tuple[bytes, bytes, int]]) -> None:
+    inner = [_wire.create_txn(k, v, lease) for k, v, lease in requests]
+    expected = rpc.TxnRequest(
+        success=[rpc.RequestOp(request_txn=rpc.TxnRequest.FromString(r)) for r in inner]
+    )
+    assert _wire.nested_txn(inner) == expected.SerializeToString()
+
+
+def test_decode_nested_txn_response_gives_each_its_answer_at_the_outer_revision() -> None:
+    held = kv_pb2.KeyValue(key=b"/k/busy", create_revision=7, mod_revision=7, value=b"h", lease=9)
+    created = rpc.TxnResponse(
+        succeeded=True, responses=[rpc.ResponseOp(response_put=rpc.PutResponse())]
+    )
+    busy = rpc.TxnResponse(
+        succeeded=False, responses=[rpc.ResponseOp(response_range=rpc.RangeResponse(kvs=[held]))]
+    )
+    outer = rpc.TxnResponse(
+        header=rpc.ResponseHeader(revision=42),
+        succeeded=True,
+        responses=[rpc.ResponseOp(response_txn=created), rpc.ResponseOp(response_txn=busy)],
+    )
+    first, second = _wire.decode_nested_txn_response(outer.SerializeToString())
+    assert first == _wire.TxnReply(True, 42, [])
+    assert second.succeeded is False and second.revision == 42
+    assert second.range_kvs == [_wire.WireKeyValue(b"/k/busy", 7, 7, b"h", 9)]
