@@ -7,16 +7,18 @@ with its own compare, answered each on its own. A process could send whatever it
 have queued while the previous call is under way as one such call (a group commit): no
 wait when it is idle, one raft entry and one gRPC call for many when it is busy.
 
-Contenders, taking turns within each round so the machine's noise hits both alike:
+Contenders, the service's own client (``leases.EtcdClient``, requests encoded by
+``leases._wire``) both, taking turns within each round so the machine's noise hits both alike:
 
-- ``single``: each thread sends its create, then its delete, as a call of its own;
-- ``nested``: each thread queues them to one sender thread, which sends what is queued as
-  one outer transaction and hands each caller its own answer.
+- ``single``: each thread sends its create, then its delete, as a call of its own (the
+  client's unbatched path, as before ``leases._batch``);
+- ``nested``: ``EtcdClient.create`` and ``delete_if_created_at``, whose transactions go
+  through ``leases._batch.TxnBatcher``: what the threads queue while a call is under way
+  goes as one outer transaction.
 
 Each thread creates and deletes keys of its own (the cost, not contention). Measured: etcd's
 CPU per operation (its process's utime + stime), this process's CPU per operation, and the
-mean batch. The two contenders encode with the same protobuf classes, so their client
-figures compare; neither is the hand-encoded path the service uses (leases._wire).
+mean batch.
 
 Usage::
 
@@ -30,102 +32,59 @@ Prints a table, writes bench/results/etcd_batch.json, and the headline as its la
 from __future__ import annotations
 
 import argparse
-import queue
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import etcd3
-from etcd3.etcdrpc import rpc_pb2 as pb
-
 from bench import _common, support
+from leases import EtcdClient, _wire
 
 LEASE_TTL = 60
 VALUE = b"x" * 80  # about a HolderInfo's JSON
 
-Call = Callable[[Any], tuple[bool, int]]  # a TxnRequest -> (succeeded, header revision)
+#: (client, key, lease id) -> the create's token; (client, key, token) -> deleted.
+Create = Callable[[EtcdClient, str, int], int | None]
+Delete = Callable[[EtcdClient, str, int], bool]
 
 
-def create_request(key: bytes, lease_id: int) -> Any:
-    """Put ``key`` on the lease if it does not exist (the service's create)."""
-    return pb.TxnRequest(
-        compare=[pb.Compare(key=key, result=pb.Compare.EQUAL, target=pb.Compare.CREATE,
-                            create_revision=0)],
-        success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=VALUE, lease=lease_id))],
-        failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key))],
-    )  # fmt: skip
+def single_create(client: EtcdClient, key: str, lease_id: int) -> int | None:
+    reply = client._send_txn("create", _wire.create_txn(key.encode(), VALUE, lease_id))
+    return reply.revision if reply.succeeded else None
 
 
-def delete_request(key: bytes, create_revision: int) -> Any:
-    """Delete ``key`` while its create revision is the given one (the service's release)."""
-    return pb.TxnRequest(
-        compare=[pb.Compare(key=key, result=pb.Compare.EQUAL, target=pb.Compare.CREATE,
-                            create_revision=create_revision)],
-        success=[pb.RequestOp(request_delete_range=pb.DeleteRangeRequest(key=key))],
-    )  # fmt: skip
+def single_delete(client: EtcdClient, key: str, token: int) -> bool:
+    return client._send_txn("delete", _wire.delete_if_created_at_txn(key.encode(), token)).succeeded
 
 
-class NestedSender:
-    """One thread that sends the queued transactions as one outer transaction.
-
-    :param stub: etcd's KV stub.
-    """
-
-    def __init__(self, stub: Any) -> None:
-        self.stub = stub
-        self.batches: list[int] = []
-        self._queue: queue.SimpleQueue[tuple[Any, list[Any], threading.Event] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._send_loop, daemon=True)
-        self._thread.start()
-
-    def _send_loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
-            self.batches.append(len(batch))
-            outer = pb.TxnRequest(success=[pb.RequestOp(request_txn=r) for r, _, _ in batch])
-            reply = self.stub.Txn(outer)
-            for (_, box, done), op in zip(batch, reply.responses, strict=True):
-                box.append((op.response_txn.succeeded, reply.header.revision))
-                done.set()
-
-    def call(self, request: Any) -> tuple[bool, int]:
-        box: list[tuple[bool, int]] = []
-        done = threading.Event()
-        self._queue.put((request, box, done))
-        done.wait()
-        return box[0]
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+def nested_create(client: EtcdClient, key: str, lease_id: int) -> int | None:
+    result = client.create(key, VALUE, lease_id=lease_id)
+    return result.revision if result.created else None
 
 
-def run_threads(call: Call, *, threads: int, operations: int, lease_id: int, tag: str) -> float:
+def nested_delete(client: EtcdClient, key: str, token: int) -> bool:
+    return client.delete_if_created_at(key, token)
+
+
+CONTENDERS: dict[str, tuple[Create, Delete]] = {
+    "single": (single_create, single_delete),
+    "nested": (nested_create, nested_delete),
+}
+
+
+def run_threads(
+    client: EtcdClient, name: str, *, threads: int, operations: int, lease_id: int, tag: str
+) -> float:
     """Each thread creates and deletes ``operations`` keys of its own; the wall seconds."""
+    create, delete = CONTENDERS[name]
 
     def work(index: int) -> None:
         for n in range(operations):
-            key = f"/bench/etcd-batch/{tag}/{index}/{n}".encode()
-            created, revision = call(create_request(key, lease_id))
-            assert created, key
-            deleted, _ = call(delete_request(key, revision))
-            assert deleted, key
+            key = f"/bench/etcd-batch/{tag}/{index}/{n}"
+            token = create(client, key, lease_id)
+            assert token is not None, key
+            assert delete(client, key, token), key
 
     started = time.perf_counter()
     workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
@@ -156,30 +115,22 @@ def main() -> None:
         args.threads, args.operations, args.rounds = "2,8", 40, 1
     thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
     env = support.ensure_stack(["MIGRATOR_ETCD_ENDPOINTS"], with_redis=False)
-    host, port = support.etcd_endpoints(env["MIGRATOR_ETCD_ENDPOINTS"])[0]
-    client = etcd3.client(host=host, port=port)
-    stub = client.kvstub
-    lease = client.lease(LEASE_TTL)
-
-    def single(request: Any) -> tuple[bool, int]:
-        reply = stub.Txn(request)
-        return reply.succeeded, reply.header.revision
-
+    client = EtcdClient(support.etcd_endpoints(env["MIGRATOR_ETCD_ENDPOINTS"]), timeout=10)
     results: dict[str, dict[int, dict[str, list[float]]]] = {"single": {}, "nested": {}}
     try:
         for threads in thread_counts:
             for round_index in range(args.rounds):
-                for name in ("single", "nested"):
-                    lease.refresh()
-                    sender = NestedSender(stub) if name == "nested" else None
-                    call = sender.call if sender else single
+                for name in CONTENDERS:
+                    lease_id, _ = client.grant(LEASE_TTL)  # a round takes seconds
+                    batched = client._batcher.batches, client._batcher.transactions
                     servers = _common.server_ticks()
                     client_before = time.process_time()
                     seconds = run_threads(
-                        call,
+                        client,
+                        name,
                         threads=threads,
                         operations=args.operations,
-                        lease_id=lease.id,
+                        lease_id=lease_id,
                         tag=f"{name}-{round_index}",
                     )
                     client_cpu = time.process_time() - client_before
@@ -189,11 +140,12 @@ def main() -> None:
                     runs.setdefault("ops_per_s", []).append(ops / seconds)
                     runs.setdefault("etcd_us", []).append(etcd_cpu / ops * 1e6)
                     runs.setdefault("client_us", []).append(client_cpu / ops * 1e6)
-                    if sender is not None:
-                        sender.close()
-                        runs.setdefault("batch", []).append(statistics.fmean(sender.batches))
+                    if name == "nested":
+                        batches = client._batcher.batches - batched[0]
+                        transactions = client._batcher.transactions - batched[1]
+                        runs.setdefault("batch", []).append(transactions / max(batches, 1))
+                    client.revoke(lease_id)
     finally:
-        lease.revoke()
         client.close()
 
     rows = []

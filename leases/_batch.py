@@ -1,10 +1,11 @@
 """Group commit for the transactions of one process: what its threads send together goes as one.
 
 Each lease hold is two etcd transactions (a create, a delete by create revision). Under load
-a worker's threads wait on etcd together (bench/pipeline.py: 4-5 of 8 calls in flight at a
-call's start, mean), and etcd spends most of a small transaction's CPU on the call and the
-raft entry, not on the compare and the write: the same transactions nested in one cost it
-about half per transaction in fours, a third in eights (bench/etcd_batch.py).
+a worker's threads wait on etcd together (in bench/pipeline.py's run, counted once by hand:
+4-5 of a worker's 8 threads in an etcd call at a call's start, mean), and etcd spends most
+of a small transaction's CPU on the call and the raft entry, not on the compare and the
+write: the same transactions nested in one cost it about half per transaction in fours, a
+third in eights (bench/etcd_batch.py).
 
 :class:`TxnBatcher` needs no thread of its own: a caller who finds no call under way sends
 its own transaction at once, alone (no hand-off when the process is idle); callers who come

@@ -312,6 +312,15 @@ def _response_op_range_kvs(buf: bytes) -> list[WireKeyValue]:
     return kvs
 
 
+def _header_revision(header: bytes, revision: int) -> int:
+    """``ResponseHeader.revision`` (field 3) of ``header``; ``revision`` when it has none
+    (a header repeated on the wire merges into the one before, as protobuf does)."""
+    for field, wire_type, value, _ in _fields(header):
+        if field == 3 and wire_type == _VARINT:
+            revision = _int64(value)
+    return revision
+
+
 def decode_txn_response(buf: bytes) -> TxnReply:
     """Read ``etcdserverpb.TxnResponse`` bytes: header 1 (revision 3), succeeded 2, responses 3.
 
@@ -322,10 +331,7 @@ def decode_txn_response(buf: bytes) -> TxnReply:
     last_response: tuple[int, int] | None = None
     for field, wire_type, a, b in _fields(buf):
         if field == 1 and wire_type == _LENGTH_DELIMITED:
-            header = buf[a:b]
-            for h_field, h_wire_type, h_value, _ in _fields(header):
-                if h_field == 3 and h_wire_type == _VARINT:
-                    revision = _int64(h_value)
+            revision = _header_revision(buf[a:b], revision)
         elif field == 2 and wire_type == _VARINT:
             succeeded = a != 0
         elif field == 3 and wire_type == _LENGTH_DELIMITED:
@@ -345,9 +351,7 @@ def decode_nested_txn_response(buf: bytes) -> list[TxnReply]:
     inner: list[TxnReply] = []
     for field, wire_type, a, b in _fields(buf):
         if field == 1 and wire_type == _LENGTH_DELIMITED:
-            for h_field, h_wire_type, h_value, _ in _fields(buf[a:b]):
-                if h_field == 3 and h_wire_type == _VARINT:
-                    revision = _int64(h_value)
+            revision = _header_revision(buf[a:b], revision)
         elif field == 3 and wire_type == _LENGTH_DELIMITED:
             op = buf[a:b]
             for o_field, o_wire_type, c, d in _fields(op):

@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from leases._batch import MAX_BATCH, TxnBatcher
 from leases._wire import TxnReply
 
@@ -149,8 +147,8 @@ def test_a_batch_holds_at_most_max_batch() -> None:
     assert max(len(c) for c in recorder.calls) == MAX_BATCH
 
 
-@pytest.mark.parametrize("threads", [16])
-def test_many_threads_each_get_their_own_answer(threads: int) -> None:
+def test_many_threads_each_get_their_own_answer() -> None:
+    threads = 16
     lock = threading.Lock()
     calls: list[int] = []
 
