@@ -300,18 +300,19 @@ class EnqueuerRun:
                 # (etcd gone) is logged and the key expires with the session: the step is
                 # done either way.
                 with lease as hold:
-                    # Re-read under the lease: the candidate list may be stale by now.
-                    repository = self.runtime.store.get(candidate.id)
-                    if repository is None or repository.migration_state not in STARTABLE_STATES:
-                        moved_on += 1
-                        self.fields["candidates_moved_on"] = moved_on
-                        stale = reread is not None and rereads < REREADS_PER_RUN
-                        if stale:
-                            break
-                        continue
-                    # Named before the step: a step that raises still says what it worked on.
-                    self._name(repository, hold.token)
-                    report = self._step(repository, settings, hold)
+                    # Read again under the lease: the candidate list may be stale by now.
+                    report, repository = self._start_listed(candidate, settings, hold)
+                    if report is None:
+                        if repository is None or repository.migration_state not in STARTABLE_STATES:
+                            moved_on += 1
+                            self.fields["candidates_moved_on"] = moved_on
+                            stale = reread is not None and rereads < REREADS_PER_RUN
+                            if stale:
+                                break
+                            continue
+                        # Named before the step: a step that raises still says what it worked on.
+                        self._name(repository, hold.token)
+                        report = self._step(repository, settings, hold)
                 self._record(report, hold.token)
                 if report.outcome is StepOutcome.REFUSED:
                     continue
@@ -360,8 +361,40 @@ class EnqueuerRun:
         )
         return settings.capacity - self.in_flight - int(taken)
 
+    def _start_listed(
+        self, candidate: Candidate, settings: Settings, hold: Hold
+    ) -> tuple[StepReport | None, Repository | None]:
+        """Start a ready candidate with the read that checks it, in one round trip
+        (:meth:`Migrator.start_listed`); an aborted one is read (its retry asks the
+        registry first). ``(None, row)``: nothing done, decide on the row as read."""
+        if candidate.migration_state is not State.DEFAULT:
+            return None, self.runtime.store.get(candidate.id)
+        try:
+            report, row = self.runtime.migrator.start_listed(
+                candidate, settings, self._writer(hold)
+            )
+        except BaseException:
+            self._name_listed(candidate, hold.token)  # a step that raises says what it was on
+            raise
+        if report is not None:
+            self._name_listed(candidate, hold.token)  # the step's own fields come after
+        return report, row
+
+    def _name_listed(self, candidate: Candidate, token: int) -> None:
+        """:meth:`_name` for a ready candidate stepped as listed."""
+        self.fields.update(
+            container_repository_id=candidate.id,
+            container_repository_path=candidate.path,
+            container_repository_migration_state=candidate.migration_state.value,
+            import_type="next",
+            fencing_token=token,
+        )
+
+    def _writer(self, hold: Hold) -> Writer:
+        return Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
+
     def _step(self, repository: Repository, settings: Settings, hold: Hold) -> StepReport:
-        writer = Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
+        writer = self._writer(hold)
         migrator = self.runtime.migrator
         if repository.migration_state is State.IMPORT_ABORTED:
             return migrator.retry(repository, writer)

@@ -30,6 +30,7 @@ Prints tables, writes bench/results/pipeline.json, and the headline as its last 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -79,14 +80,16 @@ _CLAIM_TXN = 1
 _STEP_TXN = 1
 OPERATIONS: dict[str, dict[str, int]] = {
     # enqueuer run that started a repository: in_flight, candidates (aborted + default),
-    # lease acquire, get, claim, registry start, release.
-    "run_started": {"pg": 1 + 2 + 1 + _CLAIM_TXN, "etcd": 2, "rmq": 0},
+    # lease acquire, the claim with the read that checks it (Store.claim_as_listed; an
+    # aborted candidate is read first, a pg more), registry start, release.
+    "run_started": {"pg": 1 + 2 + _CLAIM_TXN, "etcd": 2, "rmq": 0},
     "run_at_capacity": {"pg": 1, "etcd": 0, "rmq": 0},
     "run_other": {"pg": 3, "etcd": 0, "rmq": 0},  # no candidate / every candidate busy
     # A run sent as a message leaves the gate first; one in place (a notification's) not.
     "gate_leave": {"pg": 0, "etcd": 1, "rmq": 0},
-    # API: get_by_path, publish (with the id). Actor: acquire, get, step(s), release.
-    "notification_pre_import_complete": {"pg": 1 + 1 + 2 * _STEP_TXN, "etcd": 2, "rmq": 1},
+    # API: get_by_path, publish (with the id). Actor: acquire, get, step(s), release; the
+    # pre-import's two steps in one statement (Store.step_twice).
+    "notification_pre_import_complete": {"pg": 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
     "notification_import_complete": {"pg": 1 + 1 + _STEP_TXN, "etcd": 2, "rmq": 1},
     "trigger_sent": _TRIGGER_SENT,
     "trigger_collapsed": _TRIGGER_COLLAPSED,
@@ -251,9 +254,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=THREADS, help=f"threads per worker (default {THREADS})"
     )
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="write the processes' logs into DIR and keep them (default: a temporary folder)",
+    )
     args = parser.parse_args(argv)
     args.repositories = args.repositories or (150 if args.quick else 600)
     return args
+
+
+def _log_dir(keep: Path | None) -> contextlib.AbstractContextManager[str]:
+    """The folder for the children's logs: ``keep`` (made, and left), else a temporary one."""
+    if keep is None:
+        return tempfile.TemporaryDirectory(prefix="bench-pipeline-")
+    keep.mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(str(keep))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     with (
         _common.fresh_database(env["MIGRATOR_DATABASE_URL"], label="pipeline") as url,
         Store(url, max_size=4) as store,
-        tempfile.TemporaryDirectory(prefix="bench-pipeline-") as logs,
+        _log_dir(args.keep_logs) as logs,
     ):
         store.update_settings(
             enabled=False, capacity=CAPACITY, enqueue_waiting_time=0, max_tags_count=0,

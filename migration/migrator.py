@@ -50,7 +50,7 @@ from migration.states import (
     can_undo,
     is_last_retry,
 )
-from migration.store import Outcome, Repository, StepResult, Store
+from migration.store import Candidate, Outcome, Repository, StepResult, Store
 
 log = structlog.get_logger(__name__)
 
@@ -570,6 +570,28 @@ class Migrator:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository)
         return self._start_claimed(claimed, State.DEFAULT, writer, ImportType.PRE)
 
+    def start_listed(
+        self, candidate: Candidate, settings: Settings, writer: Writer
+    ) -> tuple[StepReport | None, Repository | None]:
+        """:meth:`start` of a ready repository as the candidates' list showed it: its row is
+        read and claimed in one round trip (:meth:`Store.claim_as_listed`) when it is still
+        as listed and within ``max_tags_count``.
+
+        :returns: the step's report, or ``(None, row)`` when no claim was made: the row as
+            read is not as listed (or is to be skipped for its tags) and the caller decides
+            on it, as after a read of its own (``(None, None)``: no such row).
+        """
+        listed = self.store.claim_as_listed(
+            candidate, event=Event.START_PRE_IMPORT, max_tags_count=settings.max_tags_count,
+            token=writer.token, actor=writer.actor, message_id=writer.message_id,
+        )  # fmt: skip
+        if listed.result is None:
+            return None, listed.repository
+        claimed = _counted(listed.result)
+        if not claimed.ok:
+            return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository), None
+        return self._start_claimed(claimed, State.DEFAULT, writer, ImportType.PRE), None
+
     @_fenced
     def retry(self, repository: Repository, writer: Writer) -> StepReport:
         """Retry an aborted repository, reconciling with the registry's status first.
@@ -679,14 +701,17 @@ class Migrator:
                      "why": "stale notification: the registry reports another status now"},
                 )  # fmt: skip
         if status is RegistryImportStatus.PRE_IMPORT_COMPLETE:
-            if state is State.PRE_IMPORTING:
-                stepped = self._step(
-                    repository, Event.FINISH_PRE_IMPORT, writer, detail={"registry": detail}
-                )
-                if not stepped.ok:
+            if state is not State.PRE_IMPORTING:
+                return self.start_final_import(repository, writer)
+            # pre_import_done, and the final import's step at once: one round trip.
+            steps = self.store.step_twice(
+                repository.id, first=Event.FINISH_PRE_IMPORT, then=Event.START_IMPORT,
+                detail={"registry": detail}, **self._written_by(repository, writer),
+            )  # fmt: skip
+            for stepped in steps:
+                if not _counted(stepped).ok:
                     return self._report(stepped, StepOutcome.REFUSED)
-                repository = stepped.repository
-            return self.start_final_import(repository, writer)
+            return self._start_claimed(steps[1], State.PRE_IMPORT_DONE, writer, ImportType.FINAL)
         if status is RegistryImportStatus.IMPORT_COMPLETE:
             event = Event.FINISH_IMPORT if state is State.IMPORTING else Event.ALREADY_MIGRATED
             result = self._step(repository, event, writer, detail={"registry": detail})

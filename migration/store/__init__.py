@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from migration.store.model import (
         Candidate,
         InvalidRepository,
+        ListedClaim,
         MigrationEvent,
         Outcome,
         Repository,
@@ -41,6 +42,7 @@ _WHERE = {
     "Store": "core",
     "Candidate": "model",
     "InvalidRepository": "model",
+    "ListedClaim": "model",
     "MigrationEvent": "model",
     "Outcome": "model",
     "Repository": "model",
@@ -59,6 +61,7 @@ _WHERE = {
 __all__ = [
     "Candidate",
     "InvalidRepository",
+    "ListedClaim",
     "MigrationEvent",
     "Outcome",
     "Repository",

@@ -111,6 +111,8 @@ class Candidate(NamedTuple):
     migration_retries_count: int
     migration_aborted_in_state: State | None
     fencing_token: int
+    #: Named in the run's log line before its claim (a claim that raises still says what).
+    path: str
     #: What the list is ordered by: ``migration_aborted_at`` for an aborted repository,
     #: ``created_at`` for a ready one.
     order_at: datetime
@@ -168,6 +170,19 @@ class StepResult:
     def ok(self) -> bool:
         """True when the write was made."""
         return self.outcome in (Outcome.CLAIMED, Outcome.STEPPED)
+
+
+@dataclass(frozen=True)
+class ListedClaim:
+    """What :meth:`Store.claim_as_listed` did.
+
+    :param repository: the row as read, or as the claim left it; None: no such row.
+    :param result: the claim's result; None when no claim was made (the row was not as
+        listed, or has too many tags).
+    """
+
+    repository: Repository | None
+    result: StepResult | None
 
 
 def validate_path(path: str) -> str:
@@ -264,6 +279,7 @@ def candidate_rows(cursor: Any) -> Callable[[Sequence[Any]], Candidate]:
         return new(Candidate, (
             values[0], _state_of(values[1]), values[2],
             None if aborted_in is None else _state_of(aborted_in), values[4], values[5],
+            values[6],
         ))  # fmt: skip
 
     return make

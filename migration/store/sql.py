@@ -61,14 +61,57 @@ READ_FOR_WRITE = (
     "SELECT r.*, (SELECT max_retries FROM migration_settings WHERE id = 1)"
     " AS settings_max_retries FROM container_repositories r WHERE r.id = %s"
 )
-# Schema 0005's function; every argument is cast so that the call resolves whatever types
-# the driver sends.
-FENCED_WRITE = (
-    "SELECT w.outcome, (w.repository).* FROM migration_fenced_write(%(id)s::bigint,"
-    " %(claim)s::boolean, %(from)s::text, %(from_retries)s::integer,"
-    " %(from_aborted_in)s::text, %(token)s::bigint, %(to)s::text, %(retries)s::integer,"
-    " %(aborted_in)s::text, %(reason)s::text, %(arrival)s::text, %(event)s::text,"
-    " %(actor)s::text, %(message_id)s::text, %(detail)s::jsonb) AS w"
+
+
+def fenced_call(repository_id: str, prefix: str = "") -> str:
+    """A call of schema 0005's function, its parameters named ``%(<prefix>claim)s`` etc.
+    Every argument is cast so that the call resolves whatever types the driver sends.
+
+    :param repository_id: the SQL for the row's id (a parameter, or a column of a row
+        the statement read before).
+    """
+    p = prefix
+    return (
+        f"migration_fenced_write({repository_id},"
+        f" %({p}claim)s::boolean, %({p}from)s::text, %({p}from_retries)s::integer,"
+        f" %({p}from_aborted_in)s::text, %({p}token)s::bigint, %({p}to)s::text,"
+        f" %({p}retries)s::integer, %({p}aborted_in)s::text, %({p}reason)s::text,"
+        f" %({p}arrival)s::text, %({p}event)s::text, %({p}actor)s::text,"
+        f" %({p}message_id)s::text, %({p}detail)s::jsonb)"
+    )
+
+
+FENCED_WRITE = f"SELECT w.outcome, (w.repository).* FROM {fenced_call('%(id)s::bigint')} AS w"  # noqa: S608
+# Two fenced writes of one row in one round trip, the second (parameters w1_*) called only
+# when the first (w0_*) was written: a step whose next step follows at once (a
+# pre_import_complete and the final import's start). Rows: (n, outcome, the repository's
+# columns), n = 0 for the first write, 1 for the second when it was called. The second call
+# sees the first one's write: each statement in the VOLATILE function takes a new snapshot.
+_WRITE_0 = fenced_call("%(id)s::bigint", "w0_")
+_WRITE_1_AFTER_0 = fenced_call("w0.id", "w1_")
+FENCED_WRITE_TWICE = (
+    f"WITH w0 AS (SELECT f.outcome, (f.repository).* FROM {_WRITE_0} AS f),"  # noqa: S608
+    f" w1 AS (SELECT f.outcome, (f.repository).* FROM w0, LATERAL {_WRITE_1_AFTER_0} AS f"
+    " WHERE w0.outcome IN ('claimed', 'stepped'))"
+    " SELECT 0 AS n, w0.* FROM w0 UNION ALL SELECT 1 AS n, w1.* FROM w1 ORDER BY n"
+)
+# A claim made from a candidates' list entry (parameters w0_*) in the round trip that reads
+# the row: the function is called only when the row, read by this statement, still shows
+# what the claim was computed from (state, retries, aborted-in state) and has no more than
+# %(max_tags)s tags (0: no bound); the function then checks it again under its locks, as
+# for any claim. Otherwise nothing is written or recorded: the list was stale, and the
+# caller decides again on the row. Rows: (n, outcome, the repository's columns), n = 0 for
+# the row as read (outcome 'read'), n = 1 for the claim when it was called.
+_CLAIM_SEEN = fenced_call("seen.id", "w0_")
+CLAIM_AS_LISTED = (
+    "WITH seen AS (SELECT * FROM container_repositories WHERE id = %(id)s::bigint),"  # noqa: S608
+    f" w0 AS (SELECT f.outcome, (f.repository).* FROM seen, LATERAL {_CLAIM_SEEN} AS f"
+    " WHERE seen.migration_state = %(w0_from)s::text"
+    " AND seen.migration_retries_count = %(w0_from_retries)s::integer"
+    " AND seen.migration_aborted_in_state IS NOT DISTINCT FROM %(w0_from_aborted_in)s::text"
+    " AND (%(max_tags)s::integer = 0 OR seen.tags_count <= %(max_tags)s::integer))"
+    " SELECT 0 AS n, 'read' AS outcome, seen.* FROM seen"
+    " UNION ALL SELECT 1 AS n, w0.* FROM w0 ORDER BY n"
 )
 
 # A registry fault's backoff: 5 s * 2^(faults so far), capped, then scaled by 0.5-1 (equal

@@ -397,6 +397,7 @@ def test_candidates_aborted_first_then_ready_by_age_with_cutoff_and_deny_list(
             migration_retries_count=row.migration_retries_count,
             migration_aborted_in_state=row.migration_aborted_in_state,
             fencing_token=row.fencing_token,
+            path=row.path,
             order_at=row.migration_aborted_at if aborted else row.created_at,
         )
     first = listed[0]
