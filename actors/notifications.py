@@ -21,7 +21,7 @@ from migration.keys import repository_lease_key
 from migration.migrator import RegistryUnavailable, StepOutcome, StepReport, Writer
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES
-from migration.store import StoreUnavailable
+from migration.store import Seen, StoreUnavailable
 
 log = structlog.get_logger(__name__)
 
@@ -87,7 +87,12 @@ def _retry_when(retries: int, exception: BaseException) -> bool:
     max_backoff=1_000,
 )
 def handle_registry_notification(
-    path: str, status: str, detail: str = "", *, repository_id: int | None = None
+    path: str,
+    status: str,
+    detail: str = "",
+    *,
+    repository_id: int | None = None,
+    seen: dict[str, Any] | None = None,
 ) -> None:
     """Step the repository at ``path`` by the registry's ``status``; when the step freed a
     slot of the capacity, do the enqueuer run that fills it.
@@ -98,9 +103,12 @@ def handle_registry_notification(
     :param repository_id: the repository's id as the API found it for ``path`` (saves the
         lookup here); checked against the row read under the lease, and looked up by
         ``path`` when it names no row or another one. None: looked up by ``path``.
+    :param seen: the row's columns as the API read them (``Seen.as_message``): when the
+        row under the lease still has them, the step is written in the round trip that
+        reads it. None, or not such columns: the row is read, then stepped.
     """
     try:
-        _handle(path, status, detail, repository_id)
+        _handle(path, status, detail, repository_id, seen)
     except (LeaseError, StoreUnavailable) as error:
         # etcd or PostgreSQL is down: like a registry that cannot answer, no fault of the
         # notification's. Retry it as long (not 5 times, then a dead letter).
@@ -108,7 +116,9 @@ def handle_registry_notification(
         raise TryLater(f"{type(error).__name__}: {error}", after=2.0) from None
 
 
-def _handle(path: str, status: str, detail: str, repository_id: int | None) -> None:
+def _handle(
+    path: str, status: str, detail: str, repository_id: int | None, seen: dict[str, Any] | None
+) -> None:
     # ``notified_status``: what the notification says; a step's own fields may carry the
     # registry's current ``registry_status`` (a stale notification), a key of its own.
     fields: dict[str, Any] = {"container_repository_path": path, "notified_status": status}
@@ -147,14 +157,18 @@ def _handle(path: str, status: str, detail: str, repository_id: int | None) -> N
             f"registry breaker open: {breaker.reason}", after=max(breaker.remaining, 2.0)
         )
 
-    def step(repository_id: int) -> tuple[StepReport, int] | None:
+    as_seen = Seen.from_message(seen) if seen is not None else None
+    if seen is not None and as_seen is None:
+        log.warning("notification_seen_ignored", why="not a row's columns", **fields)
+
+    def step(repository_id: int, as_seen: Seen | None = None) -> tuple[StepReport, int] | None:
         return _step_under_lease(
             runtime, repository_id, path=path, registry_status=registry_status,
             detail=detail, message_id=message_id, fields=fields,
-            retries=retries,
+            retries=retries, seen=as_seen,
         )  # fmt: skip
 
-    stepped = step(repository_id)
+    stepped = step(repository_id, as_seen)
     if stepped is None and not looked_up:
         # The id the API sent names no row, or another path's: look the path up instead.
         log.warning("notification_repository_id_stale", container_repository_id=repository_id,
@@ -214,10 +228,13 @@ def _step_under_lease(
     message_id: str | None,
     fields: dict[str, Any],
     retries: int,
+    seen: Seen | None,
 ) -> tuple[StepReport, int] | None:
     """Under the repository's lease, apply ``registry_status`` to its row.
 
     :param retries: the notification's retries so far (a busy lease's wait grows with them).
+    :param seen: the row's columns as the API read them: the step may then be written with
+        the read (:meth:`Migrator.on_registry_status_as_seen`).
     :returns: the step's report and the lease's token; None when ``repository_id`` names no
         row, or the row of another path than ``path``.
     :raises LeaseBusy: the lease is held.
@@ -245,15 +262,20 @@ def _step_under_lease(
             f"lease of repository {repository_id} held by {holder}", after=left, retries=retries
         )
     with acquisition.hold as hold:
-        current = runtime.store.get(repository_id)
-        if current is None or current.path != path:
-            return None
+        writer = Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold)
         try:
+            if seen is None:
+                current = runtime.store.get(repository_id)
+            else:
+                written, current = runtime.migrator.on_registry_status_as_seen(
+                    repository_id, path, seen, registry_status, writer, detail=detail
+                )
+                if written is not None:
+                    return written, hold.token
+            if current is None or current.path != path:
+                return None
             report = runtime.migrator.on_registry_status(
-                current,
-                registry_status,
-                Writer(token=hold.token, actor=ACTOR, message_id=message_id, lease=hold),
-                detail=detail,
+                current, registry_status, writer, detail=detail
             )
         except RegistryUnavailable as error:
             log.info("notification_deferred", why=str(error), **fields)

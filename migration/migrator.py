@@ -50,7 +50,7 @@ from migration.states import (
     can_undo,
     is_last_retry,
 )
-from migration.store import Candidate, Outcome, Repository, StepResult, Store
+from migration.store import Candidate, Outcome, Repository, Seen, StepResult, Store
 
 log = structlog.get_logger(__name__)
 
@@ -110,7 +110,7 @@ _PHASE_OF: dict[RegistryImportStatus, State] = {
 }
 
 
-def started_once(status: RegistryImportStatus, repository: Repository) -> bool:
+def started_once(status: RegistryImportStatus, repository: Repository | Seen) -> bool:
     """Whether a notification of ``status`` can only be about the attempt now running.
 
     True when the repository is in the phase ``status`` reports on and that phase has been
@@ -128,6 +128,15 @@ def started_once(status: RegistryImportStatus, repository: Repository) -> bool:
         else repository.migration_import_starts
     )
     return starts == 1
+
+
+#: The steps of a notification that completes the phase its repository is in.
+_AS_NOTIFIED: dict[tuple[RegistryImportStatus, State], tuple[Event, ...]] = {
+    (RegistryImportStatus.PRE_IMPORT_COMPLETE, State.PRE_IMPORTING): (
+        Event.FINISH_PRE_IMPORT, Event.START_IMPORT,
+    ),
+    (RegistryImportStatus.IMPORT_COMPLETE, State.IMPORTING): (Event.FINISH_IMPORT,),
+}  # fmt: skip
 
 
 class RegistryUnavailable(Exception):
@@ -585,9 +594,9 @@ class Migrator:
             candidate, event=Event.START_PRE_IMPORT, max_tags_count=settings.max_tags_count,
             token=writer.token, actor=writer.actor, message_id=writer.message_id,
         )  # fmt: skip
-        if listed.result is None:
+        if not listed.results:
             return None, listed.repository
-        claimed = _counted(listed.result)
+        claimed = _counted(listed.results[0])
         if not claimed.ok:
             return StepReport(_CLAIM_REFUSALS[claimed.outcome], claimed.repository), None
         return self._start_claimed(claimed, State.DEFAULT, writer, ImportType.PRE), None
@@ -720,6 +729,44 @@ class Migrator:
             repository, writer, f"registry: {status.value} {detail}".strip(),
             _NOTIFIED_CAUSES[status],
         )  # fmt: skip
+
+    def on_registry_status_as_seen(
+        self,
+        repository_id: int,
+        path: str,
+        seen: Seen,
+        status: RegistryImportStatus,
+        writer: Writer,
+        *,
+        detail: str = "",
+    ) -> tuple[StepReport | None, Repository | None]:
+        """:meth:`on_registry_status` for a notification whose API read the row as ``seen``.
+        A phase completed that was started once (nothing to confirm with the registry): its
+        steps are written with the read that checks the row still has ``path`` and
+        ``seen`` (:meth:`Store.steps_as_seen`), one round trip.
+
+        :returns: the step's report; or ``(None, row)``, the row as read (None: no such
+            row), when it is not as seen or the status needs more: the caller applies the
+            status to it with :meth:`on_registry_status`.
+        """
+        events = _AS_NOTIFIED.get((status, seen.migration_state))
+        if events is None or not started_once(status, seen):
+            return None, self.store.get(repository_id)
+        written = self.store.steps_as_seen(
+            repository_id, path=path, seen=seen, events=events, detail={"registry": detail},
+            token=writer.token, actor=writer.actor, message_id=writer.message_id,
+        )  # fmt: skip
+        if not written.results:
+            return None, written.repository
+        for result in written.results:
+            if not _counted(result).ok:
+                return self._report(result, StepOutcome.REFUSED), None
+        if status is RegistryImportStatus.PRE_IMPORT_COMPLETE:
+            started = self._start_claimed(
+                written.results[-1], State.PRE_IMPORT_DONE, writer, ImportType.FINAL
+            )
+            return started, None
+        return self._report(written.results[-1], StepOutcome.FINISHED), None
 
     @_fenced
     def reconcile_stale(

@@ -34,7 +34,7 @@ from migration.keys import leases_prefix
 from migration.migrator import already_applied, status_matches_state
 from migration.registry import RegistryImportStatus
 from migration.states import ACTIVE_STATES, State
-from migration.store import StoreError
+from migration.store import Seen, StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -168,7 +168,7 @@ def create_app(
     config: Config,
     *,
     runtime: Callable[[], Runtime],
-    publish: Callable[[str, str, str, int], None],
+    publish: Callable[[str, str, str, int, dict[str, object]], None],
     broker_check: Callable[[], None] | None = None,
     queue_counts: Callable[[list[str]], dict[str, int]] | None = None,
     deadline: float = NOTIFY_DEADLINE,
@@ -179,8 +179,9 @@ def create_app(
     :param runtime: returns the process runtime (created lazily: PostgreSQL may be down
         at start; requests then fail with 503 until it is back).
     :param publish: sends ``handle_registry_notification(path, status, detail,
-        repository_id=...)`` (the id as found here, which saves the worker its lookup) and
-        returns only once the broker confirmed it.
+        repository_id=..., seen=...)`` (the id and the row's columns as found here, which
+        save the worker its lookup and its read) and returns only once the broker
+        confirmed it.
     :param broker_check: raises when RabbitMQ is unreachable (for ``/readyz``).
     :param queue_counts: the messages in each named RabbitMQ queue (see
         :func:`rabbitmq_queue_counts`), for ``/metrics``; None: not exported.
@@ -303,7 +304,10 @@ def create_app(
                 ),
             )
         try:
-            publish(path, notification.status.value, notification.detail, repository.id)
+            publish(
+                path, notification.status.value, notification.detail, repository.id,
+                Seen.of(repository).as_message(),
+            )  # fmt: skip
         except Exception as error:  # the broker refused or is down: the registry retries
             metrics.notifications.labels("broker_unavailable").inc()
             log.error("notification_not_queued", container_repository_path=path, error=str(error))

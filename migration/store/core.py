@@ -6,10 +6,10 @@ from migration.store.repositories import RepositoriesMixin
 from migration.store.schema import SchemaMixin
 from migration.store.seed import SeedMixin
 from migration.store.settings import SettingsMixin
-from migration.store.writes import WritesMixin
+from migration.store.together import TogetherMixin
 
 
-class Store(SchemaMixin, SettingsMixin, RepositoriesMixin, WritesMixin, SeedMixin):
+class Store(SchemaMixin, SettingsMixin, RepositoriesMixin, TogetherMixin, SeedMixin):
     """The migration's PostgreSQL state. Thread-safe; one per process.
 
     Each call takes a connection from a ``psycopg_pool.ConnectionPool`` for one short

@@ -173,16 +173,65 @@ class StepResult:
 
 
 @dataclass(frozen=True)
-class ListedClaim:
-    """What :meth:`Store.claim_as_listed` did.
+class WrittenAsSeen:
+    """What writes sent with the read that checks them did (:meth:`Store.claim_as_listed`,
+    :meth:`Store.steps_as_seen`).
 
-    :param repository: the row as read, or as the claim left it; None: no such row.
-    :param result: the claim's result; None when no claim was made (the row was not as
-        listed, or has too many tags).
+    :param repository: the row as read, or as the writes left it; None: no such row.
+    :param results: the writes' results in order, up to the first one not written; empty
+        when the row was not as the caller saw it (nothing written or recorded: the caller
+        decides again on ``repository``).
     """
 
     repository: Repository | None
-    result: StepResult | None
+    results: list[StepResult]
+
+
+class Seen(NamedTuple):
+    """A row's columns as the API read them for a notification, carried in its message
+    (``seen``): what the worker's step is computed from and checked against, so that it
+    can be written in the round trip that reads the row under the lease."""
+
+    migration_state: State
+    migration_retries_count: int
+    migration_aborted_in_state: State | None
+    fencing_token: int
+    migration_pre_import_starts: int
+    migration_import_starts: int
+
+    @classmethod
+    def of(cls, repository: Repository) -> Seen:
+        """The columns of ``repository``."""
+        return cls(*(getattr(repository, name) for name in cls._fields))
+
+    def as_message(self) -> dict[str, object]:
+        """JSON values by column (states as their text)."""
+        return {
+            name: (value.value if isinstance(value, State) else value)
+            for name, value in zip(self._fields, self, strict=True)
+        }
+
+    @classmethod
+    def from_message(cls, value: object) -> Seen | None:
+        """The columns from a message's ``seen``; None when it is not exactly that (the
+        worker then reads the row, as for a message without it)."""
+        if not isinstance(value, dict) or set(value) != set(cls._fields):
+            return None
+        try:
+            aborted_in = value["migration_aborted_in_state"]
+            states = ("migration_state", "migration_aborted_in_state")
+            if not all(type(value[n]) is int for n in cls._fields if n not in states):
+                return None
+            return cls(
+                migration_state=State(value["migration_state"]),
+                migration_retries_count=value["migration_retries_count"],
+                migration_aborted_in_state=None if aborted_in is None else State(aborted_in),
+                fencing_token=value["fencing_token"],
+                migration_pre_import_starts=value["migration_pre_import_starts"],
+                migration_import_starts=value["migration_import_starts"],
+            )
+        except (ValueError, TypeError):
+            return None
 
 
 def validate_path(path: str) -> str:

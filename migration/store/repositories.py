@@ -25,6 +25,7 @@ from migration.store.sql import (
     BACK_OFF,
     COUNT_ACTIVE,
     SELECT_LAST_WRITTEN_BY,
+    SELECT_ONE,
     SELECT_STALE,
     TO_FRONT,
     candidates_query,
@@ -130,7 +131,7 @@ class RepositoriesMixin(StoreBase):
 
     def get(self, repository_id: int) -> Repository | None:
         """The repository with that id, or None."""
-        return self._one("SELECT * FROM container_repositories WHERE id = %s", (repository_id,))
+        return self._one(SELECT_ONE, (repository_id,))
 
     def get_by_path(self, path: str) -> Repository | None:
         """The repository with that path, or None."""

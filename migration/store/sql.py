@@ -13,7 +13,7 @@ from functools import lru_cache
 from psycopg import sql
 
 from migration.states import ACTIVE_STATES, FINISHED_STATES, State
-from migration.store.model import Candidate
+from migration.store.model import Candidate, Seen
 
 
 def sql_list(states: frozenset[State]) -> str:
@@ -81,38 +81,63 @@ def fenced_call(repository_id: str, prefix: str = "") -> str:
     )
 
 
+#: A repository's row by id.
+SELECT_ONE = "SELECT * FROM container_repositories WHERE id = %s"
 FENCED_WRITE = f"SELECT w.outcome, (w.repository).* FROM {fenced_call('%(id)s::bigint')} AS w"  # noqa: S608
-# Two fenced writes of one row in one round trip, the second (parameters w1_*) called only
-# when the first (w0_*) was written: a step whose next step follows at once (a
-# pre_import_complete and the final import's start). Rows: (n, outcome, the repository's
-# columns), n = 0 for the first write, 1 for the second when it was called. The second call
-# sees the first one's write: each statement in the VOLATILE function takes a new snapshot.
-_WRITE_0 = fenced_call("%(id)s::bigint", "w0_")
-_WRITE_1_AFTER_0 = fenced_call("w0.id", "w1_")
-FENCED_WRITE_TWICE = (
-    f"WITH w0 AS (SELECT f.outcome, (f.repository).* FROM {_WRITE_0} AS f),"  # noqa: S608
-    f" w1 AS (SELECT f.outcome, (f.repository).* FROM w0, LATERAL {_WRITE_1_AFTER_0} AS f"
-    " WHERE w0.outcome IN ('claimed', 'stepped'))"
-    " SELECT 0 AS n, w0.* FROM w0 UNION ALL SELECT 1 AS n, w1.* FROM w1 ORDER BY n"
-)
-# A claim made from a candidates' list entry (parameters w0_*) in the round trip that reads
-# the row: the function is called only when the row, read by this statement, still shows
-# what the claim was computed from (state, retries, aborted-in state) and has no more than
-# %(max_tags)s tags (0: no bound); the function then checks it again under its locks, as
-# for any claim. Otherwise nothing is written or recorded: the list was stale, and the
-# caller decides again on the row. Rows: (n, outcome, the repository's columns), n = 0 for
-# the row as read (outcome 'read'), n = 1 for the claim when it was called.
-_CLAIM_SEEN = fenced_call("seen.id", "w0_")
-CLAIM_AS_LISTED = (
-    "WITH seen AS (SELECT * FROM container_repositories WHERE id = %(id)s::bigint),"  # noqa: S608
-    f" w0 AS (SELECT f.outcome, (f.repository).* FROM seen, LATERAL {_CLAIM_SEEN} AS f"
-    " WHERE seen.migration_state = %(w0_from)s::text"
+
+
+def fenced_writes(*, writes: int, seen_if: str | None) -> str:
+    """Fenced writes of one row in one round trip, each (parameters ``w<k>_*``) called only
+    when the one before was written. With ``seen_if``, the statement reads the row first and
+    calls the first only when ``seen_if`` (SQL on ``seen``, the row as read) holds; the
+    function then checks the row again under its locks, as for any write. Each call after
+    the first sees the writes before it: every statement in the VOLATILE function takes a
+    new snapshot.
+
+    Rows: (n, outcome, the repository's columns); n = -1 for the row as read (outcome
+    'read'), n = k for write k when it was called.
+    """
+    ctes = []
+    if seen_if is None:
+        first = f"FROM {fenced_call('%(id)s::bigint', 'w0_')} AS f"
+    else:
+        ctes.append("seen AS (SELECT * FROM container_repositories WHERE id = %(id)s::bigint)")
+        first = f"FROM seen, LATERAL {fenced_call('seen.id', 'w0_')} AS f WHERE {seen_if}"
+    ctes.append(f"w0 AS (SELECT f.outcome, (f.repository).* {first})")
+    for k in range(1, writes):
+        ctes.append(
+            f"w{k} AS (SELECT f.outcome, (f.repository).* FROM w{k - 1},"  # noqa: S608 - no input
+            f" LATERAL {fenced_call(f'w{k - 1}.id', f'w{k}_')} AS f"
+            f" WHERE w{k - 1}.outcome IN ('claimed', 'stepped'))"
+        )
+    rows = [f"SELECT {k} AS n, w{k}.* FROM w{k}" for k in range(writes)]  # noqa: S608
+    if seen_if is not None:
+        rows.insert(0, "SELECT -1 AS n, 'read' AS outcome, seen.* FROM seen")
+    return f"WITH {', '.join(ctes)} {' UNION ALL '.join(rows)} ORDER BY n"
+
+
+# A pre_import_complete's two steps (pre_import_done, then the final import's start).
+FENCED_WRITE_TWICE = fenced_writes(writes=2, seen_if=None)
+# A claim made from a candidates' list entry in the round trip that reads the row: only
+# when the row still shows what the claim was computed from (state, retries, aborted-in
+# state) and has no more than %(max_tags)s tags (0: no bound). Otherwise nothing is written
+# or recorded: the list was stale, and the caller decides again on the row.
+CLAIM_AS_LISTED = fenced_writes(
+    writes=1,
+    seen_if="seen.migration_state = %(w0_from)s::text"
     " AND seen.migration_retries_count = %(w0_from_retries)s::integer"
     " AND seen.migration_aborted_in_state IS NOT DISTINCT FROM %(w0_from_aborted_in)s::text"
-    " AND (%(max_tags)s::integer = 0 OR seen.tags_count <= %(max_tags)s::integer))"
-    " SELECT 0 AS n, 'read' AS outcome, seen.* FROM seen"
-    " UNION ALL SELECT 1 AS n, w0.* FROM w0 ORDER BY n"
+    " AND (%(max_tags)s::integer = 0 OR seen.tags_count <= %(max_tags)s::integer)",
 )
+#: The columns a notification carries as the API read them (``Seen``), and the check that
+#: the row still shows them, and the notified path, under the worker's lease.
+SEEN_COLUMNS = Seen._fields
+_SEEN_IF = " AND ".join(
+    ["seen.path = %(path)s::text"]
+    + [f"seen.{c} IS NOT DISTINCT FROM %(seen_{c})s" for c in SEEN_COLUMNS]
+)
+# Steps applied as a notification's API saw the row, with the read that checks it.
+STEPS_AS_SEEN = {n: fenced_writes(writes=n, seen_if=_SEEN_IF) for n in (1, 2)}
 
 # A registry fault's backoff: 5 s * 2^(faults so far), capped, then scaled by 0.5-1 (equal
 # jitter). The exponent is capped too, so a repository failing for days cannot overflow it.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -41,8 +41,6 @@ from migration.states import (
 )
 from migration.store.base import StoreBase, log
 from migration.store.model import (
-    Candidate,
-    ListedClaim,
     Outcome,
     Repository,
     RepositoryNotFound,
@@ -51,12 +49,7 @@ from migration.store.model import (
     WriteBasis,
     _value,
 )
-from migration.store.sql import (
-    CLAIM_AS_LISTED,
-    FENCED_WRITE,
-    FENCED_WRITE_TWICE,
-    READ_FOR_WRITE,
-)
+from migration.store.sql import FENCED_WRITE, READ_FOR_WRITE
 
 
 def _arrival_column(transition: Transition) -> str | None:
@@ -101,15 +94,6 @@ def _transition_by(
         )  # fmt: skip
 
     return transition_of
-
-
-class _Basis(NamedTuple):
-    """A row as a write before it in the same round trip leaves it (a :class:`WriteBasis`)."""
-
-    migration_state: State
-    migration_retries_count: int
-    migration_aborted_in_state: State | None
-    fencing_token: int
 
 
 def _write_params(
@@ -356,137 +340,6 @@ class WritesMixin(StoreBase):
         if outcome in (Outcome.STALE_TOKEN, Outcome.STATE_CHANGED):
             self._count_refusal(result, Outcome(outcome), event, expected_state, author)
         return StepResult(outcome=Outcome(outcome), repository=result)
-
-    def claim_as_listed(
-        self,
-        candidate: Candidate,
-        *,
-        event: Event,
-        max_tags_count: int,
-        token: int,
-        actor: str,
-        message_id: str | None,
-    ) -> ListedClaim:
-        """Read a candidate's row and claim it in one round trip, when the row still shows
-        what the candidates' list did (state, retries, aborted-in state) and has at most
-        ``max_tags_count`` tags (0: no bound). Otherwise nothing is written or recorded
-        (the list was stale, or the repository is to be skipped): the caller decides again
-        on the row as read, as it would after a read of its own.
-
-        The claim is :meth:`claim`'s: the same function, locks and checks, so a row that
-        moves between this statement's read and the function's lock is refused and
-        recorded as with any claim.
-
-        :param candidate: the list's entry; the claim is computed from it.
-        :param event: the claim event (``start_pre_import``).
-        :param max_tags_count: the ``max_tags_count`` setting.
-        :param token: the caller's fencing token.
-        :param actor: who writes, for the events log.
-        :param message_id: the message being processed, for the events log.
-        """
-        event = Event(event)
-        if event not in CLAIM_EVENTS:
-            raise ValueError(f"{event} does not enter an active state")
-        author = _Author(token=token, actor=actor, message_id=message_id, detail=None)
-        expected = candidate.migration_state
-        transition = _transition_by(event)(candidate, 1)  # may raise InvalidTransition
-        params = {
-            "id": candidate.id,
-            "max_tags": max_tags_count,
-            **_write_params(
-                claim=True, expected_state=expected, basis=candidate, transition=transition,
-                event=event, author=author, prefix="w0_",
-            ),
-        }  # fmt: skip
-        with self._connection() as conn:
-            rows = conn.cursor(row_factory=dict_row).execute(CLAIM_AS_LISTED, params).fetchall()
-        if not rows:
-            return ListedClaim(repository=None, result=None)
-        read = rows[0]
-        del read["n"], read["outcome"]
-        repository = Repository.from_row(**read)
-        if len(rows) == 1:
-            return ListedClaim(repository=repository, result=None)
-        written = rows[1]
-        del written["n"]
-        result = self._written(candidate.id, written, transition, event, expected, author)
-        if result is None:  # moved between the read and the lock: claim() reads again
-            result = self.claim(
-                candidate.id, expected_state=expected, event=event, token=token,
-                actor=actor, message_id=message_id,
-            )  # fmt: skip
-        return ListedClaim(repository=result.repository, result=result)
-
-    def step_twice(
-        self,
-        repository_id: int,
-        *,
-        expected_state: State,
-        first: Event,
-        then: Event,
-        token: int,
-        actor: str,
-        message_id: str | None,
-        detail: dict[str, Any] | None = None,
-        seen: WriteBasis,
-    ) -> list[StepResult]:
-        """Two :meth:`step` writes of one row in one round trip: ``first``, then ``then``
-        from the state ``first`` leads to, only when ``first`` was written.
-
-        :param detail: extra JSON for the first event's log entry.
-        :param seen: the row as the caller read it; when it is not in ``expected_state``,
-            or moved before the write, the steps are made one by one (as :meth:`step` does).
-        :returns: the first step's result, and the second's when the first was written.
-        """
-        first, then = Event(first), Event(then)
-        for event in (first, then):
-            if event in CLAIM_EVENTS or event is Event.ABORT_IMPORT:
-                raise ValueError(f"{event}: not a step step_twice makes")
-        by: dict[str, Any] = {"token": token, "actor": actor, "message_id": message_id}
-        if seen.migration_state is expected_state and seen.fencing_token <= token:
-            t0 = _transition_by(first)(seen, 1)  # may raise InvalidTransition
-            after = _Basis(t0.to_state, t0.retries_count, t0.aborted_in_state, token)
-            t1 = _transition_by(then)(after, 1)
-            writes = (
-                (expected_state, seen, t0, first, _Author(**by, detail=detail)),
-                (t0.to_state, after, t1, then, _Author(**by, detail=None)),
-            )
-            params: dict[str, Any] = {"id": repository_id}
-            for n, (state, basis, transition, event, author) in enumerate(writes):
-                params.update(
-                    _write_params(
-                        claim=False, expected_state=state, basis=basis,
-                        transition=transition, event=event, author=author, prefix=f"w{n}_",
-                    )
-                )  # fmt: skip
-            with self._connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                rows = cur.execute(FENCED_WRITE_TWICE, params).fetchall()
-            results = []
-            for row, (state, _basis, transition, event, author) in zip(rows, writes, strict=False):
-                del row["n"]
-                result = self._written(repository_id, row, transition, event, state, author)
-                if result is None:
-                    break  # the row moved since the caller's read: one by one from here
-                results.append(result)
-            if len(results) == len(rows) and (len(results) == 2 or not results[-1].ok):
-                return results
-            if results:  # the first written, the second not answered (not expected)
-                second = self.step(
-                    repository_id, expected_state=t0.to_state, event=then,
-                    seen=results[0].repository, **by,
-                )  # fmt: skip
-                return [results[0], second]
-        result = self.step(
-            repository_id, expected_state=expected_state, event=first, detail=detail, **by
-        )
-        if not result.ok:
-            return [result]
-        second = self.step(
-            repository_id, expected_state=result.repository.migration_state, event=then,
-            seen=result.repository, **by,
-        )  # fmt: skip
-        return [result, second]
 
     def _count_refusal(
         self,

@@ -79,8 +79,12 @@ def api(host: str, port: int, fd: int | None) -> None:
     configure_logging(config.log_level)
     runtime = LazyRuntime(lambda: Runtime(config))
 
-    def publish(path: str, status: str, detail: str, repository_id: int) -> None:
-        handle_registry_notification.send(path, status, detail, repository_id=repository_id)
+    def publish(
+        path: str, status: str, detail: str, repository_id: int, seen: dict[str, object]
+    ) -> None:
+        handle_registry_notification.send(
+            path, status, detail, repository_id=repository_id, seen=seen
+        )
 
     app = create_app(
         config,

@@ -90,13 +90,15 @@ def app(
     broker.declare_queue(fuzz_config.queue_name)
     sent: list[tuple[str, str, str]] = []
 
-    def publish(path: str, status: str, detail: str, repository_id: int) -> None:
+    def publish(
+        path: str, status: str, detail: str, repository_id: int, seen: dict[str, object]
+    ) -> None:
         broker.enqueue(
             Message(
                 queue_name=fuzz_config.queue_name,
                 actor_name="handle_registry_notification",
                 args=(path, status, detail),
-                kwargs={"repository_id": repository_id},
+                kwargs={"repository_id": repository_id, "seen": seen},
                 options={},
             )
         )
@@ -255,7 +257,9 @@ def test_a_notification_rabbitmq_does_not_confirm_is_answered_503_at_the_deadlin
     request past the deadline: 503 then, counted, and nothing answered 202."""
     entered, release = threading.Event(), threading.Event()
 
-    def silent_publish(path: str, status: str, detail: str, repository_id: int) -> None:
+    def silent_publish(
+        path: str, status: str, detail: str, repository_id: int, seen: dict[str, object]
+    ) -> None:
         entered.set()
         release.wait(30)
 

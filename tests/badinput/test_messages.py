@@ -22,7 +22,7 @@ import pytest
 from actors.validation import argument_problem
 from devtools.launcher import LocalMigration
 from migration.registry import RegistryClient, RegistryImportStatus
-from migration.store import Store
+from migration.store import Seen, Store
 
 
 def _enqueue(
@@ -31,7 +31,14 @@ def _enqueue(
     """Stands for enqueue_next_migration's signature in the unit tests below."""
 
 
-def _notify(path: str, status: str, detail: str = "", *, repository_id: int | None = None) -> None:
+def _notify(
+    path: str,
+    status: str,
+    detail: str = "",
+    *,
+    repository_id: int | None = None,
+    seen: dict[str, Any] | None = None,
+) -> None:
     """Stands for handle_registry_notification's signature."""
 
 
@@ -47,6 +54,7 @@ def _notify(path: str, status: str, detail: str = "", *, repository_id: int | No
         (_notify, ("a/b", "s"), {"nope": 1}, False),
         (_notify, ("a/b", "s"), {"repository_id": 7}, True),
         (_notify, ("a/b", "s"), {"repository_id": "7"}, False),
+        (_notify, ("a/b", "s"), {"repository_id": 7, "seen": {"fencing_token": 1}}, True),
         (_notify, ("a/b", "s", "d", 7), {}, False),  # the id is a keyword only
         (_enqueue, (), {}, True),
         (_enqueue, ("k", 5, "scheduler"), {}, True),
@@ -336,6 +344,50 @@ def test_a_repository_id_of_another_path_steps_the_path_s_repository(
     assert untouched is not None and untouched.migration_state.value == "default"
     new_lines = worker_log(worker)[log_before:]
     assert '"event": "notification_repository_id_stale"' in new_lines
+    assert "Retrying message" not in new_lines
+
+
+def test_the_seen_columns_are_a_hint_the_row_under_the_lease_decides(
+    queue: QueueClient, worker: LocalMigration, store: Store, database_url: str
+) -> None:
+    """The API sends the row's columns as it read them; the worker writes its step with
+    its read only when the row still has them. Stale or malformed columns are not a
+    reason to lose the notification, nor to record a refused write."""
+    ids = [
+        _imported(worker, store, database_url, f"seen/{kind}-{uuid.uuid4().hex[:6]}")
+        for kind in ("as-seen", "stale", "malformed")
+    ]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # Started once, as a claim leaves it: nothing to confirm with the registry.
+        conn.execute(
+            "UPDATE container_repositories SET migration_import_starts = 1 WHERE id = ANY(%s)",
+            (ids,),
+        )
+    rows = [store.get(i) for i in ids]
+    assert all(rows)
+    seen = [Seen.of(row).as_message() for row in rows if row is not None]
+    log_before = len(worker_log(worker))
+    for row, columns in zip(
+        rows,
+        [seen[0], {**seen[1], "fencing_token": seen[1]["fencing_token"] + 1}, {"nope": 1}],
+        strict=True,
+    ):
+        assert row is not None
+        queue.message(
+            "handle_registry_notification", [row.path, "import_complete"],
+            {"repository_id": row.id, "seen": columns},
+        )  # fmt: skip
+    for repository_id in ids:
+        _wait_import_done(store, repository_id)
+    with psycopg.connect(database_url) as conn:
+        events = conn.execute(
+            "SELECT repository_id, event, accepted FROM migration_events"
+            " WHERE repository_id = ANY(%s) ORDER BY id",
+            (ids,),
+        ).fetchall()
+    assert sorted(events) == sorted((i, "finish_import", True) for i in ids)
+    new_lines = worker_log(worker)[log_before:]
+    assert new_lines.count('"event": "notification_seen_ignored"') == 1
     assert "Retrying message" not in new_lines
 
 

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from migration.states import ACTIVE_STATES, Event, State
-from migration.store import Candidate, Outcome, Repository, Store
+from migration.store import Candidate, Outcome, Repository, Seen, Store
 
 ACTOR = "one-round-trip-test"
 _BY: dict[str, Any] = {"actor": ACTOR, "message_id": "m1"}
@@ -80,9 +80,9 @@ def test_a_listed_claim_reads_and_claims_in_one_statement_as_claim_would(
             candidate, event=Event.START_PRE_IMPORT, max_tags_count=0, token=7, **_BY
         )
     assert len(sent) == 1
-    assert listed.result is not None
-    assert listed.result.outcome is Outcome.CLAIMED
-    assert listed.repository == listed.result.repository
+    (result,) = listed.results
+    assert result.outcome is Outcome.CLAIMED
+    assert listed.repository == result.repository
     assert listed.repository.migration_state is State.PRE_IMPORTING
     assert listed.repository.migration_pre_import_starts == 1
     # The same as a read and a claim of its own.
@@ -92,7 +92,7 @@ def test_a_listed_claim_reads_and_claims_in_one_statement_as_claim_would(
         **_BY,
     )  # fmt: skip
     assert _values(listed.repository) == _values(claimed.repository)
-    assert listed.result.transition == claimed.transition
+    assert result.transition == claimed.transition
     assert _events(database_url, rid) == [
         ("default", "pre_importing", "start_pre_import", 7, True, None)
     ]
@@ -109,7 +109,7 @@ def test_a_stale_listing_writes_and_records_nothing_and_returns_the_row(
     listed = clean_store.claim_as_listed(
         candidate, event=Event.START_PRE_IMPORT, max_tags_count=0, token=6, **_BY
     )
-    assert listed.result is None
+    assert listed.results == []
     assert listed.repository is not None
     assert listed.repository.migration_state is State.PRE_IMPORTING
     assert listed.repository.fencing_token == 5
@@ -124,7 +124,7 @@ def test_too_many_tags_claims_nothing_and_the_row_says_why(clean_store: Store) -
     listed = clean_store.claim_as_listed(
         candidate, event=Event.START_PRE_IMPORT, max_tags_count=10, token=6, **_BY
     )
-    assert listed.result is None
+    assert listed.results == []
     assert listed.repository is not None
     assert (listed.repository.migration_state, listed.repository.tags_count) == (
         State.DEFAULT, 50,
@@ -132,8 +132,7 @@ def test_too_many_tags_claims_nothing_and_the_row_says_why(clean_store: Store) -
     allowed = clean_store.claim_as_listed(
         candidate, event=Event.START_PRE_IMPORT, max_tags_count=50, token=6, **_BY
     )
-    assert allowed.result is not None
-    assert allowed.result.outcome is Outcome.CLAIMED
+    assert [r.outcome for r in allowed.results] == [Outcome.CLAIMED]
 
 
 def test_a_listed_claim_keeps_the_capacity_and_a_gone_row_is_none(clean_store: Store) -> None:
@@ -144,15 +143,14 @@ def test_a_listed_claim_keeps_the_capacity_and_a_gone_row_is_none(clean_store: S
     full = clean_store.claim_as_listed(
         candidate, event=Event.START_PRE_IMPORT, max_tags_count=0, token=6, **_BY
     )
-    assert full.result is not None
-    assert full.result.outcome is Outcome.AT_CAPACITY
+    assert [r.outcome for r in full.results] == [Outcome.AT_CAPACITY]
     assert full.repository is not None
     assert full.repository.migration_state is State.DEFAULT
     gone = candidate._replace(id=10**9)
     missing = clean_store.claim_as_listed(
         gone, event=Event.START_PRE_IMPORT, max_tags_count=0, token=6, **_BY
     )
-    assert (missing.repository, missing.result) == (None, None)
+    assert (missing.repository, missing.results) == (None, [])
 
 
 def _pre_importing(store: Store, token: int) -> Repository:
@@ -230,3 +228,84 @@ def test_two_steps_from_a_moved_row_go_one_by_one_from_the_row_as_it_is(
     assert results[1].repository.migration_state is State.IMPORTING
     assert results[1].repository.migration_retries_count == 1  # from the row, not the copy
     assert [e[4] for e in _events(database_url, row.id)] == [True] * 5
+
+
+def _importing(store: Store, database_url: str) -> Repository:
+    """A repository importing, its final import started once (as a claim leaves it)."""
+    row = _pre_importing(store, 5)
+    store.step(row.id, expected_state=State.PRE_IMPORTING, event=Event.FINISH_PRE_IMPORT,
+               token=5, **_BY)  # fmt: skip
+    stepped = store.step(row.id, expected_state=State.PRE_IMPORT_DONE, event=Event.START_IMPORT,
+                         token=5, **_BY)  # fmt: skip
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE container_repositories SET migration_import_starts = 1 WHERE id = %s",
+            (row.id,),
+        )
+    found = store.get(row.id)
+    assert found is not None and stepped.ok
+    return found
+
+
+def test_steps_as_seen_read_and_write_in_one_statement_when_the_row_is_as_seen(
+    clean_store: Store, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row, twin = _pre_importing(clean_store, 5), _pre_importing(clean_store, 5)
+    with _statements(monkeypatch) as sent:
+        written = clean_store.steps_as_seen(
+            row.id, path=row.path, seen=Seen.of(row),
+            events=[Event.FINISH_PRE_IMPORT, Event.START_IMPORT], token=6,
+            detail={"registry": "done"}, **_BY,
+        )  # fmt: skip
+    assert len(sent) == 1
+    assert [r.outcome for r in written.results] == [Outcome.STEPPED, Outcome.STEPPED]
+    assert written.repository == written.results[1].repository
+    alone = clean_store.step_twice(
+        twin.id, expected_state=State.PRE_IMPORTING, first=Event.FINISH_PRE_IMPORT,
+        then=Event.START_IMPORT, token=6, detail={"registry": "done"}, seen=twin, **_BY,
+    )  # fmt: skip
+    assert [_values(r.repository) for r in written.results] == [
+        _values(r.repository) for r in alone
+    ]
+    assert _events(database_url, row.id) == _events(database_url, twin.id)
+    # One step: import_complete.
+    importing = _importing(clean_store, database_url)
+    done = clean_store.steps_as_seen(
+        importing.id, path=importing.path, seen=Seen.of(importing),
+        events=[Event.FINISH_IMPORT], token=7, **_BY,
+    )  # fmt: skip
+    assert [r.outcome for r in done.results] == [Outcome.STEPPED]
+    assert done.repository is not None
+    assert done.repository.migration_state is State.IMPORT_DONE
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "fencing_token = 6",  # another holder wrote it since (same state)
+        "migration_import_starts = 2",  # started again since
+        "migration_retries_count = 1",
+        "path = path || '-renamed'",
+    ],
+)
+def test_steps_as_seen_write_and_record_nothing_when_the_row_is_not_as_seen(
+    clean_store: Store, database_url: str, change: str
+) -> None:
+    row = _importing(clean_store, database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"UPDATE container_repositories SET {change} WHERE id = %s", (row.id,))  # noqa: S608
+    before = _events(database_url, row.id)
+    refused = clean_store.refused_writes()
+    written = clean_store.steps_as_seen(
+        row.id, path=row.path, seen=Seen.of(row), events=[Event.FINISH_IMPORT], token=9, **_BY
+    )
+    assert written.results == []
+    assert written.repository == clean_store.get(row.id)  # the row as it is, to decide on
+    assert written.repository is not None
+    assert written.repository.migration_state is State.IMPORTING
+    assert _events(database_url, row.id) == before
+    assert clean_store.refused_writes() == refused
+    gone = clean_store.steps_as_seen(
+        10**9, path=row.path, seen=Seen.of(row), events=[Event.FINISH_IMPORT], token=9, **_BY
+    )
+    assert (gone.repository, gone.results) == (None, [])
