@@ -2,8 +2,9 @@
 
 A package, one module per job: :mod:`.model` (rows, outcomes, errors), :mod:`.sql` (the SQL
 text), :mod:`.base` (the pool), :mod:`.schema`, :mod:`.settings`, :mod:`.repositories`,
-:mod:`.writes` (the fenced writes), :mod:`.seed`, :mod:`.status` (the read-only snapshot of
-``registry-migrator status``), and :mod:`.core`, which assembles :class:`Store`. No SQL is
+:mod:`.writes` (the fenced writes), :mod:`.together` (several in one round trip),
+:mod:`.seed`, :mod:`.status` (the read-only snapshot of ``registry-migrator status``), and
+:mod:`.core`, which assembles :class:`Store`. No SQL is
 written outside this package.
 
 The names below are loaded on first use (PEP 562), so that importing one light module, such

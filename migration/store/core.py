@@ -15,7 +15,7 @@ class Store(SchemaMixin, SettingsMixin, RepositoriesMixin, TogetherMixin, SeedMi
     Each call takes a connection from a ``psycopg_pool.ConnectionPool`` for one short
     transaction. The parts, one module each: schema versions (:mod:`.schema`), settings
     (:mod:`.settings`), repositories and their queries (:mod:`.repositories`), the fenced
-    writes (:mod:`.writes`), seeding (:mod:`.seed`).
+    writes (:mod:`.writes`, several in one round trip: :mod:`.together`), seeding (:mod:`.seed`).
 
     :param database_url: PostgreSQL URL (``Config.database_url``).
     :param min_size: connections the pool keeps open.
