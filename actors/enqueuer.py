@@ -374,21 +374,11 @@ class EnqueuerRun:
                 candidate, settings, self._writer(hold)
             )
         except BaseException:
-            self._name_listed(candidate, hold.token)  # a step that raises says what it was on
+            self._name(candidate, hold.token)  # a step that raises says what it was on
             raise
         if report is not None:
-            self._name_listed(candidate, hold.token)  # the step's own fields come after
+            self._name(candidate, hold.token)  # the step's own fields come after
         return report, row
-
-    def _name_listed(self, candidate: Candidate, token: int) -> None:
-        """:meth:`_name` for a ready candidate stepped as listed."""
-        self.fields.update(
-            container_repository_id=candidate.id,
-            container_repository_path=candidate.path,
-            container_repository_migration_state=candidate.migration_state.value,
-            import_type="next",
-            fencing_token=token,
-        )
 
     def _writer(self, hold: Hold) -> Writer:
         return Writer(token=hold.token, actor=ACTOR, message_id=self.message_id, lease=hold)
@@ -400,7 +390,7 @@ class EnqueuerRun:
             return migrator.retry(repository, writer)
         return migrator.start(repository, settings, writer)
 
-    def _name(self, repository: Repository, token: int) -> None:
+    def _name(self, repository: Repository | Candidate, token: int) -> None:
         """The repository this run works on, as the reference's log names it."""
         self.fields.update(
             container_repository_id=repository.id,

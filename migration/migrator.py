@@ -717,10 +717,7 @@ class Migrator:
                 repository.id, first=Event.FINISH_PRE_IMPORT, then=Event.START_IMPORT,
                 detail={"registry": detail}, **self._written_by(repository, writer),
             )  # fmt: skip
-            for stepped in steps:
-                if not _counted(stepped).ok:
-                    return self._report(stepped, StepOutcome.REFUSED)
-            return self._start_claimed(steps[1], State.PRE_IMPORT_DONE, writer, ImportType.FINAL)
+            return self._completed(status, steps, writer)
         if status is RegistryImportStatus.IMPORT_COMPLETE:
             event = Event.FINISH_IMPORT if state is State.IMPORTING else Event.ALREADY_MIGRATED
             result = self._step(repository, event, writer, detail={"registry": detail})
@@ -758,15 +755,19 @@ class Migrator:
         )  # fmt: skip
         if not written.results:
             return None, written.repository
-        for result in written.results:
+        return self._completed(status, written.results, writer), None
+
+    def _completed(
+        self, status: RegistryImportStatus, steps: list[StepResult], writer: Writer
+    ) -> StepReport:
+        """The report of a completed phase's steps (``_AS_NOTIFIED``), written together: a
+        refusal, import_done, or pre_import_done and the final import's start sent."""
+        for result in steps:
             if not _counted(result).ok:
-                return self._report(result, StepOutcome.REFUSED), None
+                return self._report(result, StepOutcome.REFUSED)
         if status is RegistryImportStatus.PRE_IMPORT_COMPLETE:
-            started = self._start_claimed(
-                written.results[-1], State.PRE_IMPORT_DONE, writer, ImportType.FINAL
-            )
-            return started, None
-        return self._report(written.results[-1], StepOutcome.FINISHED), None
+            return self._start_claimed(steps[-1], State.PRE_IMPORT_DONE, writer, ImportType.FINAL)
+        return self._report(steps[-1], StepOutcome.FINISHED)
 
     @_fenced
     def reconcile_stale(
