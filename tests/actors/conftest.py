@@ -8,10 +8,12 @@ same servers never see each other's keys or messages.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pika
 import pytest
 
 from devtools.launcher import LocalMigration
@@ -28,6 +30,19 @@ __all__ = [
     "store",
     "wait_until",
 ]
+
+
+@pytest.fixture
+def queue(stack: dict[str, str], request: pytest.FixtureRequest) -> Iterator[str]:
+    """A queue name of the test's own; the queue, its ``.DQ`` and ``.XQ`` are deleted
+    from the stack's RabbitMQ after the test."""
+    name = f"{request.module.__name__.rpartition('.')[2]}_{uuid.uuid4().hex[:8]}"
+    yield name
+    connection = pika.BlockingConnection(pika.URLParameters(stack["MIGRATOR_BROKER_URL"]))
+    channel = connection.channel()
+    for suffix in ("", ".DQ", ".XQ"):
+        channel.queue_delete(queue=name + suffix)
+    connection.close()
 
 
 @pytest.fixture

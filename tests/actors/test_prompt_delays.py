@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import dramatiq
-import pika
 import pytest
 from dramatiq.brokers.stub import StubBroker
 
@@ -29,17 +26,6 @@ MESSAGES = 6
 #: Generous against the 0.1 s precision (a loaded two-core machine), well under the 0.5 s
 #: that the one-second wake-up makes certain.
 MOST_LATE_S = 0.45
-
-
-@pytest.fixture
-def queue(stack: dict[str, str]) -> Iterator[str]:
-    name = f"test_prompt_delays_{uuid.uuid4().hex[:8]}"
-    yield name
-    connection = pika.BlockingConnection(pika.URLParameters(stack["MIGRATOR_BROKER_URL"]))
-    channel = connection.channel()
-    for suffix in ("", ".DQ", ".XQ"):
-        channel.queue_delete(queue=name + suffix)
-    connection.close()
 
 
 def test_consumers_wake_every_precision_and_threads_every_second() -> None:

@@ -9,9 +9,6 @@ stack's RabbitMQ (a quorum queue also lives on a single node).
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-
 import dramatiq
 import pika
 import pika.exceptions
@@ -25,17 +22,6 @@ from migration.config import Config
 
 def _broker(config: Config, queue_type: str) -> MigratorBroker:
     return MigratorBroker(queue_type=queue_type, urls=config.broker_urls, confirm_delivery=True)
-
-
-@pytest.fixture
-def queue(stack: dict[str, str]) -> Iterator[str]:
-    name = f"test_queue_type_{uuid.uuid4().hex[:8]}"
-    yield name
-    connection = pika.BlockingConnection(pika.URLParameters(stack["MIGRATOR_BROKER_URL"]))
-    channel = connection.channel()
-    for suffix in ("", ".DQ", ".XQ"):
-        channel.queue_delete(queue=name + suffix)
-    connection.close()
 
 
 def _redeclare(stack: dict[str, str], name: str, arguments: dict[str, object]) -> int:
